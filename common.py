@@ -1,0 +1,786 @@
+"""Everything the three methods share: config, data, a compact GPT-2, the methods' model changes, training,
+KV-cached sampling, ROUGE evaluation, checkpoints and the CLI.
+
+Each method is one change to the model (`apply_prompt_tuning`, `apply_last_layer`, `apply_lora`); after it,
+training, sampling and evaluation do not know which method ran. Importing this module does no work.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import re
+import resource
+import sys
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent
+HARD_PROMPT = "Summarize"  # the seed's baseline prompt, and the soft prompt's initialization
+BASELINE_PROMPT_TOKENS = 24  # length of the baseline's hard prompt: the soft prompt's default length
+IGNORE = -100  # label of positions that carry no loss (article, separator, padding)
+
+
+class UsageError(Exception):
+    """A mistake the user can fix; the CLI prints its message on one line and exits with code 2."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config
+
+def arg(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    """Shared hyperparameters. Each entry script adds a small dataclass of its own method's."""
+    model: str = arg("gpt2", "Hugging Face GPT-2 checkpoint: hub name (gpt2, distilgpt2, gpt2-medium) or local folder")
+    data: str = arg("abisee/cnn_dailymail", "hub dataset, or a folder with train/validation/test .csv/.jsonl/.json/.parquet")
+    data_config: str = arg("3.0.0", "config name of a hub dataset")
+    train_size: int = arg(21000, "training examples (the assignment's 10 %%)")
+    val_size: int = arg(6000, "validation examples")
+    test_size: int = arg(3000, "test examples")
+    data_seed: int = arg(0, "seed of the shuffle that draws the subsets (identical for all methods)")
+    separator: str = arg(" TL;DR:", "text between article and summary")
+    max_summary_tokens: int = arg(144, "training summaries are cut to this many tokens (p99 of CNN/DM)")
+    epochs: int = arg(10, "maximum epochs")
+    patience: int = arg(2, "stop after this many epochs without a better validation loss")
+    max_steps: int = arg(0, "stop after this many optimizer steps (0: no limit)")
+    batch_size: int = arg(8, "examples per micro-batch")
+    grad_accum: int = arg(1, "micro-batches per optimizer step")
+    warmup_steps: int = arg(100, "linear learning-rate warmup steps, then cosine decay")
+    weight_decay: float = arg(0.0, "AdamW weight decay")
+    dtype: str = arg("auto", "auto|fp32|bf16|fp16 (auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU)")
+    compile: bool | None = arg(None, "torch.compile the model (default: on with CUDA)")
+    device: str = arg("auto", "auto|cpu|cuda|cuda:N")
+    seed: int = arg(0, "seed of initialization, data order and sampling")
+    eval_batch_size: int = arg(16, "articles summarized at once")
+    max_new_tokens: int = arg(144, "longest generated summary, in tokens")
+    temperature: float = arg(0.9, "sampling temperature (> 0)")
+    top_p: float = arg(0.9, "nucleus sampling mass, in (0, 1]")
+    top_k: int = arg(0, "keep only the k most likely tokens (0: off)")
+    greedy: bool = arg(False, "greedy decoding instead of sampling")
+    weights: str = arg("", "weights file to load or save (default: models/<method>.safetensors)")
+    train: bool = arg(False, "train, save, then evaluate")
+    baseline: bool = arg(False, f"evaluate untrained GPT-2 with the hard prompt '{HARD_PROMPT}' repeated")
+
+
+def parse_args(method_cls: type, description: str, argv: list[str] | None = None):
+    """Build the CLI from the fields of `Config` and the method's dataclass; returns (cfg, hp)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for cls in (Config, method_cls):
+        for f in dataclasses.fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            help = f.metadata.get("help", "") + f" (default: {f.default})"
+            kind = f.type if isinstance(f.type, str) else f.type.__name__  # annotations may be strings or types
+            if kind == "bool":
+                p.add_argument(flag, action="store_true", help=help)
+            elif kind == "bool | None":  # --flag / --no-flag, default automatic
+                p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
+            else:
+                p.add_argument(flag, type={"int": int, "float": float, "str": str}[kind], default=f.default, help=help)
+    ns = vars(p.parse_args(argv))
+    split = lambda cls: cls(**{f.name: ns[f.name] for f in dataclasses.fields(cls)})
+    cfg, hp = split(Config), split(method_cls)
+    check_config(cfg, hp)
+    return cfg, hp
+
+
+def check_config(cfg: Config, hp) -> None:
+    for name in ("train_size", "val_size", "test_size", "epochs", "max_steps", "warmup_steps", "max_summary_tokens"):
+        if getattr(cfg, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 0")
+    for name in ("batch_size", "grad_accum", "eval_batch_size", "max_new_tokens"):
+        if getattr(cfg, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
+    check_sampling(cfg.temperature, cfg.top_p, cfg.top_k)
+    if cfg.dtype not in ("auto", "fp32", "bf16", "fp16"):
+        raise UsageError("--dtype must be one of auto, fp32, bf16, fp16")
+    for name, value in vars(hp).items():
+        if value <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be > 0")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: CNN/DailyMail → token ids. One example = prompt + article + separator + summary + EOS.
+
+def load_splits(cfg: Config) -> dict[str, list[dict]]:
+    """The seeded train/validation/test subsets as lists of {"id", "article", "highlights"}."""
+    import datasets
+    datasets.disable_progress_bars()
+    sizes = {"train": cfg.train_size, "validation": cfg.val_size, "test": cfg.test_size}
+    folder = Path(cfg.data)
+    if folder.is_dir():
+        files = {}
+        for split in sizes:
+            found = [folder / f"{split}.{ext}" for ext in ("csv", "jsonl", "json", "parquet")]
+            found = [f for f in found if f.is_file()]
+            if not found:
+                raise UsageError(f"{folder} has no {split}.csv/.jsonl/.json/.parquet: expected files named "
+                                 "train, validation and test with columns 'article' and 'highlights'")
+            files[split] = found[0]
+        builder = lambda f: {"csv": "csv", "jsonl": "json", "json": "json", "parquet": "parquet"}[f.suffix[1:]]
+        ds = {s: datasets.load_dataset(builder(f), data_files=str(f), split="train") for s, f in files.items()}
+    else:
+        try:
+            ds = datasets.load_dataset(cfg.data, cfg.data_config)
+        except Exception as e:  # offline, unknown name, ...
+            raise UsageError(f"could not load dataset '{cfg.data}' ({type(e).__name__}): it needs internet access "
+                             "to the Hugging Face hub, or pass --data with a local folder") from None
+    out = {}
+    for split, n in sizes.items():
+        d = ds[split]
+        missing = {"article", "highlights"} - set(d.column_names)
+        if missing:
+            raise UsageError(f"the {split} split has no column {', '.join(sorted(missing))}: "
+                             "expected columns 'article' and 'highlights' ('id' optional)")
+        d = d.shuffle(seed=cfg.data_seed)
+        rows = [r for r in d.select(range(min(n, len(d)))) if r["article"].strip() and r["highlights"].strip()]
+        out[split] = [{"id": r.get("id", str(i)), "article": r["article"], "highlights": r["highlights"]}
+                      for i, r in enumerate(rows)]
+    return out
+
+
+def encode_prompt(article: list[int], prompt_ids: list[int], sep: list[int], room: int, n_ctx: int) -> list[int]:
+    """prompt + article + separator, the article truncated so that `room` more tokens still fit in the context.
+    The article is what gets cut: 32 % of CNN/DM articles exceed GPT-2's 1024 tokens, and the separator and the
+    summary must survive (DOMAIN.md)."""
+    keep = n_ctx - len(prompt_ids) - len(sep) - room
+    if keep < 1:
+        raise UsageError(f"no room for the article: {len(prompt_ids)} prompt + {len(sep)} separator + {room} summary "
+                         f"tokens leave nothing of the {n_ctx}-token context")
+    return prompt_ids + article[:keep] + sep
+
+
+def encode_examples(rows: list[dict], tokenizer, prompt_ids: list[int], cfg: Config, n_ctx: int):
+    """Training examples as (ids, n_context): ids = prompt + article + separator + summary + EOS, and the loss
+    covers ids[n_context:], the summary and its EOS. The EOS is a target so the model learns to stop."""
+    sep = tokenizer.encode(cfg.separator)
+    articles = tokenizer([r["article"] for r in rows]).input_ids
+    summaries = tokenizer([" " + r["highlights"].strip() for r in rows]).input_ids
+    out = []
+    for article, summary in zip(articles, summaries):
+        summary = summary[:cfg.max_summary_tokens] + [tokenizer.eos_token_id]
+        context = encode_prompt(article, prompt_ids, sep, len(summary), n_ctx)
+        out.append((context + summary, len(context)))
+    return out
+
+
+def encode_prompts(rows: list[dict], tokenizer, prompt_ids: list[int], cfg: Config, n_ctx: int):
+    """Generation prompts (prompt + article + separator), leaving room for `max_new_tokens`. Returns the prompts
+    and how many articles were truncated."""
+    sep = tokenizer.encode(cfg.separator)
+    articles = tokenizer([r["article"] for r in rows]).input_ids
+    prompts = [encode_prompt(a, prompt_ids, sep, cfg.max_new_tokens, n_ctx) for a in articles]
+    n_cut = sum(len(p) < len(prompt_ids) + len(a) + len(sep) for p, a in zip(prompts, articles))
+    return prompts, n_cut
+
+
+def collate(examples, pad_id: int):
+    """Right-padded next-token batch: x = ids[:-1], y = ids[1:] with IGNORE wherever no loss is due.
+    Right padding needs no attention mask: with causal attention no real token ever sees a pad after it."""
+    T = max(len(ids) for ids, _ in examples) - 1
+    x = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    y = torch.full((len(examples), T), IGNORE, dtype=torch.long)
+    for i, (ids, n_context) in enumerate(examples):
+        ids = torch.tensor(ids)
+        x[i, :len(ids) - 1] = ids[:-1]
+        y[i, n_context - 1:len(ids) - 1] = ids[n_context:]  # the token at t predicts t + 1
+    return x, y
+
+
+def batches(examples, batch_size: int, generator: torch.Generator | None = None):
+    """Batches of examples, shuffled by `generator` (None: in order)."""
+    order = torch.randperm(len(examples), generator=generator).tolist() if generator else range(len(examples))
+    order = list(order)
+    return [[examples[i] for i in order[k:k + batch_size]] for k in range(0, len(order), batch_size)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model: GPT-2 (nanoGPT-style) with a preallocated KV cache; weights from any Hugging Face GPT-2 checkpoint.
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    layer_norm_epsilon: float = 1e-5
+
+
+class KVCache(nn.Module):
+    """Keys and values of every position so far, preallocated: (B, n_head, max_len, head_dim)."""
+
+    def __init__(self, batch: int, n_head: int, max_len: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, n_head, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        self.k[:, :, slots] = k.to(self.k.dtype)
+        self.v[:, :, slots] = v.to(self.v.dtype)
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, c: GPTConfig):
+        super().__init__()
+        self.n_head = c.n_head
+        self.c_attn = nn.Linear(c.n_embd, 3 * c.n_embd)  # fused q, k, v
+        self.c_proj = nn.Linear(c.n_embd, c.n_embd)
+        self.cache: KVCache | None = None
+
+    def forward(self, x, mask, slots):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        if slots is not None:
+            k, v = self.cache.update(slots, k, v)  # (B, H, max_len, D)
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class Block(nn.Module):
+    def __init__(self, c: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(c.n_embd, eps=c.layer_norm_epsilon)
+        self.attn = Attention(c)
+        self.ln_2 = nn.LayerNorm(c.n_embd, eps=c.layer_norm_epsilon)
+        self.mlp = nn.Sequential()
+        self.mlp.c_fc = nn.Linear(c.n_embd, 4 * c.n_embd)
+        self.mlp.gelu = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new"
+        self.mlp.c_proj = nn.Linear(4 * c.n_embd, c.n_embd)
+
+    def forward(self, x, mask, slots):
+        x = x + self.attn(self.ln_1(x), mask, slots)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, c: GPTConfig):
+        super().__init__()
+        self.config = c
+        self.wte = nn.Embedding(c.vocab_size, c.n_embd)
+        self.wpe = nn.Embedding(c.n_positions, c.n_embd)
+        self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layer))
+        self.ln_f = nn.LayerNorm(c.n_embd, eps=c.layer_norm_epsilon)
+        self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied, as in GPT-2
+        self.prompt_ids: list[int] = []  # token ids every input starts with (a hard or a soft prompt)
+
+    def hidden(self, idx, pos=None, mask=None, slots=None):
+        """Final hidden states (B, T, C) of token ids `idx` (B, T).
+        pos: (B, T) absolute positions (default 0..T-1); mask: (B, 1, T, S) bool, True where a query may attend
+        (default causal); slots: (T,) KV-cache slots to write and attend over (default: no cache)."""
+        if pos is None:
+            pos = torch.arange(idx.shape[1], device=idx.device)
+        x = self.wte(idx) + self.wpe(pos)
+        for block in self.blocks:
+            x = block(x, mask, slots)
+        return self.ln_f(x)
+
+    def forward(self, idx, pos=None, mask=None, slots=None):
+        return self.lm_head(self.hidden(idx, pos, mask, slots))  # (B, T, vocab)
+
+    def setup_cache(self, batch: int, max_len: int) -> None:
+        c, w = self.config, self.lm_head.weight
+        for block in self.blocks:
+            block.attn.cache = KVCache(batch, c.n_head, max_len, c.n_embd // c.n_head, w.dtype, w.device)
+
+    def clear_cache(self) -> None:
+        for block in self.blocks:
+            block.attn.cache = None
+
+
+def load_model(name_or_dir: str, device: str | torch.device = "cpu"):
+    """Our GPT with the weights of a Hugging Face GPT-2 checkpoint, and its tokenizer: (model, tokenizer)."""
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    try:
+        hf = GPT2LMHeadModel.from_pretrained(name_or_dir, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_dir)
+    except OSError as e:
+        hint = ("it needs internet access to the Hugging Face hub, or pass --model with a local folder"
+                if not Path(name_or_dir).is_dir() else "the folder is not a GPT-2 checkpoint")
+        raise UsageError(f"could not load model '{name_or_dir}': {hint} ({str(e).splitlines()[0][:120]})") from None
+    hc = hf.config
+    c = GPTConfig(hc.vocab_size, hc.n_positions, hc.n_layer, hc.n_head, hc.n_embd, hc.layer_norm_epsilon)
+    model = GPT(c)
+    sd = {}
+    for k, v in hf.state_dict().items():
+        if k.endswith((".attn.bias", ".attn.masked_bias")) or k == "lm_head.weight":
+            continue  # causal-mask buffers of old checkpoints; the head is tied to wte
+        k = k.removeprefix("transformer.").replace("h.", "blocks.", 1)
+        if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+            v = v.t()  # HF's Conv1D stores (in, out); nn.Linear stores (out, in)
+        sd[k] = v
+    model.load_state_dict(sd, strict=False)  # lm_head.weight is wte.weight
+    model.name = name_or_dir
+    return model.to(device).requires_grad_(False), tokenizer
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters."""
+    ps = list(model.parameters())
+    return sum(p.numel() for p in ps if p.requires_grad), sum(p.numel() for p in ps)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Methods: each is one change to a frozen model, and each starts exactly at the pretrained model.
+
+class PromptEmbedding(nn.Module):
+    """Token embedding with `n` learned soft-prompt rows (Lester et al. 2021). Ids >= vocab_size select the
+    soft rows, so a soft prompt is just a prefix of ids, and positions, padding and caching work as for words."""
+
+    def __init__(self, wte: nn.Embedding, init_ids: list[int]):
+        super().__init__()
+        self.wte = wte
+        self.prompt = nn.Parameter(wte.weight[init_ids].detach().clone())  # (n, C)
+
+    def forward(self, idx):
+        V, n = self.wte.num_embeddings, self.prompt.shape[0]
+        soft = idx >= V
+        words = self.wte(idx.masked_fill(soft, 0))
+        prompt = self.prompt[(idx - V).clamp(0, n - 1)]
+        return torch.where(soft[..., None], prompt.to(words.dtype), words)
+
+
+def hard_prompt_ids(tokenizer, n: int) -> list[int]:
+    """The tokens of HARD_PROMPT repeated to fill n slots."""
+    ids = tokenizer.encode(HARD_PROMPT)
+    return (ids * n)[:n]
+
+
+def apply_prompt_tuning(model: GPT, tokenizer, n_prompt_tokens: int) -> GPT:
+    """Train n soft embeddings placed before the article, initialized from the embeddings of the hard prompt
+    (so the untrained soft prompt equals the --baseline). Everything else stays frozen."""
+    model.requires_grad_(False)
+    model.wte = PromptEmbedding(model.wte, hard_prompt_ids(tokenizer, n_prompt_tokens))
+    V = model.config.vocab_size
+    model.prompt_ids = list(range(V, V + n_prompt_tokens))  # soft tokens hold positions 0..n-1 of their row
+    return model
+
+
+def apply_last_layer(model: GPT) -> GPT:
+    """Train the LM head only. GPT-2 ties it to the input embeddings, so training the tied matrix would silently
+    change every input embedding too: untie it first, from a copy of the same values."""
+    model.requires_grad_(False)
+    model.lm_head.weight = nn.Parameter(model.wte.weight.detach().clone())
+    # The frozen body has no parameter that requires grad, so autograd records nothing before the head.
+    return model
+
+
+class LoRALinear(nn.Module):
+    """y = W x + b + (alpha / rank) · B A x with W, b frozen (Hu et al. 2021). B starts at zero, so the update is
+    zero and training starts exactly at the pretrained model; A gets a small random init so gradients reach B."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.base = base
+        self.scale = alpha / rank
+        kw = dict(dtype=base.weight.dtype, device=base.weight.device)
+        self.A = nn.Parameter(torch.empty(rank, base.in_features, **kw))
+        self.B = nn.Parameter(torch.zeros(base.out_features, rank, **kw))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))  # nn.Linear's own init, as in the LoRA reference code
+
+    def forward(self, x):
+        return self.base(x) + self.scale * F.linear(F.linear(x, self.A), self.B)
+
+
+def apply_lora(model: GPT, rank: int, alpha: float) -> GPT:
+    """Low-rank updates on the fused q/k/v projection `c_attn` of every block, and nothing else (a pattern like
+    "c_proj" would also hit the MLP)."""
+    model.requires_grad_(False)
+    for block in model.blocks:
+        block.attn.c_attn = LoRALinear(block.attn.c_attn, rank, alpha)
+    return model
+
+
+def merge_lora(model: GPT) -> GPT:
+    """Fold each update into its weight, W ← W + scale · B A, for inference with zero overhead. Our c_attn is an
+    nn.Linear, (out, in), like B A; HF's Conv1D would be (in, out), and there the update is (B A)ᵀ."""
+    for block in model.blocks:
+        lora = block.attn.c_attn
+        if isinstance(lora, LoRALinear):
+            with torch.no_grad():
+                lora.base.weight += lora.scale * (lora.B @ lora.A)
+            block.attn.c_attn = lora.base
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+
+def resolve_device(cfg: Config) -> tuple[torch.device, torch.dtype]:
+    """Device, and the autocast dtype (float32: no autocast), decided once."""
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if cfg.device == "auto" else cfg.device)
+    if cfg.dtype == "auto":
+        if device.type == "cuda":
+            return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return device, torch.float32
+    return device, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.dtype]
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    return nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+
+
+def lr_at(step: int, lr: float, warmup: int, total: int) -> float:
+    """Linear warmup to `lr`, then cosine decay to lr / 10 at `total` steps."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def loss_sum(model: GPT, x, y):
+    """Summed cross-entropy over the target positions only, and how many there are. The LM head runs only where
+    there is a target: the article's positions (~90 % of a CNN/DM example) need no logits."""
+    h = model.hidden(x)
+    keep = y != IGNORE
+    logits = model.lm_head(h[keep])
+    return F.cross_entropy(logits.float(), y[keep], reduction="sum"), keep.sum()
+
+
+@torch.no_grad()
+def evaluate_loss(model: GPT, examples, cfg: Config, device, dtype) -> float:
+    """Mean loss per target token over `examples`."""
+    total, count = torch.zeros((), device=device), torch.zeros((), device=device)
+    pad = model.config.vocab_size - 1
+    for batch in batches(examples, cfg.eval_batch_size):
+        x, y = (t.to(device) for t in collate(batch, pad))
+        with autocast(device, dtype):
+            s, n = loss_sum(model, x, y)
+        total += s
+        count += n
+    return (total / count).item()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def train(model: GPT, train_set, val_set, cfg: Config, lr: float, device, dtype) -> list[dict]:
+    """AdamW on the trainable parameters, warmup + cosine, gradient accumulation with the loss normalized per
+    target token, clipping at 1.0, early stopping on validation loss. Leaves the best-validation weights in the
+    model and returns the per-epoch history."""
+    from tqdm import tqdm
+    params = list(trainable_state(model).values())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    step_model = torch.compile(model) if cfg.compile else model  # same parameters, compiled forward
+    pad = model.config.vocab_size - 1
+    steps_per_epoch = math.ceil(len(train_set) / (cfg.batch_size * cfg.grad_accum))
+    total = cfg.max_steps or cfg.epochs * steps_per_epoch
+    gen = torch.Generator().manual_seed(cfg.seed)
+    history, best, best_state, bad_epochs, step = [], math.inf, None, 0, 0
+    for epoch in range(cfg.epochs):
+        t0, tokens, loss_acc, n_acc = time.perf_counter(), 0, torch.zeros((), device=device), 0
+        micro = batches(train_set, cfg.batch_size, gen)
+        bar = tqdm(range(0, len(micro), cfg.grad_accum), desc=f"epoch {epoch + 1}", file=sys.stdout,
+                   dynamic_ncols=True, mininterval=1.0)
+        for k in bar:
+            group = [tuple(t.to(device) for t in collate(b, pad)) for b in micro[k:k + cfg.grad_accum]]
+            n_targets = sum((y != IGNORE).sum() for _, y in group)  # normalize per target token of the whole step
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, lr, cfg.warmup_steps, total)
+            for x, y in group:
+                with autocast(device, dtype):
+                    s, _ = loss_sum(step_model, x, y)
+                scaler.scale(s / n_targets).backward()
+                loss_acc += s.detach()
+                tokens += x.numel()
+            n_acc += n_targets
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)  # after backward, on the unscaled gradients
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            if step % 10 == 0 or step == total:
+                bar.set_postfix(loss=f"{(loss_acc / n_acc).item():.3f}", lr=f"{opt.param_groups[0]['lr']:.2e}",
+                                tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
+            if step >= total:
+                break
+        bar.close()
+        train_loss = (loss_acc / max(n_acc, 1)).item()
+        seconds = time.perf_counter() - t0
+        val_loss = evaluate_loss(model, val_set, cfg, device, dtype)
+        history.append(dict(epoch=epoch + 1, step=step, train_loss=train_loss, val_loss=val_loss, seconds=seconds,
+                            tokens_per_s=tokens / seconds, peak_memory_mb=peak_memory_mb(device)))
+        print(f"epoch {epoch + 1}: train loss {train_loss:.4f} | val loss {val_loss:.4f} | {seconds:.1f} s | "
+              f"{tokens / seconds:.0f} tok/s")
+        if val_loss < best:
+            best, bad_epochs = val_loss, 0
+            best_state = {n: p.detach().clone() for n, p in trainable_state(model).items()}
+        else:
+            bad_epochs += 1
+        if step >= total or bad_epochs >= cfg.patience:
+            break
+    with torch.no_grad():
+        for n, p in trainable_state(model).items():
+            p.copy_(best_state[n])
+    return history
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling: batched, left-padded, KV-cached; temperature → top-k → top-p, as Hugging Face orders its warpers.
+
+def check_sampling(temperature: float, top_p: float, top_k: int) -> None:
+    if not temperature > 0:
+        raise UsageError(f"temperature must be > 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise UsageError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise UsageError(f"top_k must be >= 0, got {top_k}")
+
+
+def logits_to_probs(logits, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0):
+    """(B, V) logits → (B, V) probabilities after temperature, top-k and top-p (nucleus). Top-p keeps the most
+    likely tokens until their mass reaches top_p: a token stays if the mass of the tokens before it is < top_p."""
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1:
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+        sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
+
+
+def sample(probs, generator: torch.Generator):
+    """One token per row drawn from `probs` (B, V): argmax of p / E with E ~ Exp(1), an exact draw that needs no
+    host sync (the exponential-race form of the Gumbel-max trick)."""
+    e = torch.empty_like(probs).exponential_(1, generator=generator)
+    return torch.argmax(probs / e, dim=-1)
+
+
+@torch.no_grad()
+def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.9,
+             top_p: float = 0.9, top_k: int = 0, greedy: bool = False, seed: int = 0,
+             eos_id: int | None = None) -> list[list[int]]:
+    """New tokens for each prompt (token-id lists of any lengths), each row stopping at `eos_id` (not included).
+    Rows are left-padded; per-row positions and an attention mask make every row decode exactly as it would alone."""
+    check_sampling(temperature, top_p, top_k)
+    device = model.lm_head.weight.device
+    B, T = len(prompts), max(len(p) for p in prompts)
+    S = T + max_new_tokens  # cache length
+    if S > model.config.n_positions:
+        raise UsageError(f"{T} prompt + {max_new_tokens} new tokens exceed the {model.config.n_positions}-token context")
+    idx = torch.zeros(B, T, dtype=torch.long)
+    valid = torch.zeros(B, S, dtype=torch.bool)  # which cache slots hold real tokens
+    for i, p in enumerate(prompts):
+        idx[i, T - len(p):] = torch.tensor(p)
+        valid[i, T - len(p):T] = True
+    idx, valid = idx.to(device), valid.to(device)
+    pos = (valid[:, :T].cumsum(-1) - 1).clamp(min=0)  # (B, T): real tokens at 0..len-1
+    lengths = valid[:, :T].sum(-1)
+    gen = torch.Generator(device).manual_seed(seed)
+
+    def next_token(logits):
+        return logits.argmax(-1) if greedy else sample(logits_to_probs(logits, temperature, top_p, top_k), gen)
+
+    model.setup_cache(B, S)
+    try:
+        # prefill: every prompt token at once; a pad query attends to itself only, to keep softmax finite
+        slots = torch.arange(T, device=device)
+        causal = torch.ones(T, S, dtype=torch.bool, device=device).tril()
+        mask = causal & (valid[:, None, :] | torch.eye(T, S, dtype=torch.bool, device=device))
+        h = model.hidden(idx, pos, mask[:, None], slots)
+        token = next_token(model.lm_head(h[:, -1]))  # the LM head only where a token is sampled
+        out = [token]
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        for t in range(1, max_new_tokens):
+            if eos_id is not None:
+                done |= token == eos_id
+                if t % 8 == 0 and done.all():  # a host sync only every few steps
+                    break
+            valid[:, T + t - 1] = True
+            slot = torch.tensor([T + t - 1], device=device)
+            logits = model(token[:, None], (lengths + t - 1)[:, None], valid[:, None, None, :], slot)[:, -1]
+            token = next_token(logits)
+            out.append(token)
+    finally:
+        model.clear_cache()
+    rows = torch.stack(out, dim=1).tolist()
+    if eos_id is not None:
+        rows = [r[:r.index(eos_id)] if eos_id in r else r for r in rows]
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation: generate summaries for the test set, score with ROUGE.
+
+def split_sentences(text: str) -> str:
+    """One sentence per line, as rougeLsum expects (without it, rougeLsum equals rougeL). A regex split instead of
+    nltk's punkt, which would need a download."""
+    lines = (s.strip() for line in text.splitlines() for s in re.split(r"(?<=[.!?])\s+(?=[A-Z0-9\"'])", line))
+    return "\n".join(s for s in lines if s)
+
+
+def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """Mean ROUGE-1/2/L/Lsum F1 over examples, in percent, with stemming (the rouge-score conventions)."""
+    from rouge_score import rouge_scorer
+    keys = ["rouge1", "rouge2", "rougeL", "rougeLsum"]
+    scorer = rouge_scorer.RougeScorer(keys, use_stemmer=True)
+    totals = dict.fromkeys(keys, 0.0)
+    for p, r in zip(predictions, references, strict=True):
+        scores = scorer.score(split_sentences(r), split_sentences(p))  # score(target, prediction)
+        for k in keys:
+            totals[k] += scores[k].fmeasure
+    return {k: 100 * v / max(1, len(predictions)) for k, v in totals.items()}
+
+
+def summarize(model: GPT, tokenizer, rows: list[dict], cfg: Config) -> list[str]:
+    """Generated summaries (the new tokens only, never the article), in the order of `rows`. Articles of similar
+    length share a batch, so batches carry little padding."""
+    prompts, n_cut = encode_prompts(rows, tokenizer, model.prompt_ids, cfg, model.config.n_positions)
+    if n_cut:
+        print(f"{n_cut} of {len(rows)} articles truncated to fit the context")
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
+    out: list[str] = [""] * len(prompts)
+    from tqdm import tqdm
+    for k in tqdm(range(0, len(order), cfg.eval_batch_size), desc="summarizing", file=sys.stdout, mininterval=1.0):
+        chunk = order[k:k + cfg.eval_batch_size]
+        new = generate(model, [prompts[i] for i in chunk], cfg.max_new_tokens, temperature=cfg.temperature,
+                       top_p=cfg.top_p, top_k=cfg.top_k, greedy=cfg.greedy, seed=cfg.seed + k,
+                       eos_id=tokenizer.eos_token_id)
+        for i, ids in zip(chunk, new):
+            out[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
+    return out
+
+
+def format_rouge(scores: dict[str, float]) -> str:
+    keys = ["rouge1", "rouge2", "rougeL", "rougeLsum"]
+    return "  ".join(f"{k:>9}" for k in keys) + "\n" + "  ".join(f"{scores[k]:9.2f}" for k in keys)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints: only the trained tensors, as safetensors; the run record in the file's metadata.
+
+def save_weights(path: Path, tensors: dict[str, torch.Tensor], record: dict) -> None:
+    from safetensors.torch import save_file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={"record": json.dumps(record)})
+
+
+def load_weights(path: Path, model: GPT, method: str) -> dict:
+    """Load trained tensors into `model` (already changed by the method); returns the file's run record."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            record = json.loads((f.metadata() or {}).get("record", "{}"))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise UsageError(f"{path} is not a readable safetensors weights file ({type(e).__name__}); "
+                         "retrain with --train or pass --weights") from None
+    if record.get("method") != method:
+        raise UsageError(f"{path} holds weights of method '{record.get('method')}', not '{method}': "
+                         "use that method's script, or pass --weights")
+    expected = trainable_state(model)
+    if set(tensors) != set(expected) or any(tensors[k].shape != expected[k].shape for k in expected):
+        raise UsageError(f"{path} does not fit this model: trained on '{record.get('base_model')}' with other "
+                         f"hyperparameters; pass the same --model and method flags it was trained with")
+    with torch.no_grad():
+        for k, p in expected.items():
+            p.copy_(tensors[k])
+    return record
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI: the flow every entry script shares after its one change to the model.
+
+def setup(cfg: Config, method: str):
+    """Check what can be checked before any download, seed, pick the device, load the base model:
+    (model, tokenizer, device, dtype)."""
+    if not (cfg.train or cfg.baseline or weights_path(cfg, method).is_file()):
+        raise UsageError(f"no weights at {weights_path(cfg, method)}: train them with --train, "
+                         "or evaluate untrained GPT-2 with --baseline")
+    torch.manual_seed(cfg.seed)
+    device, dtype = resolve_device(cfg)
+    if cfg.compile is None:
+        cfg.compile = device.type == "cuda"
+    print("config:", json.dumps(dataclasses.asdict(cfg)))
+    model, tokenizer = load_model(cfg.model, device)
+    return model, tokenizer, device, dtype
+
+
+def weights_path(cfg: Config, method: str) -> Path:
+    return Path(cfg.weights) if cfg.weights else ROOT / "models" / f"{method}.safetensors"
+
+
+def run(method: str, model: GPT, tokenizer, cfg: Config, hp, device, dtype) -> dict:
+    """Train (with --train) or load the method's weights, evaluate on the test set, write the run record."""
+    if cfg.baseline:
+        model.prompt_ids = hard_prompt_ids(tokenizer, BASELINE_PROMPT_TOKENS)
+        method = "baseline"
+    trainable, total = count_parameters(model)
+    print(f"trainable parameters: {trainable:,} of {total:,}")
+    splits = load_splits(cfg)
+    path = weights_path(cfg, method)
+    record = dict(method=method, base_model=model.name, config=dataclasses.asdict(cfg), hparams=vars(hp),
+                  trainable_parameters=trainable, total_parameters=total)
+    if cfg.train and not cfg.baseline:
+        n_ctx = model.config.n_positions
+        train_set = encode_examples(splits["train"], tokenizer, model.prompt_ids, cfg, n_ctx)
+        val_set = encode_examples(splits["validation"], tokenizer, model.prompt_ids, cfg, n_ctx)
+        print(f"training on {len(train_set)} examples, validating on {len(val_set)}")
+        record["history"] = train(model, train_set, val_set, cfg, hp.lr, device, dtype)
+        trained = {n: p.detach().cpu().contiguous() for n, p in trainable_state(model).items()}
+        save_weights(path, trained, record)
+        print(f"saved {path}")
+    elif not cfg.baseline:
+        record["history"] = load_weights(path, model, method).get("history", [])
+        print(f"loaded {path}")
+    merge_lora(model)
+    model.eval()
+    predictions = summarize(model, tokenizer, splits["test"], cfg)
+    record["test"] = rouge(predictions, [r["highlights"] for r in splits["test"]])
+    print(format_rouge(record["test"]))
+    if cfg.train and not cfg.baseline:
+        save_weights(path, trained, record)  # the weights file keeps the full record of the run that made it
+    write_record(method, record, splits["test"], predictions)
+    return record
+
+
+def write_record(name: str, record: dict, rows: list[dict], predictions: list[str]) -> None:
+    out = ROOT / "runs"
+    out.mkdir(exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(record, indent=2))
+    with open(out / f"{name}.predictions.jsonl", "w") as f:
+        for r, p in zip(rows, predictions):
+            f.write(json.dumps({"id": r["id"], "reference": r["highlights"], "prediction": p}) + "\n")
+    print(f"wrote {out / name}.json and .predictions.jsonl")
+
+
+@contextmanager
+def cli_errors():
+    """A UsageError ends the program with its message on one line and exit code 2, no traceback."""
+    try:
+        yield
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
