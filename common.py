@@ -69,6 +69,7 @@ class Config:
     top_k: int = arg(0, "keep only the k most likely tokens (0: off)")
     greedy: bool = arg(False, "greedy decoding instead of sampling")
     weights: str = arg("", "weights file to load or save (default: models/<method>.safetensors)")
+    out: str = arg("", "folder for run records and predictions (default: runs/)")
     train: bool = arg(False, "train, save, then evaluate")
     baseline: bool = arg(False, f"evaluate untrained GPT-2 with the hard prompt '{HARD_PROMPT}' repeated")
 
@@ -308,6 +309,7 @@ def load_model(name_or_dir: str, device: str | torch.device = "cpu"):
     from transformers import AutoTokenizer, GPT2LMHeadModel
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()  # long articles are truncated by us, after tokenization
     try:
         hf = GPT2LMHeadModel.from_pretrained(name_or_dir, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(name_or_dir)
@@ -578,12 +580,30 @@ def sample(probs, generator: torch.Generator):
     return torch.argmax(probs / e, dim=-1)
 
 
+def prefill(model: GPT, idx, pos, valid):
+    """Run the left-padded prompts idx (B, T) at positions pos (B, T) through the model, filling cache slots
+    0..T-1; `valid` (B, S) marks the cache slots that hold real tokens. Returns the last position's logits (B, V),
+    computing the LM head only there. A pad query attends to itself only, which keeps its softmax finite."""
+    T, S = idx.shape[1], valid.shape[1]
+    causal = torch.ones(T, S, dtype=torch.bool, device=idx.device).tril()
+    mask = causal & (valid[:, None, :] | torch.eye(T, S, dtype=torch.bool, device=idx.device))  # (B, T, S)
+    h = model.hidden(idx, pos, mask[:, None], torch.arange(T, device=idx.device))
+    return model.lm_head(h[:, -1])
+
+
+def decode_step(model: GPT, token, pos, valid, slot):
+    """One new token per row, token (B,) at positions pos (B,), written to cache slot `slot` (1,) whose `valid`
+    entry must already be set. Returns logits (B, V)."""
+    return model(token[:, None], pos[:, None], valid[:, None, None, :], slot)[:, -1]
+
+
 @torch.no_grad()
 def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.9,
              top_p: float = 0.9, top_k: int = 0, greedy: bool = False, seed: int = 0,
              eos_id: int | None = None) -> list[list[int]]:
-    """New tokens for each prompt (token-id lists of any lengths), each row stopping at `eos_id` (not included).
-    Rows are left-padded; per-row positions and an attention mask make every row decode exactly as it would alone."""
+    """New tokens for each prompt (token-id lists of any lengths), each row stopping at `eos_id` (not included;
+    None: exactly max_new_tokens). Rows are left-padded; per-row positions and an attention mask make every row
+    decode as it would alone."""
     check_sampling(temperature, top_p, top_k)
     device = model.lm_head.weight.device
     B, T = len(prompts), max(len(p) for p in prompts)
@@ -605,12 +625,7 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, tempe
 
     model.setup_cache(B, S)
     try:
-        # prefill: every prompt token at once; a pad query attends to itself only, to keep softmax finite
-        slots = torch.arange(T, device=device)
-        causal = torch.ones(T, S, dtype=torch.bool, device=device).tril()
-        mask = causal & (valid[:, None, :] | torch.eye(T, S, dtype=torch.bool, device=device))
-        h = model.hidden(idx, pos, mask[:, None], slots)
-        token = next_token(model.lm_head(h[:, -1]))  # the LM head only where a token is sampled
+        token = next_token(prefill(model, idx, pos, valid))
         out = [token]
         done = torch.zeros(B, dtype=torch.bool, device=device)
         for t in range(1, max_new_tokens):
@@ -619,9 +634,7 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, tempe
                 if t % 8 == 0 and done.all():  # a host sync only every few steps
                     break
             valid[:, T + t - 1] = True
-            slot = torch.tensor([T + t - 1], device=device)
-            logits = model(token[:, None], (lengths + t - 1)[:, None], valid[:, None, None, :], slot)[:, -1]
-            token = next_token(logits)
+            token = next_token(decode_step(model, token, lengths + t - 1, valid, torch.tensor([T + t - 1], device=device)))
             out.append(token)
     finally:
         model.clear_cache()
@@ -762,13 +775,12 @@ def run(method: str, model: GPT, tokenizer, cfg: Config, hp, device, dtype) -> d
     print(format_rouge(record["test"]))
     if cfg.train and not cfg.baseline:
         save_weights(path, trained, record)  # the weights file keeps the full record of the run that made it
-    write_record(method, record, splits["test"], predictions)
+    write_record(Path(cfg.out) if cfg.out else ROOT / "runs", method, record, splits["test"], predictions)
     return record
 
 
-def write_record(name: str, record: dict, rows: list[dict], predictions: list[str]) -> None:
-    out = ROOT / "runs"
-    out.mkdir(exist_ok=True)
+def write_record(out: Path, name: str, record: dict, rows: list[dict], predictions: list[str]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(record, indent=2))
     with open(out / f"{name}.predictions.jsonl", "w") as f:
         for r, p in zip(rows, predictions):

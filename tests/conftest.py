@@ -1,0 +1,75 @@
+"""Fixtures: a tiny GPT-2 checkpoint (random weights, a small byte-level BPE tokenizer trained here) and tiny
+CNN/DM-shaped data, written to temp folders so the real loading paths run. No network, no ../shared."""
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+WORDS = ("the police said a man was arrested on monday after the fire in the city center . officials reported "
+         "that the storm hit the coast and thousands of homes lost power . the team won the final match with a late "
+         "goal . scientists found a new species of frog in the forest . the president met leaders to discuss trade "
+         "and climate . prices rose again this year as demand grew").split()
+
+
+def make_tokenizer(folder: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([" ".join(WORDS)] * 20 + ["Summarize TL;DR: \n"] * 5, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   unk_token="<|endoftext|>")
+    fast.save_pretrained(folder)
+    return fast
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A GPT-2 checkpoint folder: 2 layers, 32 wide, 256 positions, ~400-token vocabulary."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    tok = make_tokenizer(folder)
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tok), n_positions=256, n_layer=2, n_head=2, n_embd=32,
+                        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def hf_model(tiny_dir):
+    from transformers import GPT2LMHeadModel
+    return GPT2LMHeadModel.from_pretrained(tiny_dir).eval()
+
+
+@pytest.fixture
+def tiny(tiny_dir):
+    """(our model, tokenizer), fresh for each test so method changes don't leak."""
+    import common
+    return common.load_model(str(tiny_dir))
+
+
+def sentence(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS[:-1]) for _ in range(n)).capitalize() + "."
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """train/validation/test.jsonl with columns id, article, highlights."""
+    folder = tmp_path_factory.mktemp("data")
+    rng = random.Random(0)
+    for split, n in (("train", 24), ("validation", 6), ("test", 6)):
+        with open(folder / f"{split}.jsonl", "w") as f:
+            for i in range(n):
+                article = " ".join(sentence(rng, rng.randint(6, 14)) for _ in range(rng.randint(3, 12)))
+                highlights = "\n".join(sentence(rng, rng.randint(4, 8)) for _ in range(2))
+                f.write(json.dumps({"id": f"{split}-{i}", "article": article, "highlights": highlights}) + "\n")
+    return folder

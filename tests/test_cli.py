@@ -1,0 +1,66 @@
+"""Each entry script end to end, as a user runs it: train a few steps → weights saved → rerun loads them and
+prints ROUGE. Subprocesses, the tiny checkpoint and tiny data; nothing is written inside the repository."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = {"main.py": "prompt_tuning", "main1.py": "last_layer", "main2.py": "lora"}
+
+
+def run(script, *args, check=True):
+    p = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
+                       timeout=300, cwd=ROOT)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{script} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+@pytest.fixture
+def common_args(tiny_dir, data_dir, tmp_path):
+    return ["--model", tiny_dir, "--data", data_dir, "--out", tmp_path / "runs", "--max-new-tokens", 12,
+            "--max-summary-tokens", 32, "--batch-size", 4, "--eval-batch-size", 4, "--warmup-steps", 2]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_train_save_reload_evaluate(script, common_args, tmp_path):
+    method = SCRIPTS[script]
+    weights = tmp_path / "w.safetensors"
+    trained = run(script, *common_args, "--weights", weights, "--train", "--max-steps", 3)
+    assert "trainable parameters: " in trained.stdout
+    assert weights.is_file()
+    record = json.loads((tmp_path / "runs" / f"{method}.json").read_text())
+    assert record["method"] == method and record["history"][0]["step"] == 3
+    assert set(record["test"]) == {"rouge1", "rouge2", "rougeL", "rougeLsum"}
+    preds = [json.loads(line) for line in open(tmp_path / "runs" / f"{method}.predictions.jsonl")]
+    assert len(preds) == 6 and set(preds[0]) == {"id", "reference", "prediction"}
+
+    loaded = run(script, *common_args, "--weights", weights)
+    assert f"loaded {weights}" in loaded.stdout
+    assert "rougeLsum" in loaded.stdout
+    # same weights, same seed: the same summaries as right after training
+    assert json.loads((tmp_path / "runs" / f"{method}.json").read_text())["test"] == record["test"]
+
+
+def test_baseline_runs_without_weights(common_args, tmp_path):
+    p = run("main2.py", *common_args, "--baseline")
+    assert "rougeLsum" in p.stdout
+    assert (tmp_path / "runs" / "baseline.json").is_file()
+
+
+def test_missing_weights_exit_2_with_one_line(common_args, tmp_path):
+    p = run("main.py", *common_args, "--weights", tmp_path / "nope.safetensors", check=False)
+    assert p.returncode == 2
+    assert p.stderr.strip().count("\n") == 0 and "Traceback" not in p.stderr
+    assert "no weights at" in p.stderr and "--train" in p.stderr and "--baseline" in p.stderr
+
+
+def test_weights_of_another_method_are_refused(common_args, tmp_path):
+    weights = tmp_path / "lora.safetensors"
+    run("main2.py", *common_args, "--weights", weights, "--train", "--max-steps", 1)
+    p = run("main.py", *common_args, "--weights", weights, check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "'lora', not 'prompt_tuning'" in p.stderr

@@ -1,0 +1,82 @@
+"""The data layout: prompt + article + separator + summary + EOS, loss on summary + EOS only."""
+import torch
+
+import common
+
+
+def make_cfg(**kw):
+    return common.Config(**kw)
+
+
+def test_loss_mask_covers_summary_and_eos_only(tiny):
+    model, tok = tiny
+    cfg = make_cfg()
+    rows = [{"id": "a", "article": "The police said a man was arrested.", "highlights": "A man was arrested."}]
+    prompt = [7, 7, 7]
+    (ids, n_context), = common.encode_examples(rows, tok, prompt, cfg, 256)
+    sep = tok.encode(cfg.separator)
+    summary = tok.encode(" A man was arrested.")
+    assert ids[:3] == prompt
+    assert ids[n_context - len(sep):n_context] == sep
+    assert ids[n_context:] == summary + [tok.eos_token_id]  # the real EOS is a target
+    x, y = common.collate([(ids, n_context), (ids[:n_context] + ids[n_context:n_context + 2], n_context)], pad_id=0)
+    assert x.shape == y.shape == (2, len(ids) - 1)  # padded to the longest row only
+    assert x[0].tolist() == ids[:-1]
+    targets = y[0][y[0] != common.IGNORE].tolist()
+    assert targets == summary + [tok.eos_token_id]
+    first = (y[0] != common.IGNORE).nonzero()[0].item()
+    assert x[0, first] == sep[-1]  # the separator's last token predicts the summary's first
+    assert (y[1] != common.IGNORE).sum() == 2  # the short row's padding carries no loss
+    assert (y[:, :n_context - 1] == common.IGNORE).all()  # prompt, article and separator carry no loss
+
+
+def test_long_article_is_truncated_and_separator_and_summary_survive(tiny):
+    model, tok = tiny
+    cfg = make_cfg(max_summary_tokens=40)
+    article = " ".join(["the police said a man was arrested"] * 400)
+    assert len(tok.encode(article)) > 2000
+    rows = [{"id": "a", "article": article, "highlights": "A man was arrested on monday."}]
+    (ids, n_context), = common.encode_examples(rows, tok, [9] * 4, cfg, 256)
+    sep = tok.encode(cfg.separator)
+    assert len(ids) == 256  # filled to the context, not beyond
+    assert ids[n_context - len(sep):n_context] == sep
+    assert ids[n_context:] == tok.encode(" A man was arrested on monday.") + [tok.eos_token_id]
+    assert ids[4:n_context - len(sep)] == tok.encode(article)[:n_context - len(sep) - 4]  # the article's head
+
+
+def test_summary_capped_at_max_summary_tokens(tiny):
+    _, tok = tiny
+    rows = [{"id": "a", "article": "a b c", "highlights": " ".join(["the team won the final match"] * 30)}]
+    (ids, n_context), = common.encode_examples(rows, tok, [], make_cfg(max_summary_tokens=10), 256)
+    assert len(ids) - n_context == 11  # 10 summary tokens + EOS
+
+
+def test_generation_prompt_leaves_room_for_new_tokens(tiny):
+    _, tok = tiny
+    article = " ".join(["the police said a man was arrested"] * 400)
+    rows = [{"id": "a", "article": article, "highlights": "x"}, {"id": "b", "article": "Short.", "highlights": "y"}]
+    prompts, n_cut = common.encode_prompts(rows, tok, [], make_cfg(max_new_tokens=56), 256)
+    assert len(prompts[0]) == 200 and n_cut == 1
+    assert prompts[1] == tok.encode("Short.") + tok.encode(" TL;DR:")
+
+
+def test_load_splits_reads_a_local_folder_with_seeded_subsets(data_dir):
+    cfg = make_cfg(data=str(data_dir), train_size=10, val_size=3, test_size=100)
+    a, b = common.load_splits(cfg), common.load_splits(cfg)
+    assert [len(a[s]) for s in ("train", "validation", "test")] == [10, 3, 6]
+    assert a == b  # the same subsets for every method and run
+    other = common.load_splits(make_cfg(data=str(data_dir), train_size=10, data_seed=1))
+    assert [r["id"] for r in other["train"]] != [r["id"] for r in a["train"]]
+    assert set(a["train"][0]) == {"id", "article", "highlights"}
+
+
+def test_load_splits_reads_csv(tmp_path):
+    import csv
+    for split in ("train", "validation", "test"):
+        with open(tmp_path / f"{split}.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["id", "article", "highlights"])
+            w.writerow([f"{split}-1", "An article, with a comma.", "A summary.\nTwo lines."])
+    splits = common.load_splits(make_cfg(data=str(tmp_path)))
+    assert splits["test"] == [{"id": "test-1", "article": "An article, with a comma.",
+                               "highlights": "A summary.\nTwo lines."}]

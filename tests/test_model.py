@@ -1,0 +1,59 @@
+"""Our GPT-2 against transformers' GPT2LMHeadModel on the same weights (fp32)."""
+import torch
+
+import common
+
+
+def test_logits_match_transformers(tiny, hf_model):
+    model, _ = tiny
+    idx = torch.randint(0, model.config.vocab_size, (3, 50), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = model(idx), hf_model(idx).logits
+    assert ours.shape == theirs.shape == (3, 50, model.config.vocab_size)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_cached_logits_match_transformers(tiny, hf_model):
+    """Prefill a prompt, then feed the rest one token at a time through the KV cache: every step's logits equal
+    the full forward pass's at that position."""
+    model, _ = tiny
+    idx = torch.randint(0, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
+    T, S = 25, 40
+    with torch.no_grad():
+        theirs = hf_model(idx).logits
+        valid = torch.zeros(2, S, dtype=torch.bool)
+        valid[:, :T] = True
+        model.setup_cache(2, S)
+        pos = torch.arange(T).expand(2, T)
+        torch.testing.assert_close(common.prefill(model, idx[:, :T], pos, valid), theirs[:, T - 1], atol=1e-4, rtol=0)
+        for t in range(T, S):
+            valid[:, t] = True
+            logits = common.decode_step(model, idx[:, t], torch.full((2,), t), valid, torch.tensor([t]))
+            torch.testing.assert_close(logits, theirs[:, t], atol=1e-4, rtol=0)
+        model.clear_cache()
+
+
+def test_left_padded_batch_decodes_like_each_row_alone(tiny, hf_model):
+    """Batched greedy decoding with left padding gives, row by row, the tokens of transformers' greedy generate
+    on that row alone, for rows of very different lengths."""
+    model, tok = tiny
+    g = torch.Generator().manual_seed(2)
+    V = model.config.vocab_size
+    prompts = [torch.randint(1, V, (n,), generator=g).tolist() for n in (3, 60, 17, 120)]
+    ours = common.generate(model, prompts, 20, greedy=True)
+    for prompt, row in zip(prompts, ours):
+        out = hf_model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=20,
+                                pad_token_id=tok.eos_token_id, eos_token_id=None)
+        assert row == out[0, len(prompt):].tolist()
+
+
+def test_generate_stops_each_row_at_eos(tiny):
+    model, _ = tiny
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
+    free = common.generate(model, prompts, 30, greedy=True)
+    eos = free[0][4]  # call the 5th token of row 0 the "EOS": row 0 must stop before it
+    stopped = common.generate(model, prompts, 30, greedy=True, eos_id=eos)
+    for f, s in zip(free, stopped):
+        expected = f[:f.index(eos)] if eos in f else f
+        assert s == expected
+    assert len(stopped[0]) <= 4
