@@ -80,7 +80,9 @@ def parse_args(method_cls: type, description: str, argv: list[str] | None = None
     for cls in (Config, method_cls):
         for f in dataclasses.fields(cls):
             flag = "--" + f.name.replace("_", "-")
-            help = f.metadata.get("help", "") + f" (default: {f.default})"
+            help = f.metadata.get("help", "")
+            if "default" not in help:
+                help += f" (default: {f.default!r})" if isinstance(f.default, str) else f" (default: {f.default})"
             kind = f.type if isinstance(f.type, str) else f.type.__name__  # annotations may be strings or types
             if kind == "bool":
                 p.add_argument(flag, action="store_true", help=help)
