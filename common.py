@@ -491,7 +491,10 @@ def train(model: GPT, train_set, val_set, cfg: Config, lr: float, device, dtype)
     params = list(trainable_state(model).values())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    step_model = torch.compile(model) if cfg.compile else model  # same parameters, compiled forward
+    if cfg.compile:
+        # one graph for body + head + loss, with no break at the data-dependent selection of target positions
+        torch._dynamo.config.capture_dynamic_output_shape_ops = True
+    compute_loss = torch.compile(loss_sum, dynamic=True) if cfg.compile else loss_sum
     pad = model.config.vocab_size - 1
     steps_per_epoch = math.ceil(len(train_set) / (cfg.batch_size * cfg.grad_accum))
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
@@ -509,7 +512,7 @@ def train(model: GPT, train_set, val_set, cfg: Config, lr: float, device, dtype)
                 g["lr"] = lr_at(step, lr, cfg.warmup_steps, total)
             for x, y in group:
                 with autocast(device, dtype):
-                    s, _ = loss_sum(step_model, x, y)
+                    s, _ = compute_loss(model, x, y)
                 scaler.scale(s / n_targets).backward()
                 loss_acc += s.detach()
                 tokens += x.numel()
