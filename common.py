@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -297,9 +298,13 @@ class GPT(nn.Module):
         return self.lm_head(self.hidden(idx, pos, mask, slots))  # (B, T, vocab)
 
     def setup_cache(self, batch: int, max_len: int) -> None:
+        """Preallocate the KV cache; an existing one of the same shape is kept (its stale entries are masked)."""
         c, w = self.config, self.lm_head.weight
+        shape = (batch, c.n_head, max_len, c.n_embd // c.n_head)
         for block in self.blocks:
-            block.attn.cache = KVCache(batch, c.n_head, max_len, c.n_embd // c.n_head, w.dtype, w.device)
+            cache = block.attn.cache
+            if cache is None or cache.k.shape != shape or cache.k.dtype != w.dtype or cache.k.device != w.device:
+                block.attn.cache = KVCache(*shape[:1], c.n_head, max_len, shape[-1], w.dtype, w.device)
 
     def clear_cache(self) -> None:
         for block in self.blocks:
@@ -319,9 +324,15 @@ def load_model(name_or_dir: str, device: str | torch.device = "cpu"):
         hint = ("it needs internet access to the Hugging Face hub, or pass --model with a local folder"
                 if not Path(name_or_dir).is_dir() else "the folder is not a GPT-2 checkpoint")
         raise UsageError(f"could not load model '{name_or_dir}': {hint} ({str(e).splitlines()[0][:120]})") from None
+    model = from_hf(hf)
+    model.name = name_or_dir
+    return model.to(device), tokenizer
+
+
+def from_hf(hf) -> GPT:
+    """Our GPT, frozen, with the weights of a transformers GPT2LMHeadModel."""
     hc = hf.config
-    c = GPTConfig(hc.vocab_size, hc.n_positions, hc.n_layer, hc.n_head, hc.n_embd, hc.layer_norm_epsilon)
-    model = GPT(c)
+    model = GPT(GPTConfig(hc.vocab_size, hc.n_positions, hc.n_layer, hc.n_head, hc.n_embd, hc.layer_norm_epsilon))
     sd = {}
     for k, v in hf.state_dict().items():
         if k.endswith((".attn.bias", ".attn.masked_bias")) or k == "lm_head.weight":
@@ -329,10 +340,10 @@ def load_model(name_or_dir: str, device: str | torch.device = "cpu"):
         k = k.removeprefix("transformer.").replace("h.", "blocks.", 1)
         if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
             v = v.t()  # HF's Conv1D stores (in, out); nn.Linear stores (out, in)
-        sd[k] = v
+        sd[k] = v.float()
     model.load_state_dict(sd, strict=False)  # lm_head.weight is wte.weight
-    model.name = name_or_dir
-    return model.to(device).requires_grad_(False), tokenizer
+    model.name = getattr(hc, "_name_or_path", "") or "gpt2"
+    return model.requires_grad_(False)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -602,19 +613,27 @@ def decode_step(model: GPT, token, pos, valid, slot):
     return model(token[:, None], pos[:, None], valid[:, None, None, :], slot)[:, -1]
 
 
+@functools.cache
+def compiled_decode_step(device_type: str):
+    """decode_step compiled once for fixed shapes; on CUDA also captured as a CUDA graph, so a step is one launch."""
+    return torch.compile(decode_step, fullgraph=True, mode="reduce-overhead" if device_type == "cuda" else None)
+
+
 @torch.no_grad()
 def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.9,
              top_p: float = 0.9, top_k: int = 0, greedy: bool = False, seed: int = 0,
-             eos_id: int | None = None) -> list[list[int]]:
+             eos_id: int | None = None, compile: bool = False) -> list[list[int]]:
     """New tokens for each prompt (token-id lists of any lengths), each row stopping at `eos_id` (not included;
     None: exactly max_new_tokens). Rows are left-padded; per-row positions and an attention mask make every row
-    decode as it would alone."""
+    decode as it would alone. `compile` runs the compiled decode step, over a cache of the full context so that
+    its shapes never change."""
     check_sampling(temperature, top_p, top_k)
     device = model.lm_head.weight.device
     B, T = len(prompts), max(len(p) for p in prompts)
-    S = T + max_new_tokens  # cache length
-    if S > model.config.n_positions:
+    if T + max_new_tokens > model.config.n_positions:
         raise UsageError(f"{T} prompt + {max_new_tokens} new tokens exceed the {model.config.n_positions}-token context")
+    S = model.config.n_positions if compile else T + max_new_tokens  # cache length
+    step = compiled_decode_step(device.type) if compile else decode_step
     idx = torch.zeros(B, T, dtype=torch.long)
     valid = torch.zeros(B, S, dtype=torch.bool)  # which cache slots hold real tokens
     for i, p in enumerate(prompts):
@@ -623,6 +642,7 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, tempe
     idx, valid = idx.to(device), valid.to(device)
     pos = (valid[:, :T].cumsum(-1) - 1).clamp(min=0)  # (B, T): real tokens at 0..len-1
     lengths = valid[:, :T].sum(-1)
+    slots = torch.arange(S, device=device)
     gen = torch.Generator(device).manual_seed(seed)
 
     def next_token(logits):
@@ -633,16 +653,17 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, tempe
         token = next_token(prefill(model, idx, pos, valid))
         out = [token]
         done = torch.zeros(B, dtype=torch.bool, device=device)
-        for t in range(1, max_new_tokens):
+        for t in range(1, max_new_tokens):  # no host sync inside, but for the EOS check every 8 steps
             if eos_id is not None:
                 done |= token == eos_id
-                if t % 8 == 0 and done.all():  # a host sync only every few steps
+                if t % 8 == 0 and done.all():
                     break
             valid[:, T + t - 1] = True
-            token = next_token(decode_step(model, token, lengths + t - 1, valid, torch.tensor([T + t - 1], device=device)))
+            token = next_token(step(model, token, lengths + t - 1, valid, slots[T + t - 1:T + t]))
             out.append(token)
     finally:
-        model.clear_cache()
+        if not compile:  # the compiled step keeps its cache, so a CUDA graph replays on the same buffers
+            model.clear_cache()
     rows = torch.stack(out, dim=1).tolist()
     if eos_id is not None:
         rows = [r[:r.index(eos_id)] if eos_id in r else r for r in rows]

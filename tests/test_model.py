@@ -57,3 +57,11 @@ def test_generate_stops_each_row_at_eos(tiny):
         expected = f[:f.index(eos)] if eos in f else f
         assert s == expected
     assert len(stopped[0]) <= 4
+
+
+def test_compiled_decode_gives_the_same_greedy_tokens(tiny):
+    model, _ = tiny
+    prompts = [[5, 6, 7], list(range(10, 50)), [8, 9]]
+    eager = common.generate(model, prompts, 12, greedy=True)
+    assert common.generate(model, prompts, 12, greedy=True, compile=True) == eager
+    assert common.generate(model, prompts[:2], 12, greedy=True, compile=True) == eager[:2]  # another batch shape
