@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import re
 import resource
 import sys
@@ -58,6 +59,8 @@ class Config:
     batch_size: int = arg(8, "examples per micro-batch")
     grad_accum: int = arg(1, "micro-batches per optimizer step")
     warmup_steps: int = arg(100, "linear learning-rate warmup steps, then cosine decay")
+    save_every: int = arg(0, "also write a checkpoint every N steps (always: at each epoch end)")
+    resume: bool = arg(False, "continue training from the checkpoint beside --weights")
     weight_decay: float = arg(0.0, "AdamW weight decay")
     dtype: str = arg("auto", "auto|fp32|bf16|fp16 (auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU)")
     compile: bool | None = arg(None, "torch.compile the model (default: on with CUDA)")
@@ -73,6 +76,7 @@ class Config:
     out: str = arg("", "folder for run records and predictions (default: runs/)")
     train: bool = arg(False, "train, save, then evaluate")
     baseline: bool = arg(False, f"evaluate untrained GPT-2 with the hard prompt '{HARD_PROMPT}' repeated")
+    article: str = arg("", "summarize this text file ('-': standard input) instead of the test set")
 
 
 def parse_args(method_cls: type, description: str, argv: list[str] | None = None):
@@ -99,7 +103,8 @@ def parse_args(method_cls: type, description: str, argv: list[str] | None = None
 
 
 def check_config(cfg: Config, hp) -> None:
-    for name in ("train_size", "val_size", "test_size", "epochs", "max_steps", "warmup_steps", "max_summary_tokens"):
+    for name in ("train_size", "val_size", "test_size", "epochs", "max_steps", "warmup_steps", "max_summary_tokens",
+                 "save_every", "patience"):
         if getattr(cfg, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0")
     for name in ("batch_size", "grad_accum", "eval_batch_size", "max_new_tokens"):
@@ -201,11 +206,24 @@ def collate(examples, pad_id: int):
     return x, y
 
 
-def batches(examples, batch_size: int, generator: torch.Generator | None = None):
-    """Batches of examples, shuffled by `generator` (None: in order)."""
-    order = torch.randperm(len(examples), generator=generator).tolist() if generator else range(len(examples))
-    order = list(order)
-    return [[examples[i] for i in order[k:k + batch_size]] for k in range(0, len(order), batch_size)]
+def length_batches(lengths: list[int], batch_size: int, generator: torch.Generator | None = None):
+    """Batches of example indices that group similar lengths, so batches carry little padding. With a generator:
+    shuffle, sort within windows of 50 batches, cut, and shuffle the batches; without: sorted, longest first."""
+    if generator is None:
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    else:
+        order = torch.randperm(len(lengths), generator=generator).tolist()
+        window = 50 * batch_size
+        order = [i for k in range(0, len(order), window) for i in sorted(order[k:k + window], key=lambda i: -lengths[i])]
+    out = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+    if generator is not None:
+        out = [out[i] for i in torch.randperm(len(out), generator=generator).tolist()]
+    return out
+
+
+def collate_features(examples):
+    """Cached examples (hidden states (n, C), targets (n,)) as one row (1, N, C), (1, N): no padding at all."""
+    return torch.cat([h for h, _ in examples])[None], torch.cat([t for _, t in examples])[None]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -224,9 +242,8 @@ class GPTConfig:
 class KVCache(nn.Module):
     """Keys and values of every position so far, preallocated: (B, n_head, max_len, head_dim)."""
 
-    def __init__(self, batch: int, n_head: int, max_len: int, head_dim: int, dtype, device):
+    def __init__(self, shape: tuple[int, int, int, int], dtype, device):
         super().__init__()
-        shape = (batch, n_head, max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
@@ -294,8 +311,16 @@ class GPT(nn.Module):
             x = block(x, mask, slots)
         return self.ln_f(x)
 
-    def forward(self, idx, pos=None, mask=None, slots=None):
-        return self.lm_head(self.hidden(idx, pos, mask, slots))  # (B, T, vocab)
+    def forward(self, idx, pos=None, mask=None, slots=None, targets=None):
+        """Logits (B, T, vocab); with `targets` (B, T), the summed cross-entropy over the positions whose target
+        is not IGNORE instead, computing the LM head there only: the article's positions (~90 % of a CNN/DM
+        example) need no logits. `idx` may also be final hidden states (B, T, C) computed earlier by a frozen
+        body (see `cache_features`); then only the head runs."""
+        h = idx if idx.is_floating_point() else self.hidden(idx, pos, mask, slots)
+        if targets is None:
+            return self.lm_head(h)
+        keep = targets != IGNORE
+        return F.cross_entropy(self.lm_head(h[keep]).float(), targets[keep], reduction="sum")
 
     def setup_cache(self, batch: int, max_len: int) -> None:
         """Preallocate the KV cache; an existing one of the same shape is kept (its stale entries are masked)."""
@@ -304,7 +329,7 @@ class GPT(nn.Module):
         for block in self.blocks:
             cache = block.attn.cache
             if cache is None or cache.k.shape != shape or cache.k.dtype != w.dtype or cache.k.device != w.device:
-                block.attn.cache = KVCache(*shape[:1], c.n_head, max_len, shape[-1], w.dtype, w.device)
+                block.attn.cache = KVCache(shape, w.dtype, w.device)
 
     def clear_cache(self) -> None:
         for block in self.blocks:
@@ -461,27 +486,52 @@ def lr_at(step: int, lr: float, warmup: int, total: int) -> float:
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def loss_sum(model: GPT, x, y):
-    """Summed cross-entropy over the target positions only, and how many there are. The LM head runs only where
-    there is a target: the article's positions (~90 % of a CNN/DM example) need no logits."""
-    h = model.hidden(x)
-    keep = y != IGNORE
-    logits = model.lm_head(h[keep])
-    return F.cross_entropy(logits.float(), y[keep], reduction="sum"), keep.sum()
+def example_len(example) -> int:
+    return len(example[0])
+
+
+def batch_of(examples, pad_id: int):
+    """(inputs, targets, number of real input positions) of token examples or of cached-feature examples."""
+    if torch.is_tensor(examples[0][0]):
+        x, y = collate_features(examples)
+        return x, y, y.shape[1]
+    x, y = collate(examples, pad_id)
+    return x, y, sum(len(ids) - 1 for ids, _ in examples)
 
 
 @torch.no_grad()
 def evaluate_loss(model: GPT, examples, cfg: Config, device, dtype) -> float:
     """Mean loss per target token over `examples`."""
-    total, count = torch.zeros((), device=device), torch.zeros((), device=device)
-    pad = model.config.vocab_size - 1
-    for batch in batches(examples, cfg.eval_batch_size):
-        x, y = (t.to(device) for t in collate(batch, pad))
+    total, count = torch.zeros((), device=device), 0
+    for idx in length_batches([example_len(e) for e in examples], cfg.eval_batch_size):
+        x, y, _ = batch_of([examples[i] for i in idx], model.config.vocab_size - 1)
+        x, y = x.to(device), y.to(device)
         with autocast(device, dtype):
-            s, n = loss_sum(model, x, y)
-        total += s
-        count += n
-    return (total / count).item()
+            total += model(x, targets=y)
+        count += (y != IGNORE).sum().item()
+    return (total / max(count, 1)).item()
+
+
+def head_only(model: GPT) -> bool:
+    """True when only the LM head trains: the body's outputs never change, so they can be computed once."""
+    return all(p is model.lm_head.weight for p in trainable_state(model).values())
+
+
+@torch.no_grad()
+def cache_features(model: GPT, examples, cfg: Config, device, dtype):
+    """(hidden states at the target positions, targets) of each example, from one pass of the frozen body, kept in
+    the autocast dtype on the CPU; every epoch then runs the head alone. 21,000 CNN/DM examples x ~63 targets x
+    768 take ~2 GB in bf16, which fits in memory."""
+    out = [None] * len(examples)
+    store = dtype if dtype != torch.float32 else torch.float32
+    for idx in length_batches([example_len(e) for e in examples], cfg.eval_batch_size):
+        x, y = (t.to(device) for t in collate([examples[i] for i in idx], model.config.vocab_size - 1))
+        with autocast(device, dtype):
+            h = model.hidden(x)
+        keep = y != IGNORE
+        for i, row_h, row_keep, row_y in zip(idx, h, keep, y):
+            out[i] = (row_h[row_keep].to("cpu", store), row_y[row_keep].cpu())
+    return out
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -494,70 +544,131 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def train(model: GPT, train_set, val_set, cfg: Config, lr: float, device, dtype) -> list[dict]:
+def world() -> tuple[int, int]:
+    """(rank, world size) of a torchrun job; (0, 1) otherwise."""
+    import torch.distributed as dist
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def train(model: GPT, train_set, val_set, cfg: Config, lr: float, device, dtype, checkpoint: Path | None = None,
+          resume: bool = False) -> list[dict]:
     """AdamW on the trainable parameters, warmup + cosine, gradient accumulation with the loss normalized per
-    target token, clipping at 1.0, early stopping on validation loss. Leaves the best-validation weights in the
-    model and returns the per-epoch history."""
+    target token, clipping at 1.0, early stopping on validation loss; DistributedDataParallel under torchrun (each
+    rank trains on its own shard, rank 0 evaluates). Writes `checkpoint` every --save-every steps and at each
+    epoch end; `resume` continues from it. Leaves the best-validation weights in the model; returns the history."""
+    import torch.distributed as dist
     from tqdm import tqdm
-    params = list(trainable_state(model).values())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    rank, n_ranks = world()
+    params = trainable_state(model)
+    opt = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    shard = train_set[rank::n_ranks]
+    t_features = time.perf_counter()
+    if head_only(model):
+        shard = cache_features(model, shard, cfg, device, dtype)
+        val_set = cache_features(model, val_set, cfg, device, dtype) if rank == 0 else val_set
+    t_features = time.perf_counter() - t_features
+    net = model
+    if n_ranks > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         # one graph for body + head + loss, with no break at the data-dependent selection of target positions
         torch._dynamo.config.capture_dynamic_output_shape_ops = True
-    compute_loss = torch.compile(loss_sum, dynamic=True) if cfg.compile else loss_sum
+        net = torch.compile(net, dynamic=True)
     pad = model.config.vocab_size - 1
-    steps_per_epoch = math.ceil(len(train_set) / (cfg.batch_size * cfg.grad_accum))
+    lengths = [example_len(e) for e in shard]
+    steps_per_epoch = max(1, math.ceil(len(train_set) // n_ranks / cfg.batch_size) // cfg.grad_accum)
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
-    gen = torch.Generator().manual_seed(cfg.seed)
-    history, best, best_state, bad_epochs, step = [], math.inf, None, 0, 0
-    for epoch in range(cfg.epochs):
-        t0, tokens, loss_acc, n_acc = time.perf_counter(), 0, torch.zeros((), device=device), 0
-        micro = batches(train_set, cfg.batch_size, gen)
-        bar = tqdm(range(0, len(micro), cfg.grad_accum), desc=f"epoch {epoch + 1}", file=sys.stdout,
-                   dynamic_ncols=True, mininterval=1.0)
-        for k in bar:
-            group = [tuple(t.to(device) for t in collate(b, pad)) for b in micro[k:k + cfg.grad_accum]]
-            n_targets = sum((y != IGNORE).sum() for _, y in group)  # normalize per target token of the whole step
+    gen = torch.Generator().manual_seed(cfg.seed + rank)
+    st = dict(step=0, epoch=0, k=0, history=[], best=math.inf, bad_epochs=0, partial=[0.0, 0, 0, 0, 0.0],
+              epoch_gen=gen.get_state())
+    best_state = {n: p.detach().clone() for n, p in params.items()}
+    if resume and checkpoint is not None and checkpoint.is_file():
+        st, best_state = load_checkpoint(checkpoint, model, opt, scaler)
+        print(f"resumed from {checkpoint} at step {st['step']} (epoch {st['epoch'] + 1}, batch {st['k']})")
+    bad_step = torch.full((), -1, device=device)  # first step whose loss was not finite, on device: no sync
+
+    def save():  # a checkpoint only of a run whose loss stayed finite
+        if bad_step.item() >= 0:
+            last = f"the last good checkpoint is {checkpoint} (--resume)" if checkpoint and checkpoint.is_file() else \
+                "no checkpoint was written before it"
+            raise UsageError(f"the loss became NaN or infinite at step {int(bad_step) + 1}; stopped: {last}; "
+                             "try a lower --lr or --dtype fp32")
+        if rank == 0 and checkpoint is not None:
+            save_checkpoint(checkpoint, model, opt, scaler, st, best_state)
+
+    while st["epoch"] < cfg.epochs and st["step"] < total:
+        gen.set_state(st["epoch_gen"])  # the epoch's order is rebuilt from its seed state on resume
+        micro = length_batches(lengths, cfg.batch_size, gen)
+        loss_sum, n_targets_sum, tokens, pads, seconds = st["partial"]
+        t0 = time.perf_counter() - seconds
+        bar = tqdm(total=steps_per_epoch, initial=st["k"], desc=f"epoch {st['epoch'] + 1}", file=sys.stdout,
+                   dynamic_ncols=True, mininterval=1.0, disable=rank != 0)
+        loss_acc = torch.zeros((), device=device)
+        while st["k"] < steps_per_epoch and st["step"] < total:
+            group = [batch_of([shard[i] for i in idx], pad)
+                     for idx in micro[st["k"] * cfg.grad_accum:(st["k"] + 1) * cfg.grad_accum]]
+            local_targets = sum(int((y != IGNORE).sum()) for _, y, _ in group)  # on the host: no device sync
+            n_targets = torch.tensor(local_targets, device=device)
+            if n_ranks > 1:
+                dist.all_reduce(n_targets)  # normalize per target token of the whole step, all ranks together
             for g in opt.param_groups:
-                g["lr"] = lr_at(step, lr, cfg.warmup_steps, total)
-            for x, y in group:
-                with autocast(device, dtype):
-                    s, _ = compute_loss(model, x, y)
-                scaler.scale(s / n_targets).backward()
+                g["lr"] = lr_at(st["step"], lr, cfg.warmup_steps, total)
+            for j, (x, y, real) in enumerate(group):
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                sync = n_ranks == 1 or j == len(group) - 1  # average gradients once per step
+                with autocast(device, dtype), (nullcontext() if sync else net.no_sync()):
+                    s = net(x, targets=y)
+                scaler.scale(s * n_ranks / n_targets).backward()  # DDP averages over ranks: undo, then per token
                 loss_acc += s.detach()
-                tokens += x.numel()
-            n_acc += n_targets
+                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(s), st["step"], bad_step)
+                tokens += real
+                pads += y.numel() - real
+            n_targets_sum += local_targets
             scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)  # after backward, on the unscaled gradients
+            torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)  # after backward, on unscaled gradients
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
-            step += 1
-            if step % 10 == 0 or step == total:
-                bar.set_postfix(loss=f"{(loss_acc / n_acc).item():.3f}", lr=f"{opt.param_groups[0]['lr']:.2e}",
-                                tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
-            if step >= total:
-                break
+            st["step"] += 1
+            st["k"] += 1
+            bar.update()
+            if st["step"] % 10 == 0:
+                bar.set_postfix(loss=f"{(loss_sum + loss_acc.item()) / max(n_targets_sum, 1):.3f}",
+                                lr=f"{opt.param_groups[0]['lr']:.2e}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
+            if cfg.save_every and st["step"] % cfg.save_every == 0:
+                loss_sum, loss_acc = loss_sum + loss_acc.item(), torch.zeros((), device=device)
+                st["partial"] = [loss_sum, n_targets_sum, tokens, pads, time.perf_counter() - t0]
+                save()
         bar.close()
-        train_loss = (loss_acc / max(n_acc, 1)).item()
-        seconds = time.perf_counter() - t0
-        val_loss = evaluate_loss(model, val_set, cfg, device, dtype)
-        history.append(dict(epoch=epoch + 1, step=step, train_loss=train_loss, val_loss=val_loss, seconds=seconds,
-                            tokens_per_s=tokens / seconds, peak_memory_mb=peak_memory_mb(device)))
-        print(f"epoch {epoch + 1}: train loss {train_loss:.4f} | val loss {val_loss:.4f} | {seconds:.1f} s | "
-              f"{tokens / seconds:.0f} tok/s")
-        if val_loss < best:
-            best, bad_epochs = val_loss, 0
-            best_state = {n: p.detach().clone() for n, p in trainable_state(model).items()}
+        loss_sum += loss_acc.item()
+        seconds = time.perf_counter() - t0 + (t_features if st["epoch"] == 0 else 0.0)
+        val_loss = evaluate_loss(model, val_set, cfg, device, dtype) if rank == 0 else 0.0
+        if n_ranks > 1:  # rank 0 evaluates; every rank takes the same early-stopping decision
+            v = torch.tensor([val_loss], device=device)
+            dist.broadcast(v, 0)
+            val_loss = v.item()
+        train_loss = loss_sum / max(n_targets_sum, 1)
+        st["history"].append(dict(epoch=st["epoch"] + 1, step=st["step"], train_loss=train_loss, val_loss=val_loss,
+                                  seconds=seconds, tokens_per_s=tokens / seconds, padding=pads / max(tokens + pads, 1),
+                                  peak_memory_mb=peak_memory_mb(device)))
+        print(f"epoch {st['epoch'] + 1}: train loss {train_loss:.4f} | val loss {val_loss:.4f} | {seconds:.1f} s | "
+              f"{tokens / seconds:.0f} tok/s | padding {pads / max(tokens + pads, 1):.1%}")
+        if val_loss < st["best"]:
+            st["best"], st["bad_epochs"] = val_loss, 0
+            best_state = {n: p.detach().clone() for n, p in params.items()}
         else:
-            bad_epochs += 1
-        if step >= total or bad_epochs >= cfg.patience:
+            st["bad_epochs"] += 1
+        st.update(epoch=st["epoch"] + 1, k=0, partial=[0.0, 0, 0, 0, 0.0], epoch_gen=gen.get_state())
+        save()
+        if st["bad_epochs"] >= cfg.patience:
+            print(f"early stop: no better validation loss for {cfg.patience} epochs")
             break
     with torch.no_grad():
-        for n, p in trainable_state(model).items():
+        for n, p in params.items():
             p.copy_(best_state[n])
-    return history
+    return st["history"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -698,7 +809,8 @@ def summarize(model: GPT, tokenizer, rows: list[dict], cfg: Config) -> list[str]
     length share a batch, so batches carry little padding."""
     prompts, n_cut = encode_prompts(rows, tokenizer, model.prompt_ids, cfg, model.config.n_positions)
     if n_cut:
-        print(f"{n_cut} of {len(rows)} articles truncated to fit the context")
+        print(f"{n_cut} of {len(rows)} articles truncated to fit the {model.config.n_positions}-token context "
+              f"with {cfg.max_new_tokens} tokens left for the summary")
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
     out: list[str] = [""] * len(prompts)
     from tqdm import tqdm
@@ -706,7 +818,7 @@ def summarize(model: GPT, tokenizer, rows: list[dict], cfg: Config) -> list[str]
         chunk = order[k:k + cfg.eval_batch_size]
         new = generate(model, [prompts[i] for i in chunk], cfg.max_new_tokens, temperature=cfg.temperature,
                        top_p=cfg.top_p, top_k=cfg.top_k, greedy=cfg.greedy, seed=cfg.seed + k,
-                       eos_id=tokenizer.eos_token_id)
+                       eos_id=tokenizer.eos_token_id, compile=cfg.compile)
         for i, ids in zip(chunk, new):
             out[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
     return out
@@ -724,6 +836,49 @@ def save_weights(path: Path, tensors: dict[str, torch.Tensor], record: dict) -> 
     from safetensors.torch import save_file
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata={"record": json.dumps(record)})
+
+
+def save_checkpoint(path: Path, model: GPT, opt, scaler, state: dict, best_state: dict) -> None:
+    """Everything needed to continue a run exactly: trained tensors, the best ones so far, the optimizer's moments,
+    the data order's generator state, and (as JSON metadata) step, position, history and scaler. Written to a
+    temporary file and renamed, so a kill at any moment leaves the previous checkpoint whole."""
+    from safetensors.torch import save_file
+    params = trainable_state(model)
+    name_of = {id(p): n for n, p in params.items()}
+    tensors = {f"param.{n}": p for n, p in params.items()} | {f"best.{n}": t for n, t in best_state.items()}
+    for p, moments in opt.state.items():
+        tensors |= {f"opt.{name_of[id(p)]}.{k}": v for k, v in moments.items()}
+    tensors["epoch_gen"] = state["epoch_gen"]
+    meta = {k: v for k, v in state.items() if k != "epoch_gen"} | {"scaler": scaler.state_dict()}
+    tmp = path.with_name(path.name + ".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
+              metadata={"state": json.dumps(meta)})
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, model: GPT, opt, scaler) -> tuple[dict, dict]:
+    """Restore a checkpoint into model, optimizer and scaler; returns (training state, best tensors)."""
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["state"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    params = trainable_state(model)
+    if any(tensors.get(f"param.{n}", torch.empty(0)).shape != p.shape for n, p in params.items()):
+        raise UsageError(f"the checkpoint {path} belongs to another model or method; delete it or drop --resume")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(tensors[f"param.{n}"])
+    opt_state = opt.state_dict()  # the optimizer's params are trainable_state's, in the same order
+    opt_state["state"] = {i: {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"opt.{n}.")}
+                          for i, n in enumerate(params)}
+    opt_state["state"] = {i: m for i, m in opt_state["state"].items() if m}
+    opt.load_state_dict(opt_state)
+    scaler_state = meta.pop("scaler")
+    if scaler_state:
+        scaler.load_state_dict(scaler_state)
+    best = {n: tensors[f"best.{n}"].to(p.device) for n, p in params.items()}
+    return meta | {"epoch_gen": tensors["epoch_gen"]}, best
 
 
 def load_weights(path: Path, model: GPT, method: str) -> dict:
@@ -758,6 +913,15 @@ def setup(cfg: Config, method: str):
     if not (cfg.train or cfg.baseline or weights_path(cfg, method).is_file()):
         raise UsageError(f"no weights at {weights_path(cfg, method)}: train them with --train, "
                          "or evaluate untrained GPT-2 with --baseline")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun: one process per GPU (or CPU rank)
+        import torch.distributed as dist
+        cuda = torch.cuda.is_available() and cfg.device != "cpu"
+        if cuda:
+            cfg.device = f"cuda:{os.environ['LOCAL_RANK']}"
+            torch.cuda.set_device(cfg.device)
+        dist.init_process_group("nccl" if cuda else "gloo")
+        if dist.get_rank() != 0:
+            sys.stdout = open(os.devnull, "w")  # only rank 0 logs
     torch.manual_seed(cfg.seed)
     device, dtype = resolve_device(cfg)
     if cfg.compile is None:
@@ -772,30 +936,37 @@ def weights_path(cfg: Config, method: str) -> Path:
 
 
 def run(method: str, model: GPT, tokenizer, cfg: Config, hp, device, dtype) -> dict:
-    """Train (with --train) or load the method's weights, evaluate on the test set, write the run record."""
+    """Train (with --train) or load the method's weights, then summarize --article or evaluate on the test set."""
     if cfg.baseline:
         model.prompt_ids = hard_prompt_ids(tokenizer, BASELINE_PROMPT_TOKENS)
         method = "baseline"
     trainable, total = count_parameters(model)
     print(f"trainable parameters: {trainable:,} of {total:,}")
-    splits = load_splits(cfg)
     path = weights_path(cfg, method)
     record = dict(method=method, base_model=model.name, config=dataclasses.asdict(cfg), hparams=vars(hp),
                   trainable_parameters=trainable, total_parameters=total)
+    splits = load_splits(cfg) if cfg.train or not cfg.article else None
     if cfg.train and not cfg.baseline:
         n_ctx = model.config.n_positions
         train_set = encode_examples(splits["train"], tokenizer, model.prompt_ids, cfg, n_ctx)
         val_set = encode_examples(splits["validation"], tokenizer, model.prompt_ids, cfg, n_ctx)
         print(f"training on {len(train_set)} examples, validating on {len(val_set)}")
-        record["history"] = train(model, train_set, val_set, cfg, hp.lr, device, dtype)
+        checkpoint = path.with_name(path.stem + ".ckpt.safetensors")
+        record["history"] = train(model, train_set, val_set, cfg, hp.lr, device, dtype, checkpoint, cfg.resume)
+        if world()[0] != 0:
+            return record  # rank 0 saves and evaluates
         trained = {n: p.detach().cpu().contiguous() for n, p in trainable_state(model).items()}
         save_weights(path, trained, record)
+        checkpoint.unlink(missing_ok=True)
         print(f"saved {path}")
     elif not cfg.baseline:
         record["history"] = load_weights(path, model, method).get("history", [])
         print(f"loaded {path}")
-    merge_lora(model)
-    model.eval()
+    prepare_inference(model, dtype)
+    if cfg.article:
+        article = read_article(cfg.article)
+        print("summary:", summarize(model, tokenizer, [{"article": article}], cfg)[0])
+        return record
     predictions = summarize(model, tokenizer, splits["test"], cfg)
     record["test"] = rouge(predictions, [r["highlights"] for r in splits["test"]])
     print(format_rouge(record["test"]))
@@ -803,6 +974,23 @@ def run(method: str, model: GPT, tokenizer, cfg: Config, hp, device, dtype) -> d
         save_weights(path, trained, record)  # the weights file keeps the full record of the run that made it
     write_record(Path(cfg.out) if cfg.out else ROOT / "runs", method, record, splits["test"], predictions)
     return record
+
+
+def prepare_inference(model: GPT, dtype: torch.dtype) -> None:
+    """Merge LoRA (zero inference overhead), eval mode, and weights in the run's precision: bf16 or fp16 weights
+    halve the bytes every decode step reads."""
+    merge_lora(model)
+    model.eval().to(dtype)
+
+
+def read_article(source: str) -> str:
+    try:
+        text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read the article at {source}: {e}") from None
+    if not text.strip():
+        raise UsageError(f"the article at {source} is empty")
+    return text
 
 
 def write_record(out: Path, name: str, record: dict, rows: list[dict], predictions: list[str]) -> None:
