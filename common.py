@@ -62,6 +62,8 @@ class Config:
     save_every: int = arg(0, "also write a checkpoint every N steps (always: at each epoch end)")
     resume: bool = arg(False, "continue training from the checkpoint beside --weights")
     weight_decay: float = arg(0.0, "AdamW weight decay")
+    cache_features: bool | None = arg(None, "when only the LM head trains, run the frozen body once and train the "
+                                            "head on its cached outputs (default: on)")
     dtype: str = arg("auto", "auto|fp32|bf16|fp16 (auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU)")
     compile: bool | None = arg(None, "torch.compile the model (default: on with CUDA)")
     device: str = arg("auto", "auto|cpu|cuda|cuda:N")
@@ -403,13 +405,13 @@ def hard_prompt_ids(tokenizer, n: int) -> list[int]:
     return (ids * n)[:n]
 
 
-def apply_prompt_tuning(model: GPT, tokenizer, n_prompt_tokens: int) -> GPT:
-    """Train n soft embeddings placed before the article, initialized from the embeddings of the hard prompt
-    (so the untrained soft prompt equals the --baseline). Everything else stays frozen."""
+def apply_prompt_tuning(model: GPT, init_ids: list[int]) -> GPT:
+    """Train len(init_ids) soft embeddings placed before the article, initialized from the embeddings of those
+    tokens (hard_prompt_ids: then the untrained soft prompt equals the --baseline). Everything else stays frozen."""
     model.requires_grad_(False)
-    model.wte = PromptEmbedding(model.wte, hard_prompt_ids(tokenizer, n_prompt_tokens))
+    model.wte = PromptEmbedding(model.wte, init_ids)
     V = model.config.vocab_size
-    model.prompt_ids = list(range(V, V + n_prompt_tokens))  # soft tokens hold positions 0..n-1 of their row
+    model.prompt_ids = list(range(V, V + len(init_ids)))  # soft tokens hold positions 0..n-1 of their row
     return model
 
 
@@ -550,6 +552,27 @@ def world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
+def optimizer_step(net, opt, scaler, group: list, divisor, device, dtype) -> torch.Tensor:
+    """One optimizer step over the micro-batches `group` [(x, y), ...]: the gradient of (summed loss / divisor),
+    clipped at norm 1.0 after backward, on unscaled gradients. Under DDP, gradients are averaged once per step
+    (divisor = target tokens of all ranks x ranks, since DDP divides by the rank count). Returns the summed loss."""
+    total = torch.zeros((), device=device)
+    for j, (x, y) in enumerate(group):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        sync = j == len(group) - 1 or not hasattr(net, "no_sync")  # DDP: reduce on the last micro-batch only
+        with autocast(device, dtype), (nullcontext() if sync else net.no_sync()):
+            s = net(x, targets=y)
+        scaler.scale(s / divisor).backward()
+        total += s.detach()
+    params = [p for g in opt.param_groups for p in g["params"]]
+    scaler.unscale_(opt)
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    return total
+
+
 def train(model: GPT, train_set, val_set, cfg: Config, lr: float, device, dtype, checkpoint: Path | None = None,
           resume: bool = False) -> list[dict]:
     """AdamW on the trainable parameters, warmup + cosine, gradient accumulation with the loss normalized per
@@ -564,7 +587,7 @@ def train(model: GPT, train_set, val_set, cfg: Config, lr: float, device, dtype,
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     shard = train_set[rank::n_ranks]
     t_features = time.perf_counter()
-    if head_only(model):
+    if cfg.cache_features is not False and head_only(model):
         shard = cache_features(model, shard, cfg, device, dtype)
         val_set = cache_features(model, val_set, cfg, device, dtype) if rank == 0 else val_set
     t_features = time.perf_counter() - t_features
@@ -615,22 +638,12 @@ def train(model: GPT, train_set, val_set, cfg: Config, lr: float, device, dtype,
                 dist.all_reduce(n_targets)  # normalize per target token of the whole step, all ranks together
             for g in opt.param_groups:
                 g["lr"] = lr_at(st["step"], lr, cfg.warmup_steps, total)
-            for j, (x, y, real) in enumerate(group):
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                sync = n_ranks == 1 or j == len(group) - 1  # average gradients once per step
-                with autocast(device, dtype), (nullcontext() if sync else net.no_sync()):
-                    s = net(x, targets=y)
-                scaler.scale(s * n_ranks / n_targets).backward()  # DDP averages over ranks: undo, then per token
-                loss_acc += s.detach()
-                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(s), st["step"], bad_step)
-                tokens += real
-                pads += y.numel() - real
+            s = optimizer_step(net, opt, scaler, [(x, y) for x, y, _ in group], n_targets / n_ranks, device, dtype)
+            loss_acc += s
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(s), st["step"], bad_step)
+            tokens += sum(real for _, _, real in group)
+            pads += sum(y.numel() - real for _, y, real in group)
             n_targets_sum += local_targets
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)  # after backward, on unscaled gradients
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
             st["step"] += 1
             st["k"] += 1
             bar.update()

@@ -23,5 +23,5 @@ if __name__ == "__main__":
         cfg, hp = common.parse_args(PromptTuning, __doc__)
         model, tokenizer, device, dtype = common.setup(cfg, "prompt_tuning")
         if not cfg.baseline:
-            common.apply_prompt_tuning(model, tokenizer, hp.prompt_tokens)
+            common.apply_prompt_tuning(model, common.hard_prompt_ids(tokenizer, hp.prompt_tokens))
         common.run("prompt_tuning", model, tokenizer, cfg, hp, device, dtype)

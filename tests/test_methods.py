@@ -12,7 +12,7 @@ def gpt2_small_counts(tiny_dir):
     tok = AutoTokenizer.from_pretrained(tiny_dir)  # any tokenizer: only the prompt's ids are taken from it
     small = lambda: common.GPT(common.GPTConfig())
     assert common.count_parameters(small())[1] == 124_439_808  # GPT-2 small
-    return {"prompt_tuning": common.count_parameters(common.apply_prompt_tuning(small(), tok, 24))[0],
+    return {"prompt_tuning": common.count_parameters(common.apply_prompt_tuning(small(), common.hard_prompt_ids(tok, 24)))[0],
             "last_layer": common.count_parameters(common.apply_last_layer(small()))[0],
             "lora": common.count_parameters(common.apply_lora(small(), 16, 32))[0]}
 
@@ -31,7 +31,7 @@ def test_prompt_tuning_starts_at_the_hard_prompt_baseline(tiny_dir):
     hard = common.hard_prompt_ids(tok, 7)
     with torch.no_grad():
         ref = model(torch.tensor([hard + article]))
-        common.apply_prompt_tuning(model, tok, 7)
+        common.apply_prompt_tuning(model, hard)
         assert len(model.prompt_ids) == 7 and min(model.prompt_ids) >= model.config.vocab_size
         soft = model(torch.tensor([model.prompt_ids + article]))
     torch.testing.assert_close(soft, ref, atol=1e-5, rtol=0)
@@ -41,7 +41,7 @@ def test_prompt_tuning_starts_at_the_hard_prompt_baseline(tiny_dir):
 def test_soft_tokens_hold_positions_zero_to_n_in_a_left_padded_batch(tiny_dir):
     """Generation with a soft prompt behind left padding decodes exactly like the row alone."""
     model, tok = common.load_model(str(tiny_dir))
-    common.apply_prompt_tuning(model, tok, 5)
+    common.apply_prompt_tuning(model, common.hard_prompt_ids(tok, 5))
     with torch.no_grad():
         model.wte.prompt.add_(torch.randn_like(model.wte.prompt))  # a "trained" prompt, unlike any word
     short, long = model.prompt_ids + [5, 6, 7], model.prompt_ids + list(range(10, 60))
