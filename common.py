@@ -26,7 +26,6 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent
 HARD_PROMPT = "Summarize"  # the seed's baseline prompt, and the soft prompt's initialization
-BASELINE_PROMPT_TOKENS = 24  # length of the baseline's hard prompt: the soft prompt's default length
 IGNORE = -100  # label of positions that carry no loss (article, separator, padding)
 
 
@@ -74,11 +73,18 @@ class Config:
     top_p: float = arg(0.9, "nucleus sampling mass, in (0, 1]")
     top_k: int = arg(0, "keep only the k most likely tokens (0: off)")
     greedy: bool = arg(False, "greedy decoding instead of sampling")
-    weights: str = arg("", "weights file to load or save (default: models/<method>.safetensors)")
+    weights: str = arg("", "weights file to load or save, or a peft LoRA adapter folder to load "
+                           "(default: models/<method>.safetensors)")
     out: str = arg("", "folder for run records and predictions (default: runs/)")
     train: bool = arg(False, "train, save, then evaluate")
     baseline: bool = arg(False, f"evaluate untrained GPT-2 with the hard prompt '{HARD_PROMPT}' repeated")
+    baseline_prompt_tokens: int = arg(24, "length of the --baseline hard prompt (0: zero-shot, article + separator "
+                                          "alone, as in the GPT-2 paper)")
+    run_name: str = arg("", "name of the run's record in --out (default: the method, or 'baseline')")
+    inspect: bool = arg(False, "print the teacher-forced next-token table of one test example, then exit")
     article: str = arg("", "summarize this text file ('-': standard input) instead of the test set")
+    export_peft: str = arg("", "write the trained soft prompt or LoRA as a peft adapter folder, then exit")
+    export_merged: str = arg("", "write a complete transformers GPT-2 checkpoint folder (LoRA merged), then exit")
 
 
 def parse_args(method_cls: type, description: str, argv: list[str] | None = None):
@@ -106,7 +112,7 @@ def parse_args(method_cls: type, description: str, argv: list[str] | None = None
 
 def check_config(cfg: Config, hp) -> None:
     for name in ("train_size", "val_size", "test_size", "epochs", "max_steps", "warmup_steps", "max_summary_tokens",
-                 "save_every", "patience"):
+                 "save_every", "patience", "baseline_prompt_tokens"):
         if getattr(cfg, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0")
     for name in ("batch_size", "grad_accum", "eval_batch_size", "max_new_tokens"):
@@ -153,10 +159,11 @@ def load_splits(cfg: Config) -> dict[str, list[dict]]:
         if missing:
             raise UsageError(f"the {split} split has no column {', '.join(sorted(missing))}: "
                              "expected columns 'article' and 'highlights' ('id' optional)")
-        d = d.shuffle(seed=cfg.data_seed)
-        rows = [r for r in d.select(range(min(n, len(d)))) if r["article"].strip() and r["highlights"].strip()]
-        out[split] = [{"id": r.get("id", str(i)), "article": r["article"], "highlights": r["highlights"]}
-                      for i, r in enumerate(rows)]
+        rows = d.shuffle(seed=cfg.data_seed).select(range(min(n, len(d))))
+        out[split] = [{"id": str(r.get("id", i)), "article": r["article"], "highlights": r["highlights"]}
+                      for i, r in enumerate(rows) if (r["article"] or "").strip() and (r["highlights"] or "").strip()]
+        if len(out[split]) < len(rows):
+            print(f"skipped {len(rows) - len(out[split])} {split} rows with an empty article or summary")
     return out
 
 
@@ -804,17 +811,29 @@ def split_sentences(text: str) -> str:
     return "\n".join(s for s in lines if s)
 
 
-def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
-    """Mean ROUGE-1/2/L/Lsum F1 over examples, in percent, with stemming (the rouge-score conventions)."""
+ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+
+
+def rouge_scores(predictions: list[str], references: list[str]) -> list[dict[str, float]]:
+    """ROUGE-1/2/L/Lsum F1 of each example, in percent, with stemming (the rouge-score conventions)."""
     from rouge_score import rouge_scorer
-    keys = ["rouge1", "rouge2", "rougeL", "rougeLsum"]
-    scorer = rouge_scorer.RougeScorer(keys, use_stemmer=True)
-    totals = dict.fromkeys(keys, 0.0)
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_KEYS), use_stemmer=True)
+    out = []
     for p, r in zip(predictions, references, strict=True):
         scores = scorer.score(split_sentences(r), split_sentences(p))  # score(target, prediction)
-        for k in keys:
-            totals[k] += scores[k].fmeasure
-    return {k: 100 * v / max(1, len(predictions)) for k, v in totals.items()}
+        out.append({k: 100 * scores[k].fmeasure for k in ROUGE_KEYS})
+    return out
+
+
+def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """Mean ROUGE-1/2/L/Lsum F1 over examples (not over batches), in percent."""
+    scores = rouge_scores(predictions, references)
+    return {k: sum(s[k] for s in scores) / max(1, len(scores)) for k in ROUGE_KEYS}
+
+
+def lead_3(article: str) -> str:
+    """The first three sentences of the article: the extractive baseline every CNN/DM paper reports."""
+    return "\n".join(split_sentences(article).splitlines()[:3])
 
 
 def summarize(model: GPT, tokenizer, rows: list[dict], cfg: Config) -> list[str]:
@@ -835,6 +854,23 @@ def summarize(model: GPT, tokenizer, rows: list[dict], cfg: Config) -> list[str]
         for i, ids in zip(chunk, new):
             out[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
     return out
+
+
+@torch.no_grad()
+def next_token_table(model: GPT, tokenizer, row: dict, cfg: Config, n: int = 20) -> str:
+    """Teacher-forced next-token predictions on the summary of one example: each context token, the reference's
+    next token and the model's most likely one (the seed's "GPT-2 is already good at next-word prediction")."""
+    (ids, n_context), = encode_examples([row], tokenizer, model.prompt_ids, cfg, model.config.n_positions)
+    x = torch.tensor([ids[:-1]], device=model.lm_head.weight.device)
+    predicted = model(x)[0].argmax(-1).tolist()
+    positions = range(n_context - 1, len(ids) - 1)  # the positions whose next token is summary or EOS
+    hits = sum(predicted[t] == ids[t + 1] for t in positions)
+    word = lambda i: repr(tokenizer.decode([i]))
+    lines = [f"{'context':>16} {'reference next':>16} {'model argmax':>16}"]
+    lines += [f"{word(ids[t]):>16} {word(ids[t + 1]):>16} {word(predicted[t]):>16}" + ("" if predicted[t] == ids[t + 1]
+              else "   x") for t in list(positions)[:n]]
+    lines.append(f"top-1 next-token accuracy on this summary: {hits}/{len(positions)} = {hits / len(positions):.1%}")
+    return "\n".join(lines)
 
 
 def format_rouge(scores: dict[str, float]) -> str:
@@ -918,12 +954,91 @@ def load_weights(path: Path, model: GPT, method: str) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Interoperability: peft adapters and complete transformers checkpoints, written and read without peft.
+
+PEFT_LORA_KEY = "base_model.model.transformer.h.{}.attn.c_attn.lora_{}.weight"
+
+
+def export_peft(model: GPT, folder: Path) -> None:
+    """Write the soft prompt or the LoRA update as a peft adapter folder, which
+    `PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base), folder)` loads. peft's LoRA on GPT-2's Conv1D
+    uses fan_in_fan_out=True with A (r, in) and B (out, r), exactly our tensors."""
+    from safetensors.torch import save_file
+    c = model.config
+    shared = dict(base_model_name_or_path=model.name, task_type="CAUSAL_LM", inference_mode=True)
+    if isinstance(model.wte, PromptEmbedding):
+        n = model.wte.prompt.shape[0]
+        config = shared | dict(peft_type="PROMPT_TUNING", num_virtual_tokens=n, token_dim=c.n_embd,
+                               num_transformer_submodules=1, num_attention_heads=c.n_head, num_layers=c.n_layer,
+                               prompt_tuning_init="RANDOM")
+        tensors = {"prompt_embeddings": model.wte.prompt}
+    elif isinstance(model.blocks[0].attn.c_attn, LoRALinear):
+        lora = model.blocks[0].attn.c_attn
+        rank = lora.A.shape[0]
+        config = shared | dict(peft_type="LORA", r=rank, lora_alpha=lora.scale * rank, target_modules=["c_attn"],
+                               fan_in_fan_out=True, lora_dropout=0.0, bias="none")
+        tensors = {PEFT_LORA_KEY.format(i, ab): getattr(b.attn.c_attn, ab)
+                   for i, b in enumerate(model.blocks) for ab in "AB"}
+    else:
+        raise UsageError("only prompt tuning and LoRA make peft adapters; use --export-merged for the last layer")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(folder / "adapter_model.safetensors"))
+
+
+def load_peft_lora(folder: Path, model: GPT) -> None:
+    """Load a peft LoRA adapter for GPT-2's c_attn (ours or made by peft) into a model changed by apply_lora."""
+    from safetensors.torch import load_file
+    config = json.loads((folder / "adapter_config.json").read_text())
+    lora = model.blocks[0].attn.c_attn
+    if config.get("peft_type") != "LORA" or not isinstance(lora, LoRALinear):
+        raise UsageError(f"{folder} holds a {config.get('peft_type')} adapter; main2.py loads LoRA adapters")
+    rank, alpha = config["r"], config["lora_alpha"]
+    if rank != lora.A.shape[0] or not math.isclose(alpha / rank, lora.scale):
+        raise UsageError(f"{folder} holds a rank-{rank} adapter with alpha {alpha}: "
+                         f"pass --lora-rank {rank} --lora-alpha {alpha}")
+    tensors = {k.replace(".default", ""): v for k, v in load_file(folder / "adapter_model.safetensors").items()}
+    with torch.no_grad():
+        for i, b in enumerate(model.blocks):
+            for ab in "AB":
+                key = PEFT_LORA_KEY.format(i, ab)
+                if key not in tensors or tensors[key].shape != getattr(b.attn.c_attn, ab).shape:
+                    raise UsageError(f"{folder} has no {key} of shape {tuple(getattr(b.attn.c_attn, ab).shape)}: "
+                                     "an adapter of another base model or of other target modules")
+                getattr(b.attn.c_attn, ab).copy_(tensors[key])
+
+
+def export_merged(model: GPT, tokenizer, folder: Path) -> None:
+    """Write a complete transformers GPT-2 checkpoint (LoRA merged; an untied LM head with tie_word_embeddings=False)
+    that GPT2LMHeadModel.from_pretrained and every pipeline load."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    if isinstance(model.wte, PromptEmbedding):
+        raise UsageError("a soft prompt is not part of a GPT-2 checkpoint: export it with --export-peft")
+    merge_lora(model)
+    c = model.config
+    tied = model.lm_head.weight is model.wte.weight
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=c.vocab_size, n_positions=c.n_positions, n_embd=c.n_embd,
+                                    n_layer=c.n_layer, n_head=c.n_head, layer_norm_epsilon=c.layer_norm_epsilon,
+                                    tie_word_embeddings=tied, bos_token_id=tokenizer.eos_token_id,
+                                    eos_token_id=tokenizer.eos_token_id))
+    sd = {}
+    for k, v in model.state_dict().items():
+        if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+            v = v.t()  # back to Conv1D's (in, out)
+        sd[k if k == "lm_head.weight" else "transformer." + k.replace("blocks.", "h.", 1)] = v.float()
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    hf.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # CLI: the flow every entry script shares after its one change to the model.
 
 def setup(cfg: Config, method: str):
     """Check what can be checked before any download, seed, pick the device, load the base model:
     (model, tokenizer, device, dtype)."""
-    if not (cfg.train or cfg.baseline or weights_path(cfg, method).is_file()):
+    if not (cfg.train or cfg.baseline or weights_path(cfg, method).exists()):
         raise UsageError(f"no weights at {weights_path(cfg, method)}: train them with --train, "
                          "or evaluate untrained GPT-2 with --baseline")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun: one process per GPU (or CPU rank)
@@ -951,7 +1066,7 @@ def weights_path(cfg: Config, method: str) -> Path:
 def run(method: str, model: GPT, tokenizer, cfg: Config, hp, device, dtype) -> dict:
     """Train (with --train) or load the method's weights, then summarize --article or evaluate on the test set."""
     if cfg.baseline:
-        model.prompt_ids = hard_prompt_ids(tokenizer, BASELINE_PROMPT_TOKENS)
+        model.prompt_ids = hard_prompt_ids(tokenizer, cfg.baseline_prompt_tokens)
         method = "baseline"
     trainable, total = count_parameters(model)
     print(f"trainable parameters: {trainable:,} of {total:,}")
@@ -973,19 +1088,31 @@ def run(method: str, model: GPT, tokenizer, cfg: Config, hp, device, dtype) -> d
         checkpoint.unlink(missing_ok=True)
         print(f"saved {path}")
     elif not cfg.baseline:
-        record["history"] = load_weights(path, model, method).get("history", [])
+        if path.is_dir():  # a peft adapter folder
+            load_peft_lora(path, model)
+        else:
+            record["history"] = load_weights(path, model, method).get("history", [])
         print(f"loaded {path}")
+    if cfg.export_peft:
+        export_peft(model, Path(cfg.export_peft))
+        print(f"wrote the peft adapter {cfg.export_peft}")
+    if cfg.export_merged:
+        export_merged(model, tokenizer, Path(cfg.export_merged))
+        print(f"wrote the transformers checkpoint {cfg.export_merged}")
+    if cfg.export_peft or cfg.export_merged:
+        return record
     prepare_inference(model, dtype)
+    if cfg.inspect:
+        print(next_token_table(model, tokenizer, splits["test"][0], cfg))
+        return record
     if cfg.article:
         article = read_article(cfg.article)
         print("summary:", summarize(model, tokenizer, [{"article": article}], cfg)[0])
         return record
     predictions = summarize(model, tokenizer, splits["test"], cfg)
-    record["test"] = rouge(predictions, [r["highlights"] for r in splits["test"]])
-    print(format_rouge(record["test"]))
+    score_and_write(cfg, method, record, splits["test"], predictions)
     if cfg.train and not cfg.baseline:
         save_weights(path, trained, record)  # the weights file keeps the full record of the run that made it
-    write_record(Path(cfg.out) if cfg.out else ROOT / "runs", method, record, splits["test"], predictions)
     return record
 
 
@@ -1006,13 +1133,21 @@ def read_article(source: str) -> str:
     return text
 
 
-def write_record(out: Path, name: str, record: dict, rows: list[dict], predictions: list[str]) -> None:
+def score_and_write(cfg: Config, name: str, record: dict, rows: list[dict], predictions: list[str]) -> dict:
+    """Score predictions against the references, print the ROUGE table, and write the run record
+    (<out>/<run name>.json) and each prediction with its reference and scores (<out>/<run name>.predictions.jsonl)."""
+    scores = rouge_scores(predictions, [r["highlights"] for r in rows])
+    record["test"] = {k: sum(s[k] for s in scores) / max(1, len(scores)) for k in ROUGE_KEYS}
+    record["test_examples"] = len(rows)
+    print(format_rouge(record["test"]))
+    out, name = Path(cfg.out) if cfg.out else ROOT / "runs", cfg.run_name or name
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(record, indent=2))
     with open(out / f"{name}.predictions.jsonl", "w") as f:
-        for r, p in zip(rows, predictions):
-            f.write(json.dumps({"id": r["id"], "reference": r["highlights"], "prediction": p}) + "\n")
+        for r, p, sc in zip(rows, predictions, scores):
+            f.write(json.dumps({"id": r["id"], "reference": r["highlights"], "prediction": p} | sc) + "\n")
     print(f"wrote {out / name}.json and .predictions.jsonl")
+    return record
 
 
 @contextmanager
@@ -1022,4 +1157,8 @@ def cli_errors():
         yield
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except torch.OutOfMemoryError:
+        print("error: out of memory on the GPU: try a smaller --batch-size (and --eval-batch-size) with a larger "
+              "--grad-accum, which keeps the effective batch", file=sys.stderr)
         sys.exit(2)

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+import common
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = {"main.py": "prompt_tuning", "main1.py": "last_layer", "main2.py": "lora"}
 
@@ -36,7 +38,7 @@ def test_train_save_reload_evaluate(script, common_args, tmp_path):
     assert record["method"] == method and record["history"][0]["step"] == 3
     assert set(record["test"]) == {"rouge1", "rouge2", "rougeL", "rougeLsum"}
     preds = [json.loads(line) for line in open(tmp_path / "runs" / f"{method}.predictions.jsonl")]
-    assert len(preds) == 6 and set(preds[0]) == {"id", "reference", "prediction"}
+    assert len(preds) == 6 and set(preds[0]) == {"id", "reference", "prediction", *common.ROUGE_KEYS}
 
     loaded = run(script, *common_args, "--weights", weights)
     assert f"loaded {weights}" in loaded.stdout

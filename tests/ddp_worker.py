@@ -1,0 +1,25 @@
+"""Run an entry script as torchrun would, and also write each rank's trained weights to OUT/rank<r>.safetensors,
+so a test can compare the ranks. usage: torchrun ... tests/ddp_worker.py OUT SCRIPT [script args]"""
+import runpy
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import common  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+out, script = Path(sys.argv[1]), sys.argv[2]
+sys.argv = [script, *sys.argv[3:]]
+train = common.train
+
+
+def train_and_dump(model, *args, **kwargs):
+    history = train(model, *args, **kwargs)
+    rank, _ = common.world()
+    tensors = {k: v.detach().cpu().contiguous() for k, v in common.trainable_state(model).items()}
+    save_file(tensors, str(out / f"rank{rank}.safetensors"))
+    return history
+
+
+common.train = train_and_dump
+runpy.run_path(script, run_name="__main__")
