@@ -9,12 +9,14 @@ import argparse
 import json
 import random
 import re
+import textwrap
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 METHODS = {"prompt_tuning": "prompt tuning", "last_layer": "last layer", "lora": "LoRA"}
@@ -50,7 +52,11 @@ class Report:
         self.runs, self.out, self.note, self.written = runs, out, note, []
 
     def save(self, fig, name: str, title: str) -> None:
-        fig.suptitle(title + (f"\n({self.note})" if self.note else ""), fontsize=11)
+        note = "\n" + textwrap.fill(f"({self.note})", int(fig.get_figwidth() * 12)) if self.note else ""
+        fig.suptitle(title + note, fontsize=10)
+        for ax in fig.axes:
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7, framealpha=0.85)
         fig.tight_layout()
         fig.savefig(self.out / name, dpi=110)
         plt.close(fig)
@@ -73,21 +79,21 @@ class Report:
             ax.plot(epochs, [e["train_loss"] for e in h], "--o", color=COLORS[m], label=f"{label}, train")
             ax.plot(epochs, [e["val_loss"] for e in h], "-s", color=COLORS[m], label=f"{label}, validation")
         ax.set(xlabel="epoch", ylabel="loss (nats per summary token)")
-        ax.legend(fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         self.save(fig, "loss_curves.png", "Training and validation loss per epoch")
 
     def overfitting(self):
-        names = sorted(n for n in self.runs if n.startswith("lr-last_layer-"))
+        names = sorted((n for n in self.runs if n.startswith("lr-last_layer-")), key=lambda n: self.runs[n]["hparams"]["lr"])
         if not self.need(names or ["lr-last_layer-*"], "lr"):
             return
-        fig, ax = plt.subplots(figsize=(6.4, 4))
+        fig, ax = plt.subplots(figsize=(7.5, 4.2))
         for i, n in enumerate(names):
             h, lr = self.runs[n]["history"], self.runs[n]["hparams"]["lr"]
-            color = plt.cm.viridis(i / max(1, len(names) - 1))
+            color = plt.cm.viridis(0.85 * i / max(1, len(names) - 1))  # stop before the yellow end
             ax.plot([e["epoch"] for e in h], [e["train_loss"] for e in h], "--o", color=color, label=f"lr {lr:g}, train")
             ax.plot([e["epoch"] for e in h], [e["val_loss"] for e in h], "-s", color=color, label=f"lr {lr:g}, val")
         ax.set(xlabel="epoch", ylabel="loss (nats per summary token)")
-        ax.legend(fontsize=8, ncol=2)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         self.save(fig, "last_layer_overfitting.png", "Last layer: training vs validation loss by learning rate")
 
     def rouge_bars(self):
@@ -106,7 +112,6 @@ class Report:
                    color=COLORS.get(n, plt.cm.Greys(0.35 + 0.2 * i)))
         ax.set_xticks(range(len(ROUGE)), list(ROUGE.values()))
         ax.set(ylabel="F1 (%)")
-        ax.legend(fontsize=8)
         self.save(fig, "rouge.png", "Test ROUGE (F1) with 95 % bootstrap intervals")
 
     def temperature(self):
@@ -123,7 +128,6 @@ class Report:
                 ax.axhline(self.runs[f"greedy-{m}"]["test"]["rougeLsum"], color=COLORS[m], ls=":",
                            label=f"{label}, greedy")
         ax.set(xlabel="sampling temperature", ylabel="ROUGE-Lsum F1 (%)")
-        ax.legend(fontsize=8)
         self.save(fig, "rouge_vs_temperature.png", "ROUGE-Lsum against sampling temperature")
 
     def sweeps(self):
@@ -147,9 +151,12 @@ class Report:
                 xs = [p[0] for p in pts]
                 a_loss.plot(xs, [p[1] for p in pts], "-o", color=COLORS.get(m), label=METHODS.get(m, m))
                 a_rouge.plot(xs, [p[2] for p in pts], "-o", color=COLORS.get(m), label=METHODS.get(m, m))
+            xs = sorted({p[0] for pts in groups.values() for p in pts})
             for ax, ylabel in ((a_loss, "best validation loss (nats/token)"), (a_rouge, "ROUGE-Lsum F1 (%)")):
                 ax.set(xlabel=label, ylabel=ylabel, xscale="log" if log else "linear")
-                ax.legend(fontsize=7)
+                ax.set_xticks(xs, [f"{x:g}" for x in xs])
+                ax.minorticks_off()
+                ax.ticklabel_format(axis="y", useOffset=False)
         self.save(fig, "sweeps.png", "Validation loss and ROUGE-Lsum against each hyperparameter")
 
     def cost(self):
@@ -158,13 +165,19 @@ class Report:
         fig, axes = plt.subplots(1, 3, figsize=(10, 3.4))
         labels = list(METHODS.values())
         colors = [COLORS[m] for m in METHODS]
-        axes[0].bar(labels, [max(e["peak_memory_mb"] for e in self.runs[m]["history"]) for m in METHODS], color=colors)
-        axes[0].set(ylabel="peak memory (MB)", title="memory")
-        axes[1].bar(labels, [sum(e["seconds"] for e in self.runs[m]["history"]) / len(self.runs[m]["history"])
-                             for m in METHODS], color=colors)
-        axes[1].set(ylabel="seconds per epoch (mean)", title="time")
-        axes[2].bar(labels, [self.runs[m]["trainable_parameters"] for m in METHODS], color=colors)
-        axes[2].set(ylabel="trainable parameters", yscale="log", title="parameters (log scale)")
+        cuda = any("cuda" in str(self.runs[m]["config"].get("device")) for m in METHODS)
+        values = [[max(e["peak_memory_mb"] for e in self.runs[m]["history"]) for m in METHODS],
+                  [sum(e["seconds"] for e in self.runs[m]["history"]) / len(self.runs[m]["history"]) for m in METHODS],
+                  [self.runs[m]["trainable_parameters"] for m in METHODS]]
+        specs = [dict(ylabel="peak memory (MB)", title="GPU memory (allocator peak)" if cuda else
+                      "memory (process peak RSS)"),
+                 dict(ylabel="seconds per epoch (mean)", title="time"),
+                 dict(ylabel="trainable parameters", yscale="log", title="parameters (log scale)")]
+        for ax, vals, spec, fmt in zip(axes, values, specs, ("{:,.0f}", "{:,.1f}", "{:,}")):
+            bars = ax.bar(labels, vals, color=colors)
+            ax.bar_label(bars, [fmt.format(v) for v in vals], fontsize=7)
+            ax.set(**spec)
+            ax.margins(y=0.15)
         for ax in axes:
             ax.tick_params(axis="x", labelsize=8)
         self.save(fig, "cost.png", "What each method costs")
@@ -179,7 +192,7 @@ class Report:
             t, h = r["test"], r.get("history", [])
             lo, hi = bootstrap_ci([e["rougeLsum"] for e in ex]) if ex and "rougeLsum" in ex[0] else (t["rougeLsum"],) * 2
             rows.append(f"| {({**BASELINES, **METHODS})[n]} | {r.get('trainable_parameters', 0):,} | "
-                        f"{best_val(r):.3f} | {t['rouge1']:.2f} | {t['rouge2']:.2f} | {t['rougeL']:.2f} | "
+                        f"{best_val(r) if h else '–':.5} | {t['rouge1']:.2f} | {t['rouge2']:.2f} | {t['rougeL']:.2f} | "
                         f"{t['rougeLsum']:.2f} ({lo:.2f}–{hi:.2f}) | "
                         + (f"{sum(e['seconds'] for e in h) / len(h):.1f} | {max(e['peak_memory_mb'] for e in h):.0f} |"
                            if h else "– | – |"))
