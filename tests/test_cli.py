@@ -66,3 +66,10 @@ def test_weights_of_another_method_are_refused(common_args, tmp_path):
     p = run("main.py", *common_args, "--weights", weights, check=False)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert "'lora', not 'prompt_tuning'" in p.stderr
+
+
+def test_inspect_prints_the_next_token_table(common_args):
+    p = run("main2.py", *common_args, "--baseline", "--inspect")
+    assert "reference next" in p.stdout and "model argmax" in p.stdout
+    assert "top-1 next-token accuracy on this summary:" in p.stdout
+    assert "rougeLsum" not in p.stdout  # inspects, then exits
