@@ -619,12 +619,17 @@ def train(model: GPT, train_set, val_set, cfg: Config, lr: float, device, dtype,
         print(f"resumed from {checkpoint} at step {st['step']} (epoch {st['epoch'] + 1}, batch {st['k']})")
     bad_step = torch.full((), -1, device=device)  # first step whose loss was not finite, on device: no sync
 
-    def save():  # a checkpoint only of a run whose loss stayed finite
+    def check_finite():  # a host sync: only where the loop syncs anyway (logging, checkpoints)
+        if n_ranks > 1:
+            dist.all_reduce(bad_step, op=dist.ReduceOp.MAX)  # every rank stops together
         if bad_step.item() >= 0:
             last = f"the last good checkpoint is {checkpoint} (--resume)" if checkpoint and checkpoint.is_file() else \
                 "no checkpoint was written before it"
             raise UsageError(f"the loss became NaN or infinite at step {int(bad_step) + 1}; stopped: {last}; "
                              "try a lower --lr or --dtype fp32")
+
+    def save():  # a checkpoint only of a run whose loss stayed finite
+        check_finite()
         if rank == 0 and checkpoint is not None:
             save_checkpoint(checkpoint, model, opt, scaler, st, best_state)
 
@@ -655,6 +660,7 @@ def train(model: GPT, train_set, val_set, cfg: Config, lr: float, device, dtype,
             st["k"] += 1
             bar.update()
             if st["step"] % 10 == 0:
+                check_finite()
                 bar.set_postfix(loss=f"{(loss_sum + loss_acc.item()) / max(n_targets_sum, 1):.3f}",
                                 lr=f"{opt.param_groups[0]['lr']:.2e}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
             if cfg.save_every and st["step"] % cfg.save_every == 0:
@@ -747,7 +753,8 @@ def decode_step(model: GPT, token, pos, valid, slot):
 
 @functools.cache
 def compiled_decode_step(device_type: str):
-    """decode_step compiled once for fixed shapes; on CUDA also captured as a CUDA graph, so a step is one launch."""
+    """decode_step compiled for fixed shapes; on CUDA also captured as CUDA graphs, so a step is one launch. (On
+    the CPU it measured no faster than eager: a decode step there is bound by reading weights and cache.)"""
     return torch.compile(decode_step, fullgraph=True, mode="reduce-overhead" if device_type == "cuda" else None)
 
 
@@ -757,14 +764,14 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, tempe
              eos_id: int | None = None, compile: bool = False) -> list[list[int]]:
     """New tokens for each prompt (token-id lists of any lengths), each row stopping at `eos_id` (not included;
     None: exactly max_new_tokens). Rows are left-padded; per-row positions and an attention mask make every row
-    decode as it would alone. `compile` runs the compiled decode step, over a cache of the full context so that
-    its shapes never change."""
+    decode as it would alone. `compile` runs the compiled decode step over a cache whose length is rounded up to a
+    multiple of 64, so that few shapes ever occur."""
     check_sampling(temperature, top_p, top_k)
     device = model.lm_head.weight.device
     B, T = len(prompts), max(len(p) for p in prompts)
     if T + max_new_tokens > model.config.n_positions:
         raise UsageError(f"{T} prompt + {max_new_tokens} new tokens exceed the {model.config.n_positions}-token context")
-    S = model.config.n_positions if compile else T + max_new_tokens  # cache length
+    S = min(-(-(T + max_new_tokens) // 64) * 64, model.config.n_positions) if compile else T + max_new_tokens
     step = compiled_decode_step(device.type) if compile else decode_step
     idx = torch.zeros(B, T, dtype=torch.long)
     valid = torch.zeros(B, S, dtype=torch.bool)  # which cache slots hold real tokens
@@ -1074,7 +1081,8 @@ def run(method: str, model: GPT, tokenizer, cfg: Config, hp, device, dtype) -> d
     path = weights_path(cfg, method)
     record = dict(method=method, base_model=model.name, config=dataclasses.asdict(cfg), hparams=vars(hp),
                   trainable_parameters=trainable, total_parameters=total)
-    splits = load_splits(cfg) if cfg.train or not cfg.article else None
+    article = read_article(cfg.article) if cfg.article else None  # before any slow work: fail fast
+    splits = load_splits(cfg) if cfg.train or article is None else None
     if cfg.train and not cfg.baseline:
         n_ctx = model.config.n_positions
         train_set = encode_examples(splits["train"], tokenizer, model.prompt_ids, cfg, n_ctx)
@@ -1083,7 +1091,7 @@ def run(method: str, model: GPT, tokenizer, cfg: Config, hp, device, dtype) -> d
         checkpoint = path.with_name(path.stem + ".ckpt.safetensors")
         record["history"] = train(model, train_set, val_set, cfg, hp.lr, device, dtype, checkpoint, cfg.resume)
         if world()[0] != 0:
-            return record  # rank 0 saves and evaluates
+            return record  # rank 0 saves, exports and evaluates
         trained = {n: p.detach().cpu().contiguous() for n, p in trainable_state(model).items()}
         save_weights(path, trained, record)
         checkpoint.unlink(missing_ok=True)
@@ -1094,6 +1102,8 @@ def run(method: str, model: GPT, tokenizer, cfg: Config, hp, device, dtype) -> d
         else:
             record["history"] = load_weights(path, model, method).get("history", [])
         print(f"loaded {path}")
+    if world()[0] != 0:
+        return record  # under torchrun, inference runs on rank 0 only
     if cfg.export_peft:
         export_peft(model, Path(cfg.export_peft))
         print(f"wrote the peft adapter {cfg.export_peft}")
@@ -1106,8 +1116,7 @@ def run(method: str, model: GPT, tokenizer, cfg: Config, hp, device, dtype) -> d
     if cfg.inspect:
         print(next_token_table(model, tokenizer, splits["test"][0], cfg))
         return record
-    if cfg.article:
-        article = read_article(cfg.article)
+    if article is not None:
         print("summary:", summarize(model, tokenizer, [{"article": article}], cfg)[0])
         return record
     predictions = summarize(model, tokenizer, splits["test"], cfg)

@@ -65,3 +65,15 @@ def test_compiled_decode_gives_the_same_greedy_tokens(tiny):
     eager = common.generate(model, prompts, 12, greedy=True)
     assert common.generate(model, prompts, 12, greedy=True, compile=True) == eager
     assert common.generate(model, prompts[:2], 12, greedy=True, compile=True) == eager[:2]  # another batch shape
+
+
+def test_compiled_decode_follows_weight_changes(tiny):
+    """A compiled step (a CUDA graph on CUDA) must read the weights as they are now, never a stale copy."""
+    model, _ = tiny
+    prompts = [[5, 6, 7], [8, 9]]
+    before = common.generate(model, prompts, 10, greedy=True, compile=True)
+    with torch.no_grad():
+        model.ln_f.weight.mul_(-4.0)  # in place, like an optimizer step or merge_lora
+    after = common.generate(model, prompts, 10, greedy=True)
+    assert after != before  # the change matters ...
+    assert common.generate(model, prompts, 10, greedy=True, compile=True) == after  # ... and the compiled step sees it
