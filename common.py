@@ -611,7 +611,9 @@ def train(model: GPT, train_set, val_set, cfg: Config, lr: float, device, dtype,
     steps_per_epoch = max(1, math.ceil(len(train_set) // n_ranks / cfg.batch_size) // cfg.grad_accum)
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     gen = torch.Generator().manual_seed(cfg.seed + rank)
-    st = dict(step=0, epoch=0, k=0, history=[], best=math.inf, bad_epochs=0, partial=[0.0, 0, 0, 0, 0.0],
+    fresh_epoch = dict(loss=0.0, targets=0, tokens=0, pads=0, seconds=0.0)  # running sums of the epoch so far
+    # everything a checkpoint must hold to continue exactly: k = optimizer steps done in this epoch
+    st = dict(step=0, epoch=0, k=0, history=[], best=math.inf, bad_epochs=0, sums=fresh_epoch,
               epoch_gen=gen.get_state())
     best_state = {n: p.detach().clone() for n, p in params.items()}
     if resume and checkpoint is not None and checkpoint.is_file():
@@ -636,8 +638,8 @@ def train(model: GPT, train_set, val_set, cfg: Config, lr: float, device, dtype,
     while st["epoch"] < cfg.epochs and st["step"] < total:
         gen.set_state(st["epoch_gen"])  # the epoch's order is rebuilt from its seed state on resume
         micro = length_batches(lengths, cfg.batch_size, gen)
-        loss_sum, n_targets_sum, tokens, pads, seconds = st["partial"]
-        t0 = time.perf_counter() - seconds
+        sums = dict(st["sums"])
+        t0 = time.perf_counter() - sums["seconds"]
         bar = tqdm(total=steps_per_epoch, initial=st["k"], desc=f"epoch {st['epoch'] + 1}", file=sys.stdout,
                    dynamic_ncols=True, mininterval=1.0, disable=rank != 0)
         loss_acc = torch.zeros((), device=device)
@@ -653,29 +655,32 @@ def train(model: GPT, train_set, val_set, cfg: Config, lr: float, device, dtype,
             s = optimizer_step(net, opt, scaler, [(x, y) for x, y, _ in group], n_targets / n_ranks, device, dtype)
             loss_acc += s
             bad_step = torch.where((bad_step < 0) & ~torch.isfinite(s), st["step"], bad_step)
-            tokens += sum(real for _, _, real in group)
-            pads += sum(y.numel() - real for _, y, real in group)
-            n_targets_sum += local_targets
+            sums["tokens"] += sum(real for _, _, real in group)
+            sums["pads"] += sum(y.numel() - real for _, y, real in group)
+            sums["targets"] += local_targets
             st["step"] += 1
             st["k"] += 1
             bar.update()
             if st["step"] % 10 == 0:
                 check_finite()
-                bar.set_postfix(loss=f"{(loss_sum + loss_acc.item()) / max(n_targets_sum, 1):.3f}",
-                                lr=f"{opt.param_groups[0]['lr']:.2e}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
+                bar.set_postfix(loss=f"{(sums['loss'] + loss_acc.item()) / max(sums['targets'], 1):.3f}",
+                                lr=f"{opt.param_groups[0]['lr']:.2e}",
+                                tok_s=f"{sums['tokens'] / (time.perf_counter() - t0):.0f}")
             if cfg.save_every and st["step"] % cfg.save_every == 0:
-                loss_sum, loss_acc = loss_sum + loss_acc.item(), torch.zeros((), device=device)
-                st["partial"] = [loss_sum, n_targets_sum, tokens, pads, time.perf_counter() - t0]
+                sums["loss"] += loss_acc.item()
+                loss_acc.zero_()
+                st["sums"] = sums | {"seconds": time.perf_counter() - t0}
                 save()
         bar.close()
-        loss_sum += loss_acc.item()
+        sums["loss"] += loss_acc.item()
+        tokens, pads = sums["tokens"], sums["pads"]
         seconds = time.perf_counter() - t0 + (t_features if st["epoch"] == 0 else 0.0)
         val_loss = evaluate_loss(model, val_set, cfg, device, dtype) if rank == 0 else 0.0
         if n_ranks > 1:  # rank 0 evaluates; every rank takes the same early-stopping decision
             v = torch.tensor([val_loss], device=device)
             dist.broadcast(v, 0)
             val_loss = v.item()
-        train_loss = loss_sum / max(n_targets_sum, 1)
+        train_loss = sums["loss"] / max(sums["targets"], 1)
         st["history"].append(dict(epoch=st["epoch"] + 1, step=st["step"], train_loss=train_loss, val_loss=val_loss,
                                   seconds=seconds, tokens_per_s=tokens / seconds, padding=pads / max(tokens + pads, 1),
                                   peak_memory_mb=peak_memory_mb(device)))
@@ -686,7 +691,7 @@ def train(model: GPT, train_set, val_set, cfg: Config, lr: float, device, dtype,
             best_state = {n: p.detach().clone() for n, p in params.items()}
         else:
             st["bad_epochs"] += 1
-        st.update(epoch=st["epoch"] + 1, k=0, partial=[0.0, 0, 0, 0, 0.0], epoch_gen=gen.get_state())
+        st.update(epoch=st["epoch"] + 1, k=0, sums=fresh_epoch, epoch_gen=gen.get_state())
         save()
         if st["bad_epochs"] >= cfg.patience:
             print(f"early stop: no better validation loss for {cfg.patience} epochs")
