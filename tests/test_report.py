@@ -1,0 +1,76 @@
+"""report.py turns run records into every figure and the README table, from records shaped like ours."""
+import json
+import random
+import subprocess
+import sys
+
+from test_cli import ROOT
+
+METHODS = ("prompt_tuning", "last_layer", "lora")
+
+
+def record(method, lr=1e-3, epochs=3, seed=0, **hparams):
+    rng = random.Random(seed)
+    history = [dict(epoch=e, step=10 * e, train_loss=3 - 0.2 * e, val_loss=3.1 - 0.1 * e, seconds=12.0 + e,
+                    tokens_per_s=1000.0, padding=0.05, peak_memory_mb=900.0 + e) for e in range(1, epochs + 1)]
+    examples = [dict(id=str(i), reference="A man was arrested.", prediction="A man was held.",
+                     **{k: rng.uniform(10, 40) for k in ("rouge1", "rouge2", "rougeL", "rougeLsum")}) for i in range(30)]
+    test = {k: sum(e[k] for e in examples) / len(examples) for k in ("rouge1", "rouge2", "rougeL", "rougeLsum")}
+    return dict(method=method, base_model="gpt2", config=dict(temperature=hparams.pop("temperature", 0.9),
+                device="cuda:0"), hparams=dict(lr=lr, **hparams), trainable_parameters=1000 * (1 + len(method)),
+                history=history, test=test, test_examples=30), examples
+
+
+def write(folder, name, rec_examples):
+    rec, examples = rec_examples
+    (folder / f"{name}.json").write_text(json.dumps(rec))
+    (folder / f"{name}.predictions.jsonl").write_text("\n".join(json.dumps(e) for e in examples) + "\n")
+
+
+def test_report_writes_every_figure_and_the_readme_table(tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for m in METHODS:
+        write(runs, m, record(m))
+        for lr in (1e-4, 1e-3):
+            write(runs, f"lr-{m}-{lr:g}", record(m, lr=lr, seed=int(lr * 1e4)))
+        for t in (0.5, 0.9):
+            write(runs, f"temperature-{m}-{t}", record(m, temperature=t))
+        write(runs, f"greedy-{m}", record(m))
+    for n in (1, 8):
+        write(runs, f"prompt_tokens-{n}", record("prompt_tuning", prompt_tokens=n))
+    for r in (4, 16):
+        write(runs, f"lora_rank-{r}", record("lora", lora_rank=r))
+    for b in ("baseline", "zero_shot", "lead_3"):
+        rec, ex = record(b, epochs=0)
+        write(runs, b, (rec | {"history": []}, ex))
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n<!-- results:start -->\nold\n<!-- results:end -->\nrest\n")
+    p = subprocess.run([sys.executable, str(ROOT / "report.py"), "--runs", runs, "--out", tmp_path / "plots",
+                        "--readme", readme, "--note", "synthetic records"], capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    figures = {"loss_curves.png", "last_layer_overfitting.png", "rouge.png", "rouge_vs_temperature.png", "sweeps.png",
+               "cost.png"}
+    assert figures <= {f.name for f in (tmp_path / "plots").iterdir()}
+    assert "skipped" not in p.stdout
+    text = readme.read_text()
+    assert "old" not in text and text.endswith("<!-- results:end -->\nrest\n")
+    assert "**synthetic records.**" in text
+    for label in ("lead-3", "zero-shot TL;DR", "hard prompt", "prompt tuning", "last layer", "LoRA"):
+        assert f"| {label} |" in text
+    assert "(plots/samples.md)" in text and (tmp_path / "plots" / "samples.md").exists()
+
+
+def test_report_says_which_sweep_is_missing(tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for m in METHODS:
+        write(runs, m, record(m))
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:start -->\n<!-- results:end -->\n")
+    p = subprocess.run([sys.executable, str(ROOT / "report.py"), "--runs", runs, "--out", tmp_path / "plots",
+                        "--readme", readme], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "python3 sweep.py lr" in p.stdout and "python3 sweep.py temperature" in p.stdout
+    assert (tmp_path / "plots" / "loss_curves.png").exists()
