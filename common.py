@@ -953,6 +953,9 @@ def load_weights(path: Path, model: GPT, method: str) -> dict:
     except Exception as e:
         raise UsageError(f"{path} is not a readable safetensors weights file ({type(e).__name__}); "
                          "retrain with --train or pass --weights") from None
+    if "method" not in record:
+        raise UsageError(f"{path} has no run record in its metadata, so it was not written by these scripts; "
+                         "pass a peft adapter as its folder, or retrain with --train")
     if record.get("method") != method:
         raise UsageError(f"{path} holds weights of method '{record.get('method')}', not '{method}': "
                          "use that method's script, or pass --weights")
@@ -1002,6 +1005,9 @@ def export_peft(model: GPT, folder: Path) -> None:
 def load_peft_lora(folder: Path, model: GPT) -> None:
     """Load a peft LoRA adapter for GPT-2's c_attn (ours or made by peft) into a model changed by apply_lora."""
     from safetensors.torch import load_file
+    if not (folder / "adapter_config.json").is_file() or not (folder / "adapter_model.safetensors").is_file():
+        raise UsageError(f"{folder} is a folder but not a peft adapter (adapter_config.json + "
+                         "adapter_model.safetensors): pass a weights file or an adapter folder to --weights")
     config = json.loads((folder / "adapter_config.json").read_text())
     lora = model.blocks[0].attn.c_attn
     if config.get("peft_type") != "LORA" or not isinstance(lora, LoRALinear):

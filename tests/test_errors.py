@@ -141,3 +141,15 @@ def test_article_from_stdin_and_missing_file(base, tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     assert "summary:" in p.stdout and "1 of 1 articles truncated" in p.stdout
     assert_usage_error(cli("main2.py", *base, "--baseline", "--article", tmp_path / "none.txt"), "cannot read")
+
+
+def test_weights_folder_that_is_not_an_adapter(base, tmp_path):
+    (tmp_path / "folder").mkdir()
+    assert_usage_error(cli("main2.py", *base, "--weights", tmp_path / "folder"), "not a peft adapter")
+
+
+def test_safetensors_without_our_record(base, tmp_path):
+    from safetensors.torch import save_file
+    w = tmp_path / "foreign.safetensors"
+    save_file({"x": torch.zeros(2)}, str(w))
+    assert_usage_error(cli("main2.py", *base, "--weights", w), "not written by these scripts")
