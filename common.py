@@ -817,11 +817,26 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, tempe
 # ----------------------------------------------------------------------------------------------------------------
 # Evaluation: generate summaries for the test set, score with ROUGE.
 
+# Words that end in a period without ending a sentence (news text: titles, months, places, times).
+ABBREVIATIONS = set("mr mrs ms dr prof st jr sr gov sen rep gen col lt sgt capt rev no vs etc inc corp co ltd jan feb "
+                    "mar apr jun jul aug sep sept oct nov dec u.s u.k u.n a.m p.m d.c".split())
+
+
 def split_sentences(text: str) -> str:
-    """One sentence per line, as rougeLsum expects (without it, rougeLsum equals rougeL). A regex split instead of
-    nltk's punkt, which would need a download."""
-    lines = (s.strip() for line in text.splitlines() for s in re.split(r"(?<=[.!?])\s+(?=[A-Z0-9\"'])", line))
-    return "\n".join(s for s in lines if s)
+    """One sentence per line, as rougeLsum expects (without it, rougeLsum equals rougeL). Lines stay lines; within
+    a line, a break after . ! ? before a capital or digit, unless the period ends an abbreviation or an initial
+    ("3 a.m. ET", "Mr. Smith", "J. K. Rowling"). A regex instead of nltk's punkt, which would need a download."""
+    sentences = []
+    for line in text.splitlines():
+        joined = False  # a new line always starts a new sentence
+        for piece in re.split(r"(?<=[.!?])\s+(?=[A-Z0-9\"'])", line.strip()):
+            if joined:
+                sentences[-1] += " " + piece
+            elif piece:
+                sentences.append(piece)
+            last = piece.rsplit(maxsplit=1)[-1].lower().rstrip(".") if piece else ""
+            joined = piece.endswith(".") and (last in ABBREVIATIONS or (len(last) == 1 and last.isalpha()))
+    return "\n".join(sentences)
 
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")

@@ -29,3 +29,10 @@ def test_rouge_averages_per_example():
 
 def test_split_sentences():
     assert common.split_sentences("One here. Two there!\nThree? four") == "One here.\nTwo there!\nThree? four"
+
+
+def test_split_sentences_keeps_abbreviations_and_initials_inside_sentences():
+    text = "It began at 3 a.m. ET Tuesday. Mr. Smith and J. K. Rowling met in the U.S. Capital. Then 2 more came!"
+    assert common.split_sentences(text).splitlines() == [
+        "It began at 3 a.m. ET Tuesday.", "Mr. Smith and J. K. Rowling met in the U.S. Capital.", "Then 2 more came!"]
+    assert common.lead_3(text + " Fourth one. Fifth.").count("\n") == 2
