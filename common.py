@@ -202,9 +202,10 @@ def encode_prompts(rows: list[dict], tokenizer, prompt_ids: list[int], cfg: Conf
     return prompts, n_cut
 
 
-def collate(examples, pad_id: int):
+def collate(examples, pad_id: int = 0):
     """Right-padded next-token batch: x = ids[:-1], y = ids[1:] with IGNORE wherever no loss is due.
-    Right padding needs no attention mask: with causal attention no real token ever sees a pad after it."""
+    Right padding needs no attention mask: with causal attention no real token ever sees a pad after it, and pads
+    carry no loss, so any pad id will do."""
     T = max(len(ids) for ids, _ in examples) - 1
     x = torch.full((len(examples), T), pad_id, dtype=torch.long)
     y = torch.full((len(examples), T), IGNORE, dtype=torch.long)
@@ -363,6 +364,9 @@ def load_model(name_or_dir: str, device: str | torch.device = "cpu"):
     return model.to(device), tokenizer
 
 
+CONV1D_WEIGHTS = ("c_attn.weight", "c_proj.weight", "c_fc.weight")  # HF's Conv1D: (in, out); nn.Linear: (out, in)
+
+
 def from_hf(hf) -> GPT:
     """Our GPT, frozen, with the weights of a transformers GPT2LMHeadModel."""
     hc = hf.config
@@ -371,9 +375,9 @@ def from_hf(hf) -> GPT:
     for k, v in hf.state_dict().items():
         if k.endswith((".attn.bias", ".attn.masked_bias")) or k == "lm_head.weight":
             continue  # causal-mask buffers of old checkpoints; the head is tied to wte
-        k = k.removeprefix("transformer.").replace("h.", "blocks.", 1)
-        if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
-            v = v.t()  # HF's Conv1D stores (in, out); nn.Linear stores (out, in)
+        k = re.sub(r"^h\.", "blocks.", k.removeprefix("transformer."))
+        if k.endswith(CONV1D_WEIGHTS):
+            v = v.t()
         sd[k] = v.float()
     model.load_state_dict(sd, strict=False)  # lm_head.weight is wte.weight
     model.name = getattr(hc, "_name_or_path", "") or "gpt2"
@@ -499,12 +503,12 @@ def example_len(example) -> int:
     return len(example[0])
 
 
-def batch_of(examples, pad_id: int):
+def batch_of(examples):
     """(inputs, targets, number of real input positions) of token examples or of cached-feature examples."""
     if torch.is_tensor(examples[0][0]):
         x, y = collate_features(examples)
         return x, y, y.shape[1]
-    x, y = collate(examples, pad_id)
+    x, y = collate(examples)
     return x, y, sum(len(ids) - 1 for ids, _ in examples)
 
 
@@ -513,7 +517,7 @@ def evaluate_loss(model: GPT, examples, cfg: Config, device, dtype) -> float:
     """Mean loss per target token over `examples`."""
     total, count = torch.zeros((), device=device), 0
     for idx in length_batches([example_len(e) for e in examples], cfg.eval_batch_size):
-        x, y, _ = batch_of([examples[i] for i in idx], model.config.vocab_size - 1)
+        x, y, _ = batch_of([examples[i] for i in idx])
         x, y = x.to(device), y.to(device)
         with autocast(device, dtype):
             total += model(x, targets=y)
@@ -532,14 +536,13 @@ def cache_features(model: GPT, examples, cfg: Config, device, dtype):
     the autocast dtype on the CPU; every epoch then runs the head alone. 21,000 CNN/DM examples x ~63 targets x
     768 take ~2 GB in bf16, which fits in memory."""
     out = [None] * len(examples)
-    store = dtype if dtype != torch.float32 else torch.float32
     for idx in length_batches([example_len(e) for e in examples], cfg.eval_batch_size):
-        x, y = (t.to(device) for t in collate([examples[i] for i in idx], model.config.vocab_size - 1))
+        x, y = (t.to(device) for t in collate([examples[i] for i in idx]))
         with autocast(device, dtype):
             h = model.hidden(x)
         keep = y != IGNORE
         for i, row_h, row_keep, row_y in zip(idx, h, keep, y):
-            out[i] = (row_h[row_keep].to("cpu", store), row_y[row_keep].cpu())
+            out[i] = (row_h[row_keep].to("cpu", dtype), row_y[row_keep].cpu())
     return out
 
 
@@ -606,7 +609,6 @@ def train(model: GPT, train_set, val_set, cfg: Config, lr: float, device, dtype,
         # one graph for body + head + loss, with no break at the data-dependent selection of target positions
         torch._dynamo.config.capture_dynamic_output_shape_ops = True
         net = torch.compile(net, dynamic=True)
-    pad = model.config.vocab_size - 1
     lengths = [example_len(e) for e in shard]
     steps_per_epoch = max(1, math.ceil(len(train_set) // n_ranks / cfg.batch_size) // cfg.grad_accum)
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
@@ -644,7 +646,7 @@ def train(model: GPT, train_set, val_set, cfg: Config, lr: float, device, dtype,
                    dynamic_ncols=True, mininterval=1.0, disable=rank != 0)
         loss_acc = torch.zeros((), device=device)
         while st["k"] < steps_per_epoch and st["step"] < total:
-            group = [batch_of([shard[i] for i in idx], pad)
+            group = [batch_of([shard[i] for i in idx])
                      for idx in micro[st["k"] * cfg.grad_accum:(st["k"] + 1) * cfg.grad_accum]]
             local_targets = sum(int((y != IGNORE).sum()) for _, y, _ in group)  # on the host: no device sync
             n_targets = torch.tensor(local_targets, device=device)
@@ -871,13 +873,12 @@ def summarize(model: GPT, tokenizer, rows: list[dict], cfg: Config) -> list[str]
     if n_cut:
         print(f"{n_cut} of {len(rows)} articles truncated to fit the {model.config.n_positions}-token context "
               f"with {cfg.max_new_tokens} tokens left for the summary")
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
     out: list[str] = [""] * len(prompts)
     from tqdm import tqdm
-    for k in tqdm(range(0, len(order), cfg.eval_batch_size), desc="summarizing", file=sys.stdout, mininterval=1.0):
-        chunk = order[k:k + cfg.eval_batch_size]
+    chunks = length_batches([len(p) for p in prompts], cfg.eval_batch_size)
+    for b, chunk in enumerate(tqdm(chunks, desc="summarizing", file=sys.stdout, mininterval=1.0)):
         new = generate(model, [prompts[i] for i in chunk], cfg.max_new_tokens, temperature=cfg.temperature,
-                       top_p=cfg.top_p, top_k=cfg.top_k, greedy=cfg.greedy, seed=cfg.seed + k,
+                       top_p=cfg.top_p, top_k=cfg.top_k, greedy=cfg.greedy, seed=cfg.seed + b * cfg.eval_batch_size,
                        eos_id=tokenizer.eos_token_id, compile=cfg.compile)
         for i, ids in zip(chunk, new):
             out[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
@@ -1057,9 +1058,9 @@ def export_merged(model: GPT, tokenizer, folder: Path) -> None:
                                     eos_token_id=tokenizer.eos_token_id))
     sd = {}
     for k, v in model.state_dict().items():
-        if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+        if k.endswith(CONV1D_WEIGHTS):
             v = v.t()  # back to Conv1D's (in, out)
-        sd[k if k == "lm_head.weight" else "transformer." + k.replace("blocks.", "h.", 1)] = v.float()
+        sd[k if k == "lm_head.weight" else "transformer." + re.sub(r"^blocks\.", "h.", k)] = v.float()
     missing, unexpected = hf.load_state_dict(sd, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
     hf.save_pretrained(folder)
