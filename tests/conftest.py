@@ -73,3 +73,48 @@ def data_dir(tmp_path_factory) -> Path:
                 highlights = "\n".join(sentence(rng, rng.randint(4, 8)) for _ in range(2))
                 f.write(json.dumps({"id": f"{split}-{i}", "article": article, "highlights": highlights}) + "\n")
     return folder
+
+
+def make_llama_tokenizer(folder: Path):
+    """A SentencePiece-free Llama-style tokenizer: byte-level BPE, <s> added before every text (as Llama 2's and
+    TinyLlama's tokenizers do), </s> as EOS, and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([" ".join(WORDS)] * 20 + ["Summarize TL;DR: \n"] * 5, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   chat_template="{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n"
+                                                 "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    fast.save_pretrained(folder)
+    return fast
+
+
+def make_llama(folder: Path, n_kv_head: int, tied: bool):
+    """A Llama checkpoint folder: 2 layers, 32 wide, 4 query heads of 8, n_kv_head key/value heads, RoPE base 500."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    tok = make_llama_tokenizer(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=n_kv_head, head_dim=8, max_position_embeddings=256,
+                         rope_parameters={"rope_type": "default", "rope_theta": 500.0}, tie_word_embeddings=tied,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # random norm weights, so a norm loaded wrong shows in the logits
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session", params=[(2, True), (4, False)], ids=["gqa-tied", "mha-untied"])
+def llama_dir(request, tmp_path_factory) -> Path:
+    """Tiny Llama checkpoints: grouped-query attention (2 key/value heads for 4 query heads) with a tied head, and
+    one key/value head per query head with an untied head."""
+    n_kv_head, tied = request.param
+    return make_llama(tmp_path_factory.mktemp("tiny-llama"), n_kv_head, tied)

@@ -123,7 +123,7 @@ def test_nan_loss_stops_and_names_the_step(base, tmp_path):
 def test_unknown_model_while_offline(base):
     args = [a if a != base[1] else "no-such-user/no-such-gpt2" for a in base]
     p = cli("main2.py", *args, "--baseline", env={"HF_HUB_OFFLINE": "1"})
-    assert_usage_error(p, "could not load model 'no-such-user/no-such-gpt2'", "internet", "--model")
+    assert_usage_error(p, "cannot download 'no-such-user/no-such-gpt2'", "not reachable", "--model")
 
 
 def test_out_of_memory_suggests_smaller_batches(capsys):
