@@ -69,7 +69,8 @@ class Config:
     weight_decay: float = arg(0.0, "AdamW weight decay")
     cache_features: bool | None = arg(None, "when only the LM head trains, run the frozen body once and train the "
                                             "head on its cached outputs (default: on)")
-    dtype: str = arg("auto", "auto|fp32|bf16|fp16 (auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU)")
+    dtype: str = arg("auto", "auto|fp32|bf16|fp16 (auto: bf16 on GPUs that have it, fp16 on older GPUs; on CPUs bf16 "
+                             "where the CPU has AMX or AVX-512 BF16, else fp32)")
     compile: bool | None = arg(None, "torch.compile the model (default: on with CUDA)")
     device: str = arg("auto", "auto|cpu|cuda|cuda:N")
     seed: int = arg(0, "seed of initialization, data order and sampling")
@@ -86,7 +87,8 @@ class Config:
     baseline: bool = arg(False, f"evaluate the untrained base model with the hard prompt '{HARD_PROMPT}' repeated")
     baseline_prompt_tokens: int = arg(24, "length of the --baseline hard prompt (0: zero-shot, article + separator "
                                           "alone, as in the GPT-2 paper)")
-    run_name: str = arg("", "name of the run's record in --out (default: the method, or 'baseline')")
+    run_name: str = arg("", "name of the run's record in --out (default: the method; for --baseline: "
+                            "hard_prompt-<tokens>, zero_shot or chat)")
     inspect: bool = arg(False, "print the teacher-forced next-token table of one test example, then exit")
     article: str = arg("", "summarize this text file ('-': standard input) instead of the test set")
     export_peft: str = arg("", "write the trained soft prompt or LoRA as a peft adapter folder, then exit")
@@ -773,8 +775,15 @@ def resolve_device(cfg: Config) -> tuple[torch.device, torch.dtype]:
     if cfg.dtype == "auto":
         if device.type == "cuda":
             return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return device, torch.float32
+        return device, torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     return device, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.dtype]
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AMX or AVX-512 BF16). Elsewhere bf16 is emulated and about 3x
+    slower than fp32, so --dtype auto picks fp32 there."""
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_amx_tile_supported",
+                                                                        "_is_avx512_bf16_supported"))
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
@@ -1407,9 +1416,11 @@ def recorded_base_model(path: Path) -> str | None:
 
 def run(method: str, model: GPT, tokenizer, cfg: Config, hp, device, dtype) -> dict:
     """Train (with --train) or load the method's weights, then summarize --article or evaluate on the test set."""
+    name = method  # of the run record
     if cfg.baseline:
         model.prompt_ids = [] if cfg.chat else hard_prompt_ids(tokenizer, cfg.baseline_prompt_tokens)
         method = "baseline"
+        name = "chat" if cfg.chat else f"hard_prompt-{len(model.prompt_ids)}" if model.prompt_ids else "zero_shot"
     trainable, total = count_parameters(model)
     print(f"trainable parameters: {trainable:,} of {total:,}")
     path = weights_path(cfg, method)
@@ -1454,7 +1465,7 @@ def run(method: str, model: GPT, tokenizer, cfg: Config, hp, device, dtype) -> d
         print("summary:", summarize(model, tokenizer, [{"article": article}], cfg)[0])
         return record
     predictions = summarize(model, tokenizer, splits["test"], cfg)
-    score_and_write(cfg, method, record, splits["test"], predictions)
+    score_and_write(cfg, name, record, splits["test"], predictions)
     if cfg.train and not cfg.baseline:
         save_weights(path, trained, record)  # the weights file keeps the full record of the run that made it
     return record

@@ -20,7 +20,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 METHODS = {"prompt_tuning": "prompt tuning", "last_layer": "last layer", "lora": "LoRA"}
-BASELINES = {"lead_3": "lead-3", "zero_shot": "zero-shot TL;DR", "baseline": "hard prompt"}
+BASELINES = {"lead_3": "lead-3", "zero_shot": "zero-shot TL;DR", "hard_prompt-24": "hard prompt", "chat": "chat template"}
 ROUGE = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum"}
 COLORS = {"prompt_tuning": "tab:blue", "last_layer": "tab:orange", "lora": "tab:green"}
 MARKERS = ("<!-- results:start -->", "<!-- results:end -->")
@@ -196,7 +196,7 @@ class Report:
                         f"{t['rougeLsum']:.2f} ({lo:.2f}–{hi:.2f}) | "
                         + (f"{sum(e['seconds'] for e in h) / len(h):.1f} | {max(e['peak_memory_mb'] for e in h):.0f} |"
                            if h else "– | – |"))
-        base = {r.get("base_model") for n, r in self.runs.items() if n in METHODS or n == "baseline"} - {None}
+        base = {r.get("base_model") for n, r in self.runs.items() if n in METHODS or n in BASELINES} - {None}
         test_n = {r.get("test_examples") for r in self.runs.values()} - {None}
         head = (f"Base model: {', '.join(sorted(map(str, base))) or '?'}; test articles: "
                 f"{', '.join(map(str, sorted(test_n))) or '?'}. Written by `python3 report.py` from `runs/`.")

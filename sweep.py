@@ -1,15 +1,23 @@
-"""Run one family of experiments; each run writes its own record to runs/ (never another's). Then `python3 report.py`.
+"""Run one family of experiments; each run writes its own record to --out (never another's). Then `python3 report.py`.
 
-  python3 sweep.py methods        the three methods at their defaults (weights to models/), the hard-prompt
-                                  baseline, zero-shot " TL;DR:" (GPT-2 paper) and lead-3 (no model)
+  python3 sweep.py methods        the three methods at their defaults, the hard-prompt baseline, zero-shot
+                                  " TL;DR:" (GPT-2 paper) and lead-3 (no model)
+  python3 sweep.py chat           an instruct model's own chat format ("Summarize ...", its chat template)
   python3 sweep.py lr             learning rate 1e-4, 3e-4, 1e-3, 3e-3 for each method
   python3 sweep.py prompt_tokens  soft prompt length 1, 8, 24, 64
   python3 sweep.py lora_rank      LoRA rank 4, 8, 16, 32 (alpha = 2 x rank)
   python3 sweep.py temperature    temperature 0.3 ... 1.5 on the saved weights of `methods` (inference only)
-  python3 sweep.py decoding       greedy vs top-p on the saved weights of `methods` (inference only)
+  python3 sweep.py decoding       greedy instead of top-p: the saved weights of `methods`, and zero-shot
 
-Every flag after the family goes to every run, e.g. `--model /tmp/gpt2-tiny --data DIR --max-steps 20`.
+Options of the sweep itself:
+  --only PATTERN [PATTERN ...]    run only the runs whose names match (shell patterns: 'temperature-lora-*')
+  --weights-dir DIR               where weights go and are read (default: models/ for `methods` and the
+                                  inference families, runs/ for the hyperparameter sweeps)
+
+Every other flag goes to every run, e.g. `--model DIR --data DIR --out runs/mine --max-steps 20`.
 """
+import argparse
+import fnmatch
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -19,31 +27,35 @@ import common
 
 ROOT = Path(__file__).resolve().parent
 SCRIPTS = {"prompt_tuning": "main.py", "last_layer": "main1.py", "lora": "main2.py"}
+FAMILIES = ("methods", "chat", "lr", "prompt_tokens", "lora_rank", "temperature", "decoding")
 
 
-def family_runs(family: str) -> list[tuple[str, str, list[str]]]:
+def family_runs(family: str, weights_dir: Path | None = None) -> list[tuple[str, str, list[str]]]:
     """(run name, script, flags) of every run of a family."""
-    weights = lambda name: ["--weights", str(ROOT / "runs" / f"{name}.safetensors")]
+    method_weights = lambda m: ["--weights", str((weights_dir or ROOT / "models") / f"{m}.safetensors")]
+    sweep_weights = lambda name: ["--weights", str((weights_dir or ROOT / "runs") / f"{name}.safetensors")]
     if family == "methods":
-        return [(m, s, ["--train"]) for m, s in SCRIPTS.items()] + [
-            ("baseline", "main2.py", ["--baseline"]),
+        return [(m, s, ["--train", *method_weights(m)]) for m, s in SCRIPTS.items()] + [
+            ("hard_prompt-24", "main2.py", ["--baseline"]),
             ("zero_shot", "main2.py", ["--baseline", "--baseline-prompt-tokens", "0"])]
+    if family == "chat":
+        return [("chat", "main2.py", ["--baseline", "--chat"])]
     if family == "lr":
-        return [(f"lr-{m}-{lr}", s, ["--train", "--lr", lr, *weights(f"lr-{m}-{lr}")])
+        return [(f"lr-{m}-{lr}", s, ["--train", "--lr", lr, *sweep_weights(f"lr-{m}-{lr}")])
                 for m, s in SCRIPTS.items() for lr in ("1e-4", "3e-4", "1e-3", "3e-3")]
     if family == "prompt_tokens":
-        return [(f"prompt_tokens-{n}", "main.py", ["--train", "--prompt-tokens", n, *weights(f"prompt_tokens-{n}")])
+        return [(f"prompt_tokens-{n}", "main.py", ["--train", "--prompt-tokens", n, *sweep_weights(f"prompt_tokens-{n}")])
                 for n in ("1", "8", "24", "64")]
     if family == "lora_rank":
         return [(f"lora_rank-{r}", "main2.py", ["--train", "--lora-rank", r, "--lora-alpha", str(2 * int(r)),
-                                                *weights(f"lora_rank-{r}")]) for r in ("4", "8", "16", "32")]
+                                                *sweep_weights(f"lora_rank-{r}")]) for r in ("4", "8", "16", "32")]
     if family == "temperature":
-        return [(f"temperature-{m}-{t}", s, ["--temperature", t]) for m, s in SCRIPTS.items()
+        return [(f"temperature-{m}-{t}", s, ["--temperature", t, *method_weights(m)]) for m, s in SCRIPTS.items()
                 for t in ("0.3", "0.5", "0.7", "0.9", "1.1", "1.3", "1.5")]
     if family == "decoding":
-        return [(f"greedy-{m}", s, ["--greedy"]) for m, s in SCRIPTS.items()]
-    raise common.UsageError(f"unknown family '{family}': one of methods, lr, prompt_tokens, lora_rank, temperature, "
-                            "decoding")
+        return [(f"greedy-{m}", s, ["--greedy", *method_weights(m)]) for m, s in SCRIPTS.items()] + [
+            ("greedy-zero_shot", "main2.py", ["--greedy", "--baseline", "--baseline-prompt-tokens", "0"])]
+    raise common.UsageError(f"unknown family '{family}': one of {', '.join(FAMILIES)}")
 
 
 @dataclass
@@ -63,12 +75,18 @@ def main(argv: list[str]) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return
-    family, flags = argv[0], argv[1:]
-    runs = family_runs(family)
+    p = argparse.ArgumentParser(prog="sweep.py", add_help=False)
+    p.add_argument("--only", nargs="+", default=["*"])
+    p.add_argument("--weights-dir", type=Path)
+    own, flags = p.parse_known_args(argv[1:])
+    family = argv[0]
+    runs = [r for r in family_runs(family, own.weights_dir) if any(fnmatch.fnmatch(r[0], o) for o in own.only)]
+    if not runs and not (family == "methods" and any(fnmatch.fnmatch("lead_3", o) for o in own.only)):
+        raise common.UsageError(f"no run of '{family}' matches --only {' '.join(own.only)}")
     for name, script, extra in runs:
         print(f"=== {name}: {script} {' '.join(extra)}", flush=True)
         subprocess.run([sys.executable, str(ROOT / script), *extra, "--run-name", name, *flags], check=True)
-    if family == "methods":
+    if family == "methods" and any(fnmatch.fnmatch("lead_3", o) for o in own.only):
         print("=== lead_3", flush=True)
         lead_3(flags)
 

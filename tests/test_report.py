@@ -41,7 +41,7 @@ def test_report_writes_every_figure_and_the_readme_table(tmp_path):
         write(runs, f"prompt_tokens-{n}", record("prompt_tuning", prompt_tokens=n))
     for r in (4, 16):
         write(runs, f"lora_rank-{r}", record("lora", lora_rank=r))
-    for b in ("baseline", "zero_shot", "lead_3"):
+    for b in ("hard_prompt-24", "zero_shot", "lead_3"):
         rec, ex = record(b, epochs=0)
         write(runs, b, (rec | {"history": []}, ex))
     readme = tmp_path / "README.md"
