@@ -779,6 +779,20 @@ def resolve_device(cfg: Config) -> tuple[torch.device, torch.dtype]:
     return device, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.dtype]
 
 
+def machine(device: torch.device) -> str:
+    """What a speed number was measured on: the GPU's name, or the CPU's model, threads and bf16 support."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+    try:
+        name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or platform.machine()
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    bf16 = "AMX" if amx else "AVX-512 BF16" if cpu_has_native_bf16() else "no"
+    return f"{name}, {torch.get_num_threads()} threads, native bf16: {bf16}"
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bf16 in hardware (AMX or AVX-512 BF16). Elsewhere bf16 is emulated and about 3x
     slower than fp32, so --dtype auto picks fp32 there."""

