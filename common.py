@@ -488,8 +488,9 @@ def config_from_hf(hc) -> GPTConfig:
                                      ("scale_attn_by_inverse_layer_idx", not hc.scale_attn_by_inverse_layer_idx),
                                      ("reorder_and_upcast_attn", not hc.reorder_and_upcast_attn)] if not ok]
         check_supported(kind, odd)
-        return GPTConfig("gpt2", hc.vocab_size, hc.n_positions, hc.n_layer, hc.n_head, hc.n_embd,
-                         n_inner=hc.n_inner or 0, norm_eps=hc.layer_norm_epsilon, tie_head=hc.tie_word_embeddings)
+        return GPTConfig("gpt2", vocab_size=hc.vocab_size, n_positions=hc.n_positions, n_layer=hc.n_layer,
+                         n_head=hc.n_head, n_embd=hc.n_embd, n_inner=hc.n_inner or 0, norm_eps=hc.layer_norm_epsilon,
+                         tie_head=hc.tie_word_embeddings)
     if kind == "llama":
         # transformers 5 keeps RoPE's settings in rope_parameters; 4.x had rope_theta and rope_scaling
         rope = getattr(hc, "rope_parameters", None) or {"rope_type": "default", "rope_theta": hc.rope_theta,
@@ -500,8 +501,9 @@ def config_from_hf(hc) -> GPTConfig:
                                      ("attention biases", not getattr(hc, "attention_bias", False)),
                                      ("MLP biases", not getattr(hc, "mlp_bias", False))] if not ok]
         check_supported(kind, odd)
-        return GPTConfig("llama", hc.vocab_size, hc.max_position_embeddings, hc.num_hidden_layers,
-                         hc.num_attention_heads, hc.hidden_size, n_kv_head=hc.num_key_value_heads or 0,
+        return GPTConfig("llama", vocab_size=hc.vocab_size, n_positions=hc.max_position_embeddings,
+                         n_layer=hc.num_hidden_layers, n_head=hc.num_attention_heads, n_embd=hc.hidden_size,
+                         n_kv_head=hc.num_key_value_heads or 0,
                          head_dim=getattr(hc, "head_dim", None) or 0, n_inner=hc.intermediate_size,
                          norm_eps=hc.rms_norm_eps, rope_theta=float(rope["rope_theta"]),
                          tie_head=hc.tie_word_embeddings)

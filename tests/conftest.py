@@ -112,9 +112,17 @@ def make_llama(folder: Path, n_kv_head: int, tied: bool):
     return folder
 
 
-@pytest.fixture(scope="session", params=[(2, True), (4, False)], ids=["gqa-tied", "mha-untied"])
-def llama_dir(request, tmp_path_factory) -> Path:
+LLAMA_VARIANTS = {"gqa-tied": (2, True), "mha-untied": (4, False)}  # (key/value heads of 4, tied head)
+
+
+@pytest.fixture(scope="session")
+def llama_dirs(tmp_path_factory) -> dict[str, Path]:
     """Tiny Llama checkpoints: grouped-query attention (2 key/value heads for 4 query heads) with a tied head, and
     one key/value head per query head with an untied head."""
-    n_kv_head, tied = request.param
-    return make_llama(tmp_path_factory.mktemp("tiny-llama"), n_kv_head, tied)
+    return {name: make_llama(tmp_path_factory.mktemp(name), *v) for name, v in LLAMA_VARIANTS.items()}
+
+
+@pytest.fixture(params=list(LLAMA_VARIANTS))
+def llama_dir(request, llama_dirs) -> Path:
+    """Each tiny Llama checkpoint in turn."""
+    return llama_dirs[request.param]
