@@ -716,7 +716,8 @@ def train(model: GPT, train_set, val_set, cfg: Config, lr: float, device, dtype,
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Sampling: batched, left-padded, KV-cached; temperature → top-k → top-p, as Hugging Face orders its warpers.
+# Sampling: batched, left-padded, KV-cached; temperature → top-k → top-p, as Hugging Face orders its warpers;
+# optionally speculative, with tokens copied from the prompt (prompt lookup) verified several at a time.
 
 def check_sampling(temperature: float, top_p: float, top_k: int) -> None:
     if not temperature > 0:
