@@ -80,6 +80,10 @@ class Config:
     top_p: float = arg(0.9, "nucleus sampling mass, in (0, 1]")
     top_k: int = arg(0, "keep only the k most likely tokens (0: off)")
     greedy: bool = arg(False, "greedy decoding instead of sampling")
+    lookup: int = arg(0, "speculative decoding: per forward pass, verify up to this many tokens copied from the "
+                         "article (prompt lookup); the same greedy tokens, the same sampling distribution (0: off; "
+                         "off by default: on a CPU a 5-token pass costs ~2x a 1-token one, while summaries accept "
+                         "only ~0.2 (sampled) to ~0.6 (greedy) proposed tokens per pass)")
     weights: str = arg("", "weights file to load or save, or a peft LoRA adapter folder to load "
                            "(default: models/<method>.safetensors)")
     out: str = arg("", "folder for run records and predictions (default: runs/)")
@@ -120,7 +124,7 @@ def parse_args(method_cls: type, description: str, argv: list[str] | None = None
 
 def check_config(cfg: Config, hp) -> None:
     for name in ("train_size", "val_size", "test_size", "epochs", "max_steps", "warmup_steps", "max_summary_tokens",
-                 "save_every", "patience", "baseline_prompt_tokens", "max_article_tokens"):
+                 "save_every", "patience", "baseline_prompt_tokens", "max_article_tokens", "lookup"):
         if getattr(cfg, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0")
     for name in ("batch_size", "grad_accum", "eval_batch_size", "max_new_tokens"):
@@ -311,8 +315,15 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        self.k[:, :, slots] = k.to(self.k.dtype)
-        self.v[:, :, slots] = v.to(self.v.dtype)
+        """Write k, v (B, H, T, D) at `slots`: (T,) shared by all rows, or (B, T) per row (speculative decoding,
+        where each row has accepted a different number of tokens)."""
+        if slots.dim() == 1:
+            self.k[:, :, slots] = k.to(self.k.dtype)
+            self.v[:, :, slots] = v.to(self.v.dtype)
+        else:
+            index = slots[:, None, :, None].expand(k.shape)
+            self.k.scatter_(2, index, k.to(self.k.dtype))
+            self.v.scatter_(2, index, v.to(self.v.dtype))
         return self.k, self.v
 
 
@@ -439,7 +450,8 @@ class GPT(nn.Module):
     def hidden(self, idx, pos=None, mask=None, slots=None):
         """Final hidden states (B, T, C) of token ids `idx` (B, T).
         pos: (B, T) absolute positions (default 0..T-1); mask: (B, 1, T, S) bool, True where a query may attend
-        (default causal); slots: (T,) KV-cache slots to write and attend over (default: no cache)."""
+        (default causal); slots: KV-cache slots to write, (T,) for every row or (B, T) per row (default: no cache);
+        attention then runs over the whole cache, masked."""
         if pos is None:
             pos = torch.arange(idx.shape[1], device=idx.device)[None]
         x, rope = self.wte(idx), None
@@ -1020,7 +1032,8 @@ def train(model: GPT, train_set, val_set, cfg: Config, lr: float, device, dtype,
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Sampling: batched, left-padded, KV-cached; temperature → top-k → top-p, as Hugging Face orders its warpers.
+# Sampling: batched, left-padded, KV-cached; temperature → top-k → top-p, as Hugging Face orders its warpers;
+# optionally speculative, with tokens copied from the prompt (prompt lookup) verified several at a time.
 
 def check_sampling(temperature: float, top_p: float, top_k: int) -> None:
     if not temperature > 0:
@@ -1040,12 +1053,43 @@ def logits_to_probs(logits, temperature: float = 1.0, top_p: float = 1.0, top_k:
         logits = logits.masked_fill(logits < kth, -math.inf)
     probs = torch.softmax(logits, dim=-1)
     if top_p < 1:
-        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
-        mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-        sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+        probs = keep_top_p(probs, top_p)
         probs = probs / probs.sum(dim=-1, keepdim=True)
     return probs
+
+
+def keep_top_p_by_sort(probs, top_p: float):
+    """probs (B, V) with the tokens outside the nucleus set to 0, not renormalized, from a sort of the whole
+    vocabulary: the definition that `keep_top_p` reproduces bit for bit."""
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+    sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
+    return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+
+
+TOP_P_CANDIDATES = 256  # the nucleus at temperature 0.9, top-p 0.9 is mostly far smaller; larger rows are re-sorted
+TOP_P_MARGIN = 1e-6  # a token after the cut has mass-before >= the mass at the cut - 3 float32 roundings (3 · 2^-24)
+
+
+def keep_top_p(probs, top_p: float, n_candidates: int = TOP_P_CANDIDATES):
+    """`keep_top_p_by_sort(probs, top_p)`, bit for bit, from the n_candidates most likely tokens (a partial
+    selection: on the CPU about 10x cheaper than sorting 50k tokens); the rows that the candidates cannot decide
+    are sorted in full. The candidates' prefix sums are the full sort's: their values are its first values, and
+    torch.cumsum on the CPU adds one after the other (CUDA's parallel scan may round differently for K and V
+    elements: there the two agree up to that rounding at the cut). Two things could still differ, and send a
+    row to the full sort: a token beyond the candidates could be kept, unless the nucleus closes, by the margin,
+    among values above the smallest candidate's (that value may go on past the candidates); and the order of
+    equal values is the sort's own, which matters where a run of them straddles the cut."""
+    top, index = torch.topk(probs, min(n_candidates, probs.shape[-1]))  # (B, K), descending
+    mass = torch.cumsum(top, dim=-1)
+    drop = mass - top >= top_p
+    kept = torch.zeros_like(probs).scatter_(-1, index, top.masked_fill(drop, 0.0))
+    closed = ((mass >= top_p + TOP_P_MARGIN) & (top > top[:, -1:])).any(dim=-1)
+    straddled = ((top[:, 1:] == top[:, :-1]) & (drop[:, 1:] != drop[:, :-1])).any(dim=-1)
+    resort = ~closed | straddled
+    if resort.any():  # a host sync; the rows it finds are rare after temperature < 1
+        kept[resort] = keep_top_p_by_sort(probs[resort], top_p)
+    return kept
 
 
 def sample(probs, generator: torch.Generator):
@@ -1080,15 +1124,140 @@ def compiled_decode_step(device_type: str):
     return torch.compile(decode_step, fullgraph=True, mode="reduce-overhead" if device_type == "cuda" else None)
 
 
+def verify_step(model: GPT, tokens, pos, valid, slots, T: int):
+    """Several tokens per row, tokens (B, W) at positions pos (B, W), written to cache slots `slots` (B, W), each
+    row's consecutive from its own write pointer. A token attends to the prompt (`valid` (B, S), slots 0..T-1)
+    and to the slots from T up to its own: beyond lie stale entries of rejected tokens, masked out until
+    overwritten. Returns logits (B, W, V)."""
+    s = torch.arange(valid.shape[1], device=valid.device)
+    mask = valid[:, None, :] | ((s >= T) & (s <= slots[..., None]))  # (B, W, S)
+    return model(tokens, pos, mask[:, None], slots)
+
+
+LOOKUP_NGRAM = 3  # prompt lookup matches the last 3 tokens, else the last 2, else the last one
+
+
+def add_ngrams(index: dict, tokens: list[int], start: int) -> None:
+    """Record in `index` where each n-gram (n <= LOOKUP_NGRAM) ending at tokens[start:-1] ends; a later occurrence
+    replaces an earlier one. The last token is left out, so that a suffix never finds itself."""
+    for end in range(max(start, 0), len(tokens) - 1):
+        for n in range(1, min(LOOKUP_NGRAM, end + 1) + 1):
+            index[tuple(tokens[end - n + 1:end + 1])] = end
+
+
+def propose(tokens: list[int], index: dict, k: int) -> list[int]:
+    """Prompt lookup (Saxena 2023): up to k tokens that followed the latest earlier occurrence of the longest
+    suffix of `tokens` found in `index` (see add_ngrams). A summary copies phrases from its article."""
+    for n in range(min(LOOKUP_NGRAM, len(tokens)), 0, -1):
+        end = index.get(tuple(tokens[-n:]))
+        if end is not None:
+            return tokens[end + 1:end + 1 + k]
+    return []
+
+
+def accept_greedy(logits, proposals, n_proposed):
+    """logits (B, W, V) after the last token and after each of the W - 1 proposals (B, W - 1), of which the first
+    n_proposed (B,) are real. A proposal is accepted while it is the argmax. Returns (n_accepted (B,), the next
+    token (B,)): the argmax after the last accepted one, so that a step always gains a token."""
+    best = logits.argmax(-1)  # (B, W)
+    n = leading_true((best[:, :-1] == proposals) & real_columns(proposals, n_proposed))
+    return n, best.gather(1, n[:, None])[:, 0]
+
+
+def accept_sampled(probs, proposals, n_proposed, generator: torch.Generator):
+    """Speculative sampling (Leviathan et al. 2023; Chen et al. 2023) with a deterministic proposal: accept
+    proposal x with probability p(x); at the first rejection draw from p without x, renormalized (the residual
+    max(p - q, 0) for q = the point mass on x); after all are accepted, draw the next token from p. Then every
+    token is distributed exactly as in plain sampling. probs (B, W, V) as `logits` in accept_greedy."""
+    B, W, _ = probs.shape
+    p_proposed = probs[:, :-1].gather(-1, proposals[..., None])[..., 0]  # (B, W - 1)
+    u = torch.rand(p_proposed.shape, generator=generator, device=probs.device)
+    n = leading_true((u < p_proposed) & real_columns(proposals, n_proposed))
+    p = probs[torch.arange(B, device=probs.device), n]  # (B, V): where the first unaccepted token is drawn
+    if W > 1:
+        rejected = (n < n_proposed)[:, None]
+        x = proposals.gather(1, n.clamp(max=W - 2)[:, None])
+        p = p.scatter(-1, x, p.gather(-1, x).masked_fill(rejected, 0.0))  # sample() needs no renormalizing
+    return n, sample(p, generator)
+
+
+def real_columns(proposals, n_proposed):
+    return torch.arange(proposals.shape[1], device=proposals.device) < n_proposed[:, None]
+
+
+def leading_true(ok):
+    """(B, K) bool → (B,) the number of leading True values of each row."""
+    return ok.long().cumprod(dim=-1).sum(dim=-1)
+
+
+def decode_with_lookup(model: GPT, prompts: list[list[int]], first, valid, max_new_tokens: int, lookup: int,
+                       next_probs, generator: torch.Generator | None, eos_id: int | None, stats: dict) -> list[list[int]]:
+    """Continue each row from `first` (B,), the token drawn after the prefill, by speculative decoding with
+    prompt lookup: each step proposes up to `lookup` tokens per row (`propose`) and verifies them all in one
+    forward pass of 1 + lookup tokens, which reads the weights and the cache once, as one token does.
+    `next_probs` maps logits to the sampler's probabilities, or is None for greedy decoding. Rows accept
+    different numbers of tokens, so each has its own position and cache write pointer; the entries of rejected
+    tokens stay in the cache, masked out, until the row's next step overwrites them. `valid` (B, S) marks the
+    prompts' cache slots, 0..T-1 left-padded. Returns up to max_new_tokens tokens per row; a row stops after
+    its EOS (generate cuts there). Counts verify steps, proposed and accepted tokens into `stats`."""
+    device, (B, S), T = first.device, valid.shape, max(map(len, prompts))
+    lengths = valid.sum(-1)  # (B,) real prompt tokens
+    out = [[t] for t in first.tolist()]
+    history = [list(p) + o for p, o in zip(prompts, out)]  # what lookup searches: the prompt and the new tokens
+    index = [{} for _ in range(B)]
+    for ix, h in zip(index, history):
+        add_ngrams(ix, h, 0)
+    width = torch.arange(lookup + 1, device=device)
+    live = [len(o) < max_new_tokens and o[-1] != eos_id for o in out]
+    for key in ("steps", "row_steps", "proposed", "accepted"):
+        stats.setdefault(key, 0)
+    while any(live):
+        guesses = [propose(h, ix, min(lookup, max_new_tokens - len(o) - 1)) if a else []  # room for 1 more
+                   for h, ix, o, a in zip(history, index, out, live)]
+        W = 1 + max(map(len, guesses))
+        n_proposed = torch.tensor([len(g) for g in guesses], device=device)
+        idx = torch.tensor([[o[-1]] + g + [0] * (W - 1 - len(g)) for o, g in zip(out, guesses)], device=device)
+        n_out = torch.tensor([len(o) for o in out], device=device)
+        nth = (n_out - 1)[:, None] + width[:W]  # (B, W): which new token each column is, 0-based
+        # Filler columns (rows with fewer proposals) may run past the cache: they write to its last slot, which
+        # never holds a token that a real column attends to, and their outputs are unused.
+        slots = (T + nth).clamp(max=S - 1)
+        pos = (lengths[:, None] + nth).clamp(max=model.config.n_positions - 1)
+        logits = verify_step(model, idx, pos, valid, slots, T)  # (B, W, V)
+        if next_probs is None:
+            n, token = accept_greedy(logits, idx[:, 1:], n_proposed)
+        else:
+            probs = next_probs(logits.flatten(0, 1)).view(B, W, -1)
+            n, token = accept_sampled(probs, idx[:, 1:], n_proposed, generator)
+        stats["steps"] += 1
+        for b, (k, t) in enumerate(zip(n.tolist(), token.tolist())):
+            if live[b]:
+                new = guesses[b][:k] + [t]
+                out[b] += new
+                history[b] += new
+                add_ngrams(index[b], history[b], len(history[b]) - len(new) - 1)
+                live[b] = len(out[b]) < max_new_tokens and eos_id not in new
+                stats["row_steps"] += 1
+                stats["proposed"] += len(guesses[b])
+                stats["accepted"] += k
+    return out
+
+
 @torch.no_grad()
 def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.9,
              top_p: float = 0.9, top_k: int = 0, greedy: bool = False, seed: int = 0,
-             eos_id: int | None = None, compile: bool = False) -> list[list[int]]:
+             eos_id: int | None = None, compile: bool = False, lookup: int = 0,
+             stats: dict | None = None) -> list[list[int]]:
     """New tokens for each prompt (token-id lists of any lengths), each row stopping at `eos_id` (not included;
     None: exactly max_new_tokens). Rows are left-padded; per-row positions and an attention mask make every row
     decode as it would alone. `compile` runs the compiled decode step over a cache whose length is rounded up to a
-    multiple of 64, so that few shapes ever occur."""
+    multiple of 64, so that few shapes ever occur. `lookup` > 0 decodes speculatively instead, proposing up to
+    that many tokens per step by prompt lookup (see decode_with_lookup; always eager): greedy, the same tokens;
+    sampled, the same distribution (not the same draws for a seed). `stats`, if given, receives the number of
+    decoding steps after the prefill, and with lookup the proposed and accepted tokens."""
     check_sampling(temperature, top_p, top_k)
+    if lookup < 0:
+        raise UsageError(f"lookup must be >= 0, got {lookup}")
     device = model.lm_head.weight.device
     B, T = len(prompts), max(len(p) for p in prompts)
     if T + max_new_tokens > model.config.n_positions:
@@ -1105,27 +1274,36 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, tempe
     lengths = valid[:, :T].sum(-1)
     slots = torch.arange(S, device=device)
     gen = torch.Generator(device).manual_seed(seed)
+    stats = {} if stats is None else stats
+
+    def next_probs(logits):
+        return logits_to_probs(logits, temperature, top_p, top_k)
 
     def next_token(logits):
-        return logits.argmax(-1) if greedy else sample(logits_to_probs(logits, temperature, top_p, top_k), gen)
+        return logits.argmax(-1) if greedy else sample(next_probs(logits), gen)
 
     model.setup_cache(B, S)
     try:
         token = next_token(prefill(model, idx, pos, valid))
-        out = [token]
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        for t in range(1, max_new_tokens):  # no host sync inside, but for the EOS check every 8 steps
-            if eos_id is not None:
-                done |= token == eos_id
-                if t % 8 == 0 and done.all():
-                    break
-            valid[:, T + t - 1] = True
-            token = next_token(step(model, token, lengths + t - 1, valid, slots[T + t - 1:T + t]))
-            out.append(token)
+        if lookup:
+            rows = decode_with_lookup(model, prompts, token, valid, max_new_tokens, lookup,
+                                      None if greedy else next_probs, gen, eos_id, stats)
+        else:
+            out = [token]
+            done = torch.zeros(B, dtype=torch.bool, device=device)
+            for t in range(1, max_new_tokens):  # no host sync inside, but for the EOS check every 8 steps and
+                if eos_id is not None:          # top-p's check for rows to sort in full
+                    done |= token == eos_id
+                    if t % 8 == 0 and done.all():
+                        break
+                valid[:, T + t - 1] = True
+                token = next_token(step(model, token, lengths + t - 1, valid, slots[T + t - 1:T + t]))
+                out.append(token)
+            rows = torch.stack(out, dim=1).tolist()
+            stats["steps"] = len(out) - 1
     finally:
         if not compile:  # the compiled step keeps its cache, so a CUDA graph replays on the same buffers
             model.clear_cache()
-    rows = torch.stack(out, dim=1).tolist()
     if eos_id is not None:
         rows = [r[:r.index(eos_id)] if eos_id in r else r for r in rows]
     return rows
@@ -1195,7 +1373,7 @@ def summarize(model: GPT, tokenizer, rows: list[dict], cfg: Config) -> list[str]
     for b, chunk in enumerate(tqdm(chunks, desc="summarizing", file=sys.stdout, mininterval=1.0)):
         new = generate(model, [prompts[i] for i in chunk], cfg.max_new_tokens, temperature=cfg.temperature,
                        top_p=cfg.top_p, top_k=cfg.top_k, greedy=cfg.greedy, seed=cfg.seed + b * cfg.eval_batch_size,
-                       eos_id=tokenizer.eos_token_id, compile=cfg.compile)
+                       eos_id=tokenizer.eos_token_id, compile=cfg.compile, lookup=cfg.lookup)
         for i, ids in zip(chunk, new):
             out[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
     return out

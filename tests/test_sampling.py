@@ -1,4 +1,5 @@
-"""The sampler: temperature → top-k → top-p, against transformers' logits warpers and a worked example."""
+"""The sampler: temperature → top-k → top-p, against transformers' logits warpers and a worked example; the
+partial-selection top-p against the full sort it replaced."""
 import math
 
 import pytest
@@ -27,6 +28,71 @@ def test_probs_match_transformers_warpers(temperature, top_p, top_k):
         ref = TopKLogitsWarper(top_k)(None, ref)
     ref = TopPLogitsWarper(top_p)(None, ref)
     torch.testing.assert_close(common.logits_to_probs(logits, temperature, top_p, top_k), ref.softmax(-1))
+
+
+def full_sort_logits_to_probs(logits, temperature=1.0, top_p=1.0, top_k=0):
+    """logits_to_probs as it was before the partial selection (sorts the whole vocabulary): the reference."""
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1:
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+        sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
+
+
+def vocab_logits(kinds: str, V: int = 50257, seed: int = 0):
+    """One row of logits per letter: p(eaked, a nucleus of a few tokens), m(edium, ~1000), f(lat: ~28,000 tokens,
+    far past the candidates), t(ied: values on a coarse grid, so runs of equal probabilities cross the cut)."""
+    g = torch.Generator().manual_seed(seed)
+    scale = {"p": 8.0, "m": 3.0, "f": 1.0, "t": 3.0}
+    rows = [torch.randn(V, generator=g) * scale[k] for k in kinds]
+    rows = [r.round() if k == "t" else r for r, k in zip(rows, kinds)]
+    return torch.stack(rows)
+
+
+SETTINGS = [(0.9, 0.9, 0), (0.5, 0.7, 0), (1.3, 0.95, 0), (0.9, 0.9, 40), (0.9, 0.5, 2000), (0.7, 0.999, 0)]
+
+
+@pytest.mark.parametrize("kinds,settings", [("pfmtp", s) for s in SETTINGS] + [("ppp", SETTINGS[0]), ("ff", SETTINGS[0])])
+def test_top_p_is_bit_identical_to_the_full_sort(kinds, settings):
+    """Exact equality (not closeness) with the full-sort reference: same kept tokens, same values, same
+    normalizer, on each path: candidates only (ppp), all rows re-sorted (ff), and both in one batch."""
+    logits = vocab_logits(kinds, seed=len(kinds) + SETTINGS.index(settings))
+    assert torch.equal(common.logits_to_probs(logits, *settings), full_sort_logits_to_probs(logits, *settings))
+
+
+def resorted(monkeypatch, probs, top_p, n_candidates=common.TOP_P_CANDIDATES):
+    """keep_top_p's result, checked against the full sort, and the rows it had to sort in full."""
+    calls, real = [], common.keep_top_p_by_sort
+    monkeypatch.setattr(common, "keep_top_p_by_sort", lambda p, top_p: calls.append(p) or real(p, top_p))
+    kept = common.keep_top_p(probs, top_p, n_candidates)
+    assert torch.equal(kept, real(probs, top_p))
+    return calls[0] if calls else probs[:0]
+
+
+def test_top_p_sorts_only_the_flat_rows(monkeypatch):
+    """A peaked row is decided by the candidates alone; a flat row, whose nucleus is larger than the candidates,
+    is sorted in full."""
+    probs = (vocab_logits("pf") / 0.9).softmax(-1)
+    assert torch.equal(resorted(monkeypatch, probs, 0.9), probs[1:])
+    assert (common.keep_top_p_by_sort(probs, 0.9) > 0).sum(-1)[1] > common.TOP_P_CANDIDATES
+
+
+@pytest.mark.parametrize("probs,top_p,n_resorted", [
+    ([0.4, 0.3, 0.2, 0.1], 0.6, 0),  # the nucleus (0.4, 0.3) closes inside the 3 candidates
+    ([0.4, 0.3, 0.1, 0.1, 0.1], 0.75, 1),  # it closes on a 0.1, and two more 0.1s lie outside: which one is kept?
+    ([0.5, 0.4, 0.1], 0.9, 1),  # it closes by less than the margin: a later token could round below top_p
+    ([0.35, 0.35, 0.2, 0.1], 0.3, 1),  # the cut splits the two 0.35s: which comes first is the sort's choice
+])
+def test_top_p_sorts_rows_where_candidates_are_not_enough(monkeypatch, probs, top_p, n_resorted):
+    probs = torch.tensor([probs])
+    assert len(resorted(monkeypatch, probs, top_p, n_candidates=3)) == n_resorted
 
 
 def test_sampled_distribution_matches_exact():
