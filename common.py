@@ -625,7 +625,8 @@ def load_model(name: str, device: str | torch.device = "cpu"):
     try:
         hub_kw = hub_access(folder)
         if "gguf_file" in extra:  # its config is checked after loading: reading the file costs seconds each time
-            print(f"de-quantizing {extra['gguf_file']} to float32 with transformers' GGUF loader (~20 s) ...", flush=True)
+            print(f"de-quantizing {extra['gguf_file']} to float32 (transformers' GGUF loader: tens of seconds) ...",
+                  flush=True)
         else:  # refuse another architecture before loading (or downloading) its weights
             config_from_hf(AutoConfig.from_pretrained(folder, **hub_kw))
         with redirect_stderr(io.StringIO()):  # the GGUF loader draws its own progress bar
@@ -651,9 +652,9 @@ def first_line(e: Exception, width: int = 160) -> str:
 
 
 def hub_access(name: str) -> dict:
-    """`from_pretrained` arguments for a hub name: none for local folders; offline (local_files_only) when the name
-    is cached or the hub cannot be reached, so that an offline run fails in seconds instead of retrying for a
-    minute. A hub name that is neither cached nor reachable is a UsageError."""
+    """`from_pretrained` arguments for `name`: none for a local folder; local_files_only for a hub name already in
+    the cache. A hub name that is neither cached nor reachable is a UsageError at once, instead of a minute of
+    huggingface_hub's retries."""
     if Path(name).is_dir():
         return {}
     from huggingface_hub import try_to_load_from_cache
