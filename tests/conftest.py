@@ -1,14 +1,45 @@
 """Fixtures: a tiny GPT-2 checkpoint (random weights, a small byte-level BPE tokenizer trained here) and tiny
-CNN/DM-shaped data, written to temp folders so the real loading paths run. No network, no ../shared."""
+CNN/DM-shaped data, written to temp folders so the real loading paths run; `cli`, which runs an entry script in this
+process. No network, no ../shared."""
+import contextlib
+import io
 import json
 import random
+import runpy
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def cli(script: str, *args, stdin: str = "") -> Result:
+    """Run an entry script as `python3 ROOT/script args` does, but in this process: runpy as __main__, with its own
+    argv, stdin, stdout and stderr, and its exit code caught. The code path is the subprocess's (a subprocess would
+    add only starting Python and importing torch again, seconds each); an exception other than SystemExit is not
+    caught, so a traceback fails the test. Tests that need a real process (signals, torchrun) start one."""
+    out, err = io.StringIO(), io.StringIO()
+    argv = [str(ROOT / script), *map(str, args)]
+    with mock.patch.object(sys, "argv", argv), mock.patch.object(sys, "stdin", io.StringIO(stdin)), \
+            contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            runpy.run_path(argv[0], run_name="__main__")
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    return Result(code, out.getvalue(), err.getvalue())
 
 WORDS = ("the police said a man was arrested on monday after the fire in the city center . officials reported "
          "that the storm hit the coast and thousands of homes lost power . the team won the final match with a late "
@@ -73,6 +104,17 @@ def data_dir(tmp_path_factory) -> Path:
                 highlights = "\n".join(sentence(rng, rng.randint(4, 8)) for _ in range(2))
                 f.write(json.dumps({"id": f"{split}-{i}", "article": article, "highlights": highlights}) + "\n")
     return folder
+
+
+@pytest.fixture(scope="session")
+def lora_weights(tiny_dir, data_dir, tmp_path_factory) -> Path:
+    """LoRA weights that main2.py trained for 2 steps, shared by the tests that only read them (copy to change)."""
+    folder = tmp_path_factory.mktemp("lora-weights")
+    p = cli("main2.py", "--model", tiny_dir, "--data", data_dir, "--out", folder / "runs", "--weights",
+            folder / "lora.safetensors", "--train", "--max-steps", 2, "--batch-size", 4, "--test-size", 2,
+            "--max-new-tokens", 4, "--eval-batch-size", 2, "--warmup-steps", 1)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return folder / "lora.safetensors"
 
 
 def make_llama_tokenizer(folder: Path):

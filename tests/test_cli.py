@@ -1,21 +1,18 @@
 """Each entry script end to end, as a user runs it: train a few steps → weights saved → rerun loads them and
-prints ROUGE. Subprocesses, the tiny checkpoint and tiny data; nothing is written inside the repository."""
+prints ROUGE. In-process (conftest.cli), the tiny checkpoint and tiny data;
+nothing is written inside the repository."""
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 import common
+from conftest import ROOT, cli  # noqa: F401  (ROOT: other test modules import it from here)
 
-ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = {"main.py": "prompt_tuning", "main1.py": "last_layer", "main2.py": "lora"}
 
 
-def run(script, *args, check=True):
-    p = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
-                       timeout=300, cwd=ROOT)
+def run(script, *args, check=True, stdin=""):
+    p = cli(script, *args, stdin=stdin)
     if check and p.returncode != 0:
         raise AssertionError(f"{script} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p
@@ -60,10 +57,8 @@ def test_missing_weights_exit_2_with_one_line(common_args, tmp_path):
     assert "no weights at" in p.stderr and "--train" in p.stderr and "--baseline" in p.stderr
 
 
-def test_weights_of_another_method_are_refused(common_args, tmp_path):
-    weights = tmp_path / "lora.safetensors"
-    run("main2.py", *common_args, "--weights", weights, "--train", "--max-steps", 1)
-    p = run("main.py", *common_args, "--weights", weights, check=False)
+def test_weights_of_another_method_are_refused(common_args, lora_weights):
+    p = run("main.py", *common_args, "--weights", lora_weights, check=False)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert "'lora', not 'prompt_tuning'" in p.stderr
 

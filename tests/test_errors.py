@@ -1,20 +1,12 @@
-"""Bad input gets one line saying what is wrong and what to do, exit code 2, no traceback."""
+"""Bad input gets one line saying what is wrong and what to do, exit code 2, no traceback.
+In-process (conftest.cli): the entry scripts' own code path, without starting Python each time."""
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import common
-from test_cli import ROOT
-
-
-def cli(script, *args, env=None, stdin=None):
-    import os
-    p = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
-                       timeout=300, cwd=ROOT, env={**os.environ, **(env or {})}, input=stdin)
-    return p
+from conftest import cli
 
 
 def assert_usage_error(p, *needles):
@@ -40,10 +32,9 @@ def test_broken_weights_files(base, tmp_path, content, needle):
     assert_usage_error(cli("main2.py", *base, "--weights", bad), needle, "--train")
 
 
-def test_truncated_weights_file(base, tmp_path):
+def test_truncated_weights_file(base, tmp_path, lora_weights):
     w = tmp_path / "w.safetensors"
-    assert cli("main2.py", *base, "--weights", w, "--train", "--max-steps", 1).returncode == 0
-    w.write_bytes(w.read_bytes()[:-100])
+    w.write_bytes(lora_weights.read_bytes()[:-100])
     assert_usage_error(cli("main2.py", *base, "--weights", w), "not a readable safetensors")
 
 
@@ -120,9 +111,10 @@ def test_nan_loss_stops_and_names_the_step(base, tmp_path):
     assert not (tmp_path / "w.safetensors").exists()
 
 
-def test_unknown_model_while_offline(base):
+def test_unknown_model_while_offline(base, monkeypatch):
+    monkeypatch.setattr(common, "hub_reachable", lambda: False)
     args = [a if a != base[1] else "no-such-user/no-such-gpt2" for a in base]
-    p = cli("main2.py", *args, "--baseline", env={"HF_HUB_OFFLINE": "1"})
+    p = cli("main2.py", *args, "--baseline")
     assert_usage_error(p, "cannot download 'no-such-user/no-such-gpt2'", "not reachable", "--model")
 
 
