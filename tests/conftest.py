@@ -117,6 +117,36 @@ def lora_weights(tiny_dir, data_dir, tmp_path_factory) -> Path:
     return folder / "lora.safetensors"
 
 
+def train_args(tiny_dir, data_dir, folder: Path) -> list:
+    """The resume tests' training: LoRA, 3 epochs of 12 steps, a checkpoint every 2 steps, into `folder`."""
+    return ["--model", tiny_dir, "--data", data_dir, "--train", "--epochs", 3, "--patience", 3, "--batch-size", 2,
+            "--save-every", 2, "--warmup-steps", 2, "--test-size", 2, "--max-new-tokens", 4, "--eval-batch-size", 2,
+            "--weights", folder / "w.safetensors", "--out", folder / "runs"]
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tiny_dir, data_dir, tmp_path_factory) -> Path:
+    """The folder of that training run uninterrupted: w.safetensors and runs/lora.json."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    p = cli("main2.py", *train_args(tiny_dir, data_dir, folder))
+    assert p.returncode == 0, p.stderr[-2000:]
+    return folder
+
+
+@pytest.fixture(scope="session")
+def interrupted(tiny_dir, data_dir, tmp_path_factory) -> Path:
+    """The folder of the same run stopped as by Ctrl-C after step 5, mid-epoch: it holds the checkpoint and no
+    weights. (In this process the signal is simulated where the loop polls for it; test_resume_ddp sends real ones.)"""
+    import signal
+    import common
+    folder = tmp_path_factory.mktemp("interrupted")
+    with mock.patch.object(common, "agreed_signal", lambda received, step, device: signal.SIGINT * (step == 5)):
+        p = cli("main2.py", *train_args(tiny_dir, data_dir, folder))
+    assert p.returncode == 130, p.stderr[-2000:]
+    assert (folder / "w.ckpt.safetensors").is_file() and not (folder / "w.safetensors").exists()
+    return folder
+
+
 def make_llama_tokenizer(folder: Path):
     """A SentencePiece-free Llama-style tokenizer: byte-level BPE, <s> added before every text (as Llama 2's and
     TinyLlama's tokenizers do), </s> as EOS, and a chat template."""
