@@ -187,8 +187,8 @@ def resolve_mode(cfg: Config) -> str:
     asked = [f for f, on in (("--train", cfg.train), ("--inspect", cfg.inspect), ("--article", cfg.article),
                              ("--export-peft", cfg.export_peft), ("--export-merged", cfg.export_merged)) if on]
     if len(asked) > 1 and asked != ["--export-peft", "--export-merged"]:
-        raise UsageError(f"{' and '.join(asked)} ask for different runs: choose one (e.g. train first, then run "
-                         f"{asked[1]} on the saved weights)")
+        hint = f"train first, then run {asked[1]} on the saved weights" if asked[0] == "--train" else "one per run"
+        raise UsageError(f"{' and '.join(asked)} ask for different runs: {hint}")
     mode = {"--train": "train", "--inspect": "inspect", "--article": "article"}.get(asked[0], "export") \
         if asked else "evaluate"
     if cfg.baseline and mode in ("train", "export"):
@@ -205,6 +205,8 @@ def load_splits(cfg: Config, splits: tuple[str, ...] = MODES["train"]) -> dict[s
     """The seeded subsets of `splits` as lists of {"id", "article", "highlights"}, from a local folder (read here,
     so that a bad file is one clear error) or from a hub dataset. The same rows as `datasets`' shuffle(seed) +
     select would draw, so every method, and every version of this code, sees the same subsets."""
+    if not splits:
+        return {}
     sizes = {"train": cfg.train_size, "validation": cfg.val_size, "test": cfg.test_size}
     folder = data_folder(cfg.data)
     if folder:
@@ -1322,6 +1324,8 @@ def train(model: GPT, train_set, val_set, cfg: Config, lr: float, device, dtype,
             bar.write(state.end_epoch(val_loss, params, next_order, feature_seconds if state.epoch == 0 else 0.0,
                                       device))
             state.save(checkpoint, model, opt, scaler)
+            if signum := agreed_signal(received(), 0, device):  # a signal during the validation pass
+                raise Interrupted(signum, state.step, checkpoint)
             if state.bad_epochs >= cfg.patience:
                 bar.write(f"early stop: no better validation loss for {cfg.patience} epochs")
                 break
@@ -1993,9 +1997,9 @@ def run(method: str, model: GPT, tokenizer, cfg: Config, hp, device, dtype) -> d
     trainable, total = count_parameters(model)
     record = dict(method=method, base_model=model.name, config=dataclasses.asdict(cfg), hparams=vars(hp),
                   trainable_parameters=trainable, total_parameters=total)
-    splits = load_splits(cfg, MODES[mode]) if MODES[mode] else {}
     if world()[0] != 0 and mode != "train":
         return record  # under torchrun, only the training runs on every rank
+    splits = load_splits(cfg, MODES[mode])
     print(describe(mode, method, model, cfg, hp, device, dtype, splits))
     do = {"train": train_and_evaluate, "evaluate": evaluate_test_set, "inspect": inspect_example,
           "article": summarize_article, "export": export_weights}[mode]

@@ -77,7 +77,14 @@ def test_sigterm_checkpoints_and_exits_143(tiny_dir, data_dir, tmp_path, uninter
             signal.raise_signal(signal.SIGTERM)
         return lr_at(step, *args)
     monkeypatch.setattr(common, "lr_at", lr_at_and_terminate)
-    p = cli("main2.py", *train_args(tiny_dir, data_dir, tmp_path))
+
+    def unhandled(signum, frame):  # training's own handler replaces this one; without it, pytest would be killed
+        raise AssertionError("SIGTERM was not handled by the training loop")
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        p = cli("main2.py", *train_args(tiny_dir, data_dir, tmp_path))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     assert p.returncode == 143, p.stderr[-2000:]
     assert p.stderr.strip().splitlines()[-1].startswith("interrupted by SIGTERM after step 3: wrote the checkpoint")
     assert checkpoint_state(tmp_path / "w.ckpt.safetensors")["step"] == 3
