@@ -1166,6 +1166,11 @@ class TrainState:
         return cls(run, torch.Generator().manual_seed(seed).get_state(),
                    {n: p.detach().clone() for n, p in params.items()})
 
+    def done(self, cfg: Config, total: int) -> bool:
+        """Whether the run is over: all epochs or steps done, or stopped early (a resumed run too)."""
+        stopped_early = bool(self.history) and self.bad_epochs >= cfg.patience
+        return self.epoch >= cfg.epochs or self.step >= total or stopped_early
+
     def epoch_batches(self, lengths: list[int], batch_size: int) -> tuple[list[list[int]], torch.Tensor]:
         """This epoch's micro-batches, rebuilt from the saved generator state (so a resumed epoch has the same
         order), and the generator's state after drawing them: the next epoch's."""
@@ -1296,7 +1301,7 @@ def train(model: GPT, train_set, val_set, cfg: Config, lr: float, device, dtype,
     bar = tqdm(total=total, initial=state.step, desc=f"epoch {state.epoch + 1}/{cfg.epochs}", unit="step",
                file=sys.stdout, dynamic_ncols=True, mininterval=1.0, disable=rank != 0)  # the whole run, with its ETA
     with stop_signals() as received, compile_options(cfg), bar:
-        while state.epoch < cfg.epochs and state.step < total:
+        while not state.done(cfg, total):
             bar.set_description(f"epoch {state.epoch + 1}/{cfg.epochs}", refresh=False)
             micro, next_order = state.epoch_batches(lengths, cfg.batch_size)
             t0 = time.perf_counter() - state.sums["seconds"]
@@ -1324,11 +1329,10 @@ def train(model: GPT, train_set, val_set, cfg: Config, lr: float, device, dtype,
             bar.write(state.end_epoch(val_loss, params, next_order, feature_seconds if state.epoch == 0 else 0.0,
                                       device))
             state.save(checkpoint, model, opt, scaler)
-            if signum := agreed_signal(received(), 0, device):  # a signal during the validation pass
-                raise Interrupted(signum, state.step, checkpoint)
             if state.bad_epochs >= cfg.patience:
                 bar.write(f"early stop: no better validation loss for {cfg.patience} epochs")
-                break
+            elif signum := agreed_signal(received(), 0, device):  # a signal during the validation pass
+                raise Interrupted(signum, state.step, checkpoint)
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(state.best[n])

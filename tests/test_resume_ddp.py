@@ -67,30 +67,36 @@ def test_ctrl_c_checkpoints_says_how_to_resume_and_resumes_exactly(tiny_dir, dat
     assert history(tmp_path) == history(uninterrupted)
 
 
-def test_sigterm_checkpoints_and_exits_143(tiny_dir, data_dir, tmp_path, uninterrupted, monkeypatch):
-    """What a cluster scheduler sends, delivered to this process at step 3 (the handler is the same as for SIGINT,
-    which the test above sends to a real process): the step finishes, the checkpoint holds it, exit code 143."""
-    lr_at = common.lr_at
+@pytest.mark.parametrize("signum,hook,step", [(signal.SIGTERM, "lr_at", 3), (signal.SIGINT, "validation_loss", 12)],
+                         ids=["SIGTERM-during-a-step", "SIGINT-during-validation"])
+def test_a_signal_inside_the_process_checkpoints_and_resumes_exactly(signum, hook, step, tiny_dir, data_dir, tmp_path,
+                                                                     uninterrupted, monkeypatch):
+    """A signal delivered to this process while training runs its third step, or validates its first epoch (the
+    handler is the one the test above reaches in a real process): the checkpoint holds that step, the exit code is
+    128 + the signal (SIGTERM: what a cluster scheduler sends), and resuming gives the uninterrupted weights."""
+    original = getattr(common, hook)
 
-    def lr_at_and_terminate(step, *args):  # the signal arrives during the third step
-        if step == 2:
-            signal.raise_signal(signal.SIGTERM)
-        return lr_at(step, *args)
-    monkeypatch.setattr(common, "lr_at", lr_at_and_terminate)
+    def signalling(*args):
+        if hook == "validation_loss" or args[0] == 2:
+            signal.raise_signal(signum)
+        return original(*args)
+    monkeypatch.setattr(common, hook, signalling)
 
     def unhandled(signum, frame):  # training's own handler replaces this one; without it, pytest would be killed
-        raise AssertionError("SIGTERM was not handled by the training loop")
-    previous = signal.signal(signal.SIGTERM, unhandled)
+        raise AssertionError(f"signal {signum} was not handled by the training loop")
+    previous = signal.signal(signum, unhandled)
     try:
         p = cli("main2.py", *train_args(tiny_dir, data_dir, tmp_path))
     finally:
-        signal.signal(signal.SIGTERM, previous)
-    assert p.returncode == 143, p.stderr[-2000:]
-    assert p.stderr.strip().splitlines()[-1].startswith("interrupted by SIGTERM after step 3: wrote the checkpoint")
-    assert checkpoint_state(tmp_path / "w.ckpt.safetensors")["step"] == 3
+        signal.signal(signum, previous)
+    assert p.returncode == 128 + signum, p.stderr[-2000:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"interrupted by {signal.Signals(signum).name} after step {step}: wrote the checkpoint")
+    assert checkpoint_state(tmp_path / "w.ckpt.safetensors")["step"] == step
     monkeypatch.undo()
     assert cli("main2.py", *train_args(tiny_dir, data_dir, tmp_path), "--resume").returncode == 0
     assert same_weights(uninterrupted / "w.safetensors", tmp_path / "w.safetensors")
+    assert history(tmp_path) == history(uninterrupted)
 
 
 def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(tiny_dir, data_dir, tmp_path, uninterrupted):

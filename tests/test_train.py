@@ -80,6 +80,17 @@ def test_train_accumulates_micro_batches_into_each_step(tiny, monkeypatch):
     assert len(steps) == 3 and all(n == 2 and divisor == targets for n, divisor, targets in steps)
 
 
+@pytest.mark.parametrize("patience,epochs", [(0, 1), (3, 3)])
+def test_early_stopping_counts_epochs_without_improvement(tiny, patience, epochs):
+    """--patience 0 stops after the first epoch; otherwise a run ends after --epochs (here the loss keeps falling)."""
+    model, _ = tiny
+    common.apply_lora(model, 4, 8)
+    cfg = common.Config(epochs=3, patience=patience, batch_size=4, warmup_steps=0, eval_batch_size=4)
+    history = common.train(model, token_examples(8), token_examples(8), cfg, 1e-2, torch.device("cpu"),
+                           torch.float32)
+    assert len(history) == epochs
+
+
 @pytest.mark.parametrize("max_steps,epochs,expected", [(0, 10, (6, 60, 6)),
                                                       (11, 10, (6, 11, 1)), (3, 10, (6, 3, 0)),
                                                       (500, 2, (6, 12, 1)), (0, 100, (6, 600, 100))])
