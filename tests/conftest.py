@@ -1,14 +1,45 @@
 """Fixtures: a tiny GPT-2 checkpoint (random weights, a small byte-level BPE tokenizer trained here) and tiny
-CNN/DM-shaped data, written to temp folders so the real loading paths run. No network, no ../shared."""
+CNN/DM-shaped data, written to temp folders so the real loading paths run; `cli`, which runs an entry script in this
+process. No network, no ../shared."""
+import contextlib
+import io
 import json
 import random
+import runpy
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def cli(script: str, *args, stdin: str = "") -> Result:
+    """Run an entry script as `python3 ROOT/script args` does, but in this process: runpy as __main__, with its own
+    argv, stdin, stdout and stderr, and its exit code caught. The code path is the subprocess's (a subprocess would
+    add only starting Python and importing torch again, seconds each); an exception other than SystemExit is not
+    caught, so a traceback fails the test. Tests that need a real process (signals, torchrun) start one."""
+    out, err = io.StringIO(), io.StringIO()
+    argv = [str(ROOT / script), *map(str, args)]
+    with mock.patch.object(sys, "argv", argv), mock.patch.object(sys, "stdin", io.StringIO(stdin)), \
+            contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            runpy.run_path(argv[0], run_name="__main__")
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    return Result(code, out.getvalue(), err.getvalue())
 
 WORDS = ("the police said a man was arrested on monday after the fire in the city center . officials reported "
          "that the storm hit the coast and thousands of homes lost power . the team won the final match with a late "
@@ -72,6 +103,47 @@ def data_dir(tmp_path_factory) -> Path:
                 article = " ".join(sentence(rng, rng.randint(6, 14)) for _ in range(rng.randint(3, 12)))
                 highlights = "\n".join(sentence(rng, rng.randint(4, 8)) for _ in range(2))
                 f.write(json.dumps({"id": f"{split}-{i}", "article": article, "highlights": highlights}) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def lora_weights(tiny_dir, data_dir, tmp_path_factory) -> Path:
+    """LoRA weights that main2.py trained for 2 steps, shared by the tests that only read them (copy to change)."""
+    folder = tmp_path_factory.mktemp("lora-weights")
+    p = cli("main2.py", "--model", tiny_dir, "--data", data_dir, "--out", folder / "runs", "--weights",
+            folder / "lora.safetensors", "--train", "--max-steps", 2, "--batch-size", 4, "--test-size", 2,
+            "--max-new-tokens", 4, "--eval-batch-size", 2, "--warmup-steps", 1)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return folder / "lora.safetensors"
+
+
+def train_args(tiny_dir, data_dir, folder: Path) -> list:
+    """The resume tests' training: LoRA, 3 epochs of 12 steps, a checkpoint every 2 steps, into `folder`."""
+    return ["--model", tiny_dir, "--data", data_dir, "--train", "--epochs", 3, "--patience", 3, "--batch-size", 2,
+            "--save-every", 2, "--warmup-steps", 2, "--test-size", 2, "--max-new-tokens", 4, "--eval-batch-size", 2,
+            "--weights", folder / "w.safetensors", "--out", folder / "runs"]
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tiny_dir, data_dir, tmp_path_factory) -> Path:
+    """The folder of that training run uninterrupted: w.safetensors and runs/lora.json."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    p = cli("main2.py", *train_args(tiny_dir, data_dir, folder))
+    assert p.returncode == 0, p.stderr[-2000:]
+    return folder
+
+
+@pytest.fixture(scope="session")
+def interrupted(tiny_dir, data_dir, tmp_path_factory) -> Path:
+    """The folder of the same run stopped as by Ctrl-C after step 5, mid-epoch: it holds the checkpoint and no
+    weights. (In this process the signal is simulated where the loop polls for it; test_resume_ddp sends real ones.)"""
+    import signal
+    import common
+    folder = tmp_path_factory.mktemp("interrupted")
+    with mock.patch.object(common, "agreed_signal", lambda received, step, device: signal.SIGINT * (step == 5)):
+        p = cli("main2.py", *train_args(tiny_dir, data_dir, folder))
+    assert p.returncode == 130, p.stderr[-2000:]
+    assert (folder / "w.ckpt.safetensors").is_file() and not (folder / "w.safetensors").exists()
     return folder
 
 

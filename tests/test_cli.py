@@ -1,21 +1,18 @@
 """Each entry script end to end, as a user runs it: train a few steps → weights saved → rerun loads them and
-prints ROUGE. Subprocesses, the tiny checkpoint and tiny data; nothing is written inside the repository."""
+prints ROUGE; what a person sees while it runs. In-process (conftest.cli), the tiny checkpoint and tiny data;
+nothing is written inside the repository."""
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 import common
+from conftest import ROOT, cli  # noqa: F401  (ROOT: other test modules import it from here)
 
-ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = {"main.py": "prompt_tuning", "main1.py": "last_layer", "main2.py": "lora"}
 
 
-def run(script, *args, check=True):
-    p = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
-                       timeout=300, cwd=ROOT)
+def run(script, *args, check=True, stdin=""):
+    p = cli(script, *args, stdin=stdin)
     if check and p.returncode != 0:
         raise AssertionError(f"{script} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p
@@ -45,6 +42,7 @@ def test_train_save_reload_evaluate(script, common_args, tmp_path):
     assert "rougeLsum" in loaded.stdout
     # same weights, same seed: the same summaries as right after training
     assert json.loads((tmp_path / "runs" / f"{method}.json").read_text())["test"] == record["test"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs", "w.safetensors"]  # no checkpoint, lock or temp left
 
 
 def test_baseline_runs_without_weights(common_args, tmp_path):
@@ -60,10 +58,8 @@ def test_missing_weights_exit_2_with_one_line(common_args, tmp_path):
     assert "no weights at" in p.stderr and "--train" in p.stderr and "--baseline" in p.stderr
 
 
-def test_weights_of_another_method_are_refused(common_args, tmp_path):
-    weights = tmp_path / "lora.safetensors"
-    run("main2.py", *common_args, "--weights", weights, "--train", "--max-steps", 1)
-    p = run("main.py", *common_args, "--weights", weights, check=False)
+def test_weights_of_another_method_are_refused(common_args, lora_weights):
+    p = run("main.py", *common_args, "--weights", lora_weights, check=False)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert "'lora', not 'prompt_tuning'" in p.stderr
 
@@ -73,3 +69,28 @@ def test_inspect_prints_the_next_token_table(common_args):
     assert "reference next" in p.stdout and "model argmax" in p.stdout
     assert "top-1 next-token accuracy on this summary:" in p.stdout
     assert "rougeLsum" not in p.stdout  # inspects, then exits
+
+
+def test_a_short_run_shows_loss_lr_and_speed_from_its_first_step(common_args, tmp_path):
+    """Issue 13: the bar shows loss, learning rate and tokens/s from the first step, its total is the whole run
+    (--max-steps here), summarization counts articles, and the run starts with a short summary, not a JSON line."""
+    p = run("main2.py", *common_args, "--weights", tmp_path / "w.safetensors", "--train", "--max-steps", 3,
+            "--warmup-steps", 100)
+    bar = [line for line in p.stdout.replace("\r", "\n").splitlines() if line.startswith("epoch 1/10")]
+    assert any("/3 [" in line and "loss=" in line and "lr=" in line and "tok_s=" in line for line in bar), bar
+    assert any("6/6" in line and "article" in line for line in p.stdout.replace("\r", "\n").splitlines())
+    summary = p.stdout.split("\n", 5)[:5]
+    assert summary[0].startswith("training lora on ") and "trainable parameters: " in summary[0]
+    assert summary[1].startswith("data: ") and "24 train, 6 validation, 6 test" in summary[1]
+    assert summary[2].startswith("device: cpu")
+    assert "up to 3 steps" in summary[3] and "warmup 0 steps (shortened from 100" in summary[3]
+    assert "config:" not in p.stdout and '{"model"' not in p.stdout  # the full config is in the record only
+    assert json.loads((tmp_path / "runs" / "lora.json").read_text())["config"]["warmup_steps"] == 100
+
+
+def test_the_bar_covers_every_epoch(common_args, tmp_path):
+    p = run("main2.py", *common_args, "--weights", tmp_path / "w.safetensors", "--train", "--epochs", 2,
+            "--patience", 2, "--max-new-tokens", 2)
+    lines = p.stdout.replace("\r", "\n").splitlines()
+    assert any(line.startswith("epoch 2/2") and "12/12 [" in line for line in lines)  # 2 epochs x 6 steps
+    assert sum(line.startswith("epoch ") and "train loss" in line for line in lines) == 2

@@ -1,4 +1,5 @@
 """The data layout: prompt + article + separator + summary + EOS, loss on summary + EOS only."""
+import pytest
 import torch
 
 import common
@@ -80,3 +81,69 @@ def test_load_splits_reads_csv(tmp_path):
     splits = common.load_splits(make_cfg(data=str(tmp_path)))
     assert splits["test"] == [{"id": "test-1", "article": "An article, with a comma.",
                                "highlights": "A summary.\nTwo lines."}]
+
+
+def write_table(folder, split, rows, suffix):
+    """rows as a .jsonl, .json, .csv or .parquet file."""
+    import csv
+    import json
+    path = folder / f"{split}.{suffix}"
+    if suffix == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif suffix == "json":
+        path.write_text(json.dumps(rows))
+    elif suffix == "csv":
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    else:
+        import pyarrow
+        import pyarrow.parquet
+        pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), path)
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "json", "csv", "parquet"])
+def test_local_files_give_the_rows_datasets_would(tmp_path, suffix):
+    """Local files are read without `datasets` (so a bad file is one clear error), yet each seeded subset holds the
+    rows that `datasets.load_dataset` + shuffle(seed) + select drew before: runs stay comparable with older ones."""
+    import datasets
+    rows = [{"id": f"r{i}", "article": f"Article {i}, with a comma.\nAnd a second line.", "highlights": f"Summary {i}."}
+            for i in range(40)]
+    for split in ("train", "validation", "test"):
+        write_table(tmp_path, split, rows, suffix)
+    cfg = make_cfg(data=str(tmp_path), train_size=7, val_size=40, test_size=100, data_seed=3)
+    ours = common.load_splits(cfg)
+    builder = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}[suffix]
+    for split, n in (("train", 7), ("validation", 40), ("test", 100)):
+        theirs = datasets.load_dataset(builder, data_files=str(tmp_path / f"{split}.{suffix}"), split="train",
+                                       cache_dir=str(tmp_path / "cache"))
+        expected = theirs.shuffle(seed=3).select(range(min(n, len(theirs))))
+        assert ours[split] == [{k: r[k] for k in ("id", "article", "highlights")} for r in expected]
+
+
+def test_each_mode_reads_only_its_splits(tmp_path):
+    write_table(tmp_path, "test", [{"article": "An article.", "highlights": "A summary."}], "jsonl")
+    assert common.load_splits(make_cfg(data=str(tmp_path)), ("test",)) == {
+        "test": [{"id": "0", "article": "An article.", "highlights": "A summary."}]}
+    with pytest.raises(common.UsageError, match="has no train.csv"):
+        common.load_splits(make_cfg(data=str(tmp_path)))
+
+
+def test_an_unreachable_hub_dataset_fails_in_seconds(monkeypatch):
+    """Offline, a hub dataset name ends in one line at once, instead of a minute of retries (issue 13, item 2)."""
+    import time
+    monkeypatch.setattr(common, "hub_reachable", lambda: False)
+    t = time.perf_counter()
+    with pytest.raises(common.UsageError, match="cannot download the dataset 'no-such-user/no-such-data': the "
+                                                "Hugging Face hub is not reachable.*pass --data with a local folder"):
+        common.load_splits(make_cfg(data="no-such-user/no-such-data"), ("test",))
+    assert time.perf_counter() - t < 5
+
+
+@pytest.mark.parametrize("name,needle", [("/nonexistent/cnn_dm", "no data folder at /nonexistent/cnn_dm: the folder "
+                                                                  "does not exist"),
+                                         ("./cnn_dm", "the folder does not exist")])
+def test_a_data_path_that_does_not_exist_says_so(name, needle):
+    with pytest.raises(common.UsageError, match=needle):
+        common.load_splits(make_cfg(data=name))

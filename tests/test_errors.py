@@ -1,20 +1,14 @@
-"""Bad input gets one line saying what is wrong and what to do, exit code 2, no traceback."""
+"""Bad input gets one line saying what is wrong and what to do, exit code 2, no traceback, and nothing written.
+In-process (conftest.cli): the entry scripts' own code path, without starting Python each time."""
 import json
-import subprocess
-import sys
+import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import common
-from test_cli import ROOT
-
-
-def cli(script, *args, env=None, stdin=None):
-    import os
-    p = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
-                       timeout=300, cwd=ROOT, env={**os.environ, **(env or {})}, input=stdin)
-    return p
+from conftest import cli
 
 
 def assert_usage_error(p, *needles):
@@ -32,6 +26,150 @@ def base(tiny_dir, data_dir, tmp_path):
             "--test-size", 2, "--eval-batch-size", 2, "--batch-size", 4]
 
 
+def files(root):
+    """Every file and folder under root with its size and modification time: what a failed run must not change."""
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+def write(path, content):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return path
+
+
+def rows(*records):
+    return "".join(json.dumps(r) + "\n" for r in records)
+
+
+def adapter(tmp, config, tensors=None):
+    folder = tmp / "adapter"
+    write(folder / "adapter_config.json", config)
+    if isinstance(tensors, bytes):
+        write(folder / "adapter_model.safetensors", tensors)
+    else:
+        save_file(tensors or {"x": torch.zeros(1)}, str(folder / "adapter_model.safetensors"))
+    return ["--weights", folder]
+
+
+def weights_with(tmp, source, tensors=None, metadata=None):
+    """A copy of LoRA weights with other tensors or metadata."""
+    from safetensors import safe_open
+    with safe_open(str(source), framework="pt") as f:
+        meta = f.metadata()
+    w = tmp / "w.safetensors"
+    save_file(tensors or load_file(source), str(w), metadata=meta if metadata is None else metadata)
+    return ["--weights", w]
+
+
+def nan_weights(tmp, source):
+    tensors = load_file(source)
+    next(iter(tensors.values()))[0, 0] = float("nan")
+    return weights_with(tmp, source, tensors=tensors)
+
+
+LINE = {"id": "1", "article": "The team won the final match.", "highlights": "The team won."}
+CASES = [  # (id, prepare(tmp folder, Context) -> flags, what the error line must say)
+    # issue 12, item 6: inputs that ended in tracebacks
+    ("checkpoint-empty", lambda t, c: [*c.train, "--resume", *write_ckpt(t, b"")], "not a readable safetensors"),
+    ("checkpoint-truncated", lambda t, c: [*c.train, "--resume", *write_ckpt(t, c.checkpoint.read_bytes()[:-100])],
+     "not a readable safetensors"),
+    ("checkpoint-foreign", lambda t, c: [*c.train, "--resume", *write_ckpt(t, safetensors_bytes({}))],
+     "training state in"),
+    ("checkpoint-old-format", lambda t, c: [*c.train, "--resume", *write_ckpt(t, safetensors_bytes(
+        {"state": json.dumps({"step": 1, "epoch": 0, "k": 1})}))], "not written by this version"),
+    ("adapter-bad-json", lambda t, c: adapter(t, "{not json"), "not a readable peft adapter"),
+    ("adapter-without-r", lambda t, c: adapter(t, json.dumps({"peft_type": "LORA", "lora_alpha": 8})),
+     "not a readable peft adapter (KeyError"),
+    ("adapter-config-a-list", lambda t, c: adapter(t, "[1, 2]"), "not a readable peft adapter"),
+    ("adapter-corrupt-tensors", lambda t, c: adapter(t, json.dumps({"peft_type": "LORA", "r": 16, "lora_alpha": 32}),
+                                                     b"\x00" * 64), "not a readable peft adapter"),
+    ("csv-not-utf8", lambda t, c: data(t, "test.csv", b"id,article,highlights\n1,caf\xe9 news,x\n"), "not UTF-8"),
+    ("jsonl-not-utf8", lambda t, c: data(t, "test.jsonl", b'{"article": "caf\xe9", "highlights": "x"}\n'),
+     "not UTF-8"),
+    ("jsonl-malformed", lambda t, c: data(t, "test.jsonl", rows(LINE) + '{"article": \n'), "line 2 is not JSON"),
+    ("jsonl-not-objects", lambda t, c: data(t, "test.jsonl", "[1, 2]\n"), "line 1 is a JSON list"),
+    ("jsonl-empty", lambda t, c: data(t, "test.jsonl", ""), "holds no rows"),
+    ("csv-empty", lambda t, c: data(t, "test.csv", ""), "holds no rows"),
+    ("csv-header-only", lambda t, c: data(t, "test.csv", "id,article,highlights\n"), "holds no rows"),
+    ("json-a-string", lambda t, c: data(t, "test.json", '"news"'), "holds one JSON str"),
+    ("column-of-numbers", lambda t, c: data(t, "test.jsonl", rows(LINE | {"article": 5})),
+     "has a int in column 'article'"),
+    ("column-of-lists", lambda t, c: data(t, "test.jsonl", rows(LINE | {"highlights": ["a", "b"]})),
+     "has a list in column 'highlights'"),
+    ("all-summaries-empty", lambda t, c: data(t, "test.jsonl", rows(LINE | {"highlights": " "}, LINE | {"id": 2,
+                                                                    "highlights": ""})), "no row with both"),
+    ("no-test-split", lambda t, c: data(t, "train.jsonl", rows(LINE)), "has no test.csv/.jsonl"),
+    ("data-folder-missing", lambda t, c: ["--data", t / "nonexistent"], "the folder does not exist"),
+    ("data-is-a-file", lambda t, c: ["--data", write(t / "test.jsonl", rows(LINE))], "not the file"),
+    ("lr-nan", lambda t, c: ["--lr", "nan"], "--lr must be a finite number > 0"),
+    ("weight-decay-negative", lambda t, c: ["--weight-decay", "-1"], "--weight-decay must be"),
+    ("test-size-0", lambda t, c: ["--test-size", "0"], "--test-size must be >= 1"),
+    ("data-seed-negative", lambda t, c: ["--data-seed", "-1"], "--data-seed must be >= 0"),
+    pytest.param("device-cuda-absent", lambda t, c: ["--device", "cuda"], "finds no CUDA GPU", id="device-cuda-absent",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+    ("device-unknown", lambda t, c: ["--device", "foo"], "unknown --device 'foo'"),
+    ("device-unsupported", lambda t, c: ["--device", "meta"], "unknown --device 'meta'"),
+    ("export-onto-existing", lambda t, c: [*c.weights, "--export-peft", (t / "exists").mkdir() or t / "exists"],
+     "exists: an export never overwrites"),
+    ("model-folder-missing", lambda t, c: ["--model", t / "no-model"], "no model folder at"),
+    ("run-name-outside-out", lambda t, c: ["--run-name", "../../x"], "--run-name must be a plain file name"),
+    ("article-missing", lambda t, c: ["--article", t / "none.txt"], "cannot read the article"),
+    ("article-not-utf8", lambda t, c: ["--article", write(t / "a.txt", b"caf\xe9")], "cannot read the article"),
+    # item 5: results that would be garbage but look real
+    ("weights-nan", lambda t, c: nan_weights(t, c.lora), "hold NaN or infinite values"),
+    ("record-not-an-object", lambda t, c: weights_with(t, c.lora, metadata={"record": "[1, 2]"}),
+     "is missing or not a JSON object"),
+    ("lr-inf", lambda t, c: [*c.train, "--lr", "inf"], "--lr must be a finite number > 0"),
+    ("epochs-0", lambda t, c: [*c.train, "--epochs", "0"], "--epochs must be >= 1 with --train"),
+    ("train-size-0", lambda t, c: [*c.train, "--train-size", "0"], "--train-size must be >= 1"),
+    # item 7: flags that contradict
+    ("baseline-and-train", lambda t, c: ["--baseline", *c.train], "--baseline evaluates the untrained model"),
+    ("resume-without-train", lambda t, c: ["--baseline", "--resume"], "--resume continues a training: add --train"),
+    ("inspect-and-article", lambda t, c: ["--baseline", "--inspect", "--article", write(t / "a.txt", "News.")],
+     "--inspect and --article ask for different runs"),
+    ("train-and-export", lambda t, c: [*c.train, "--export-peft", t / "adapter"], "ask for different runs"),
+    ("baseline-and-export", lambda t, c: ["--baseline", "--export-merged", t / "m"], "cannot be combined with"),
+    # item 1: a checkpoint is never discarded, and --resume never starts from scratch
+    ("checkpoint-without-resume", lambda t, c: [*c.train, *write_ckpt(t, c.checkpoint.read_bytes())],
+     "holds an unfinished training: continue it with --resume"),
+    ("resume-without-checkpoint", lambda t, c: [*c.train, "--resume"], "no checkpoint at"),
+]
+
+
+def data(tmp, name, content):
+    write(tmp / "d" / name, content)
+    return ["--data", tmp / "d"]
+
+
+def safetensors_bytes(metadata):
+    from safetensors.torch import save
+    return save({"x": torch.zeros(2)}, metadata=metadata)
+
+
+def write_ckpt(tmp, content):
+    write(tmp / "w.ckpt.safetensors", content)
+    return ["--weights", tmp / "w.safetensors"]
+
+
+class Context:
+    def __init__(self, tmp, lora, checkpoint):
+        self.lora, self.checkpoint = lora, checkpoint
+        self.weights = ["--weights", lora]
+        self.train = ["--train", "--weights", tmp / "w.safetensors"]
+
+
+@pytest.mark.parametrize("case,prepare,needle", [c if hasattr(c, "values") else pytest.param(*c, id=c[0])
+                                                 for c in CASES])
+def test_bad_input_is_one_line_and_writes_nothing(case, prepare, needle, base, tmp_path, lora_weights, interrupted):
+    """Issue 12, items 1, 5, 6 and 7: each bad input or contradiction ends in one line, exit code 2, and changes no
+    file (no weights, checkpoint, record or predictions written; the inputs untouched)."""
+    flags = prepare(tmp_path, Context(tmp_path, lora_weights, interrupted / "w.ckpt.safetensors"))
+    flags = flags if "--train" in flags or "--weights" in flags else ["--baseline", *flags]
+    before = files(tmp_path)
+    assert_usage_error(cli("main2.py", *base, *flags), needle)
+    assert files(tmp_path) == before
+
+
 @pytest.mark.parametrize("content,needle", [(b"", "not a readable safetensors"), (b"\x00" * 5, "not a readable"),
                                             (b"not safetensors at all" * 10, "not a readable safetensors")])
 def test_broken_weights_files(base, tmp_path, content, needle):
@@ -40,17 +178,15 @@ def test_broken_weights_files(base, tmp_path, content, needle):
     assert_usage_error(cli("main2.py", *base, "--weights", bad), needle, "--train")
 
 
-def test_truncated_weights_file(base, tmp_path):
+def test_truncated_weights_file(base, tmp_path, lora_weights):
     w = tmp_path / "w.safetensors"
-    assert cli("main2.py", *base, "--weights", w, "--train", "--max-steps", 1).returncode == 0
-    w.write_bytes(w.read_bytes()[:-100])
+    w.write_bytes(lora_weights.read_bytes()[:-100])
     assert_usage_error(cli("main2.py", *base, "--weights", w), "not a readable safetensors")
 
 
-def test_weights_of_another_base_model(base, tmp_path, tiny_dir):
+def test_weights_of_another_base_model(base, tmp_path):
     """LoRA weights of a wider model (as gpt2-medium's would be for gpt2) are refused with the reason."""
     from transformers import GPT2Config, GPT2LMHeadModel
-    from safetensors.torch import save_file
     wide = GPT2LMHeadModel(GPT2Config(vocab_size=400, n_positions=256, n_layer=2, n_head=2, n_embd=48))
     model = common.apply_lora(common.from_hf(wide), 16, 32)
     record = {"method": "lora", "base_model": "wide-gpt2"}
@@ -58,12 +194,6 @@ def test_weights_of_another_base_model(base, tmp_path, tiny_dir):
     save_file({k: v.contiguous() for k, v in common.trainable_state(model).items()}, str(w),
               metadata={"record": json.dumps(record)})
     assert_usage_error(cli("main2.py", *base, "--weights", w), "does not fit this model", "wide-gpt2")
-
-
-def test_data_folder_without_splits(base, tmp_path):
-    (tmp_path / "empty").mkdir()
-    args = [a if a != base[3] else tmp_path / "empty" for a in base]
-    assert_usage_error(cli("main2.py", *args, "--baseline"), "no train.csv", "validation", "'article'")
 
 
 def test_data_without_columns(base, tmp_path):
@@ -93,15 +223,17 @@ def test_empty_rows_are_skipped_and_counted_and_unicode_is_fine(base, tmp_path):
     ("main2", ["--top-p", "1.5"], "top_p must be in (0, 1]"),
     ("main2", ["--temperature", "0"], "temperature must be > 0"),
     ("main2", ["--temperature", "-1"], "temperature must be > 0"),
+    ("main2", ["--temperature", "nan"], "temperature must be > 0"),
     ("main2", ["--train-size", "-5"], "--train-size must be >= 0"),
     ("main2", ["--max-steps", "-1"], "--max-steps must be >= 0"),
     ("main2", ["--batch-size", "0"], "--batch-size must be >= 1"),
     ("main", ["--prompt-tokens", "0"], "--prompt-tokens must be > 0"),
     ("main2", ["--lora-rank", "0"], "--lora-rank must be > 0"),
+    ("main2", ["--lora-alpha", "inf"], "--lora-alpha must be a finite number > 0"),
     ("main2", ["--dtype", "fp8"], "--dtype must be one of"),
 ])
 def test_flags_out_of_range(capsys, script, flags, needle):
-    """In-process (the entry scripts parse with the same function inside the same cli_errors)."""
+    """Parsing alone (the entry scripts parse with the same function inside the same cli_errors)."""
     import importlib
     hparams = {"main": "PromptTuning", "main2": "LoRA"}[script]
     cls = getattr(importlib.import_module(script), hparams)
@@ -120,10 +252,11 @@ def test_nan_loss_stops_and_names_the_step(base, tmp_path):
     assert not (tmp_path / "w.safetensors").exists()
 
 
-def test_unknown_model_while_offline(base):
+def test_unknown_model_while_offline(base, monkeypatch):
+    monkeypatch.setattr(common, "hub_reachable", lambda: False)
     args = [a if a != base[1] else "no-such-user/no-such-gpt2" for a in base]
-    p = cli("main2.py", *args, "--baseline", env={"HF_HUB_OFFLINE": "1"})
-    assert_usage_error(p, "cannot download 'no-such-user/no-such-gpt2'", "not reachable", "--model")
+    assert_usage_error(cli("main2.py", *args, "--baseline"), "cannot download 'no-such-user/no-such-gpt2'",
+                       "not reachable", "--model")
 
 
 def test_out_of_memory_suggests_smaller_batches(capsys):
@@ -135,12 +268,11 @@ def test_out_of_memory_suggests_smaller_batches(capsys):
     assert "out of memory" in err and "--batch-size" in err and "--grad-accum" in err
 
 
-def test_article_from_stdin_and_missing_file(base, tmp_path):
+def test_article_from_stdin(base):
     long = "The police said a man was arrested. " * 400
     p = cli("main2.py", *base, "--baseline", "--article", "-", stdin=long)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "summary:" in p.stdout and "1 of 1 articles truncated" in p.stdout
-    assert_usage_error(cli("main2.py", *base, "--baseline", "--article", tmp_path / "none.txt"), "cannot read")
 
 
 def test_weights_folder_that_is_not_an_adapter(base, tmp_path):
@@ -149,7 +281,27 @@ def test_weights_folder_that_is_not_an_adapter(base, tmp_path):
 
 
 def test_safetensors_without_our_record(base, tmp_path):
-    from safetensors.torch import save_file
     w = tmp_path / "foreign.safetensors"
     save_file({"x": torch.zeros(2)}, str(w))
     assert_usage_error(cli("main2.py", *base, "--weights", w), "not written by these scripts")
+
+
+def test_export_needs_no_dataset(base, tmp_path, lora_weights):
+    """Issue 12, item 7: an export reads the weights and the base model only: no dataset (online, --export-peft
+    would have downloaded CNN/DM), so a --data that does not even exist is fine."""
+    args = [a if a != base[3] else "no-such-user/no-such-dataset" for a in base]
+    p = cli("main2.py", *args, "--weights", lora_weights, "--export-peft", tmp_path / "adapter")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # and no temporary folder is left
+
+
+def test_a_test_split_alone_is_enough_to_evaluate(base, tmp_path, data_dir, lora_weights):
+    """Each mode reads only the splits it needs: evaluating, inspecting or a baseline need test.jsonl only."""
+    shutil.copy(data_dir / "test.jsonl", tmp_path / "test.jsonl")
+    args = [a if a != base[3] else tmp_path for a in base]
+    for flags in (["--weights", lora_weights], ["--baseline"], ["--baseline", "--inspect"]):
+        p = cli("main2.py", *args, *flags)
+        assert p.returncode == 0, p.stderr[-2000:]
+    assert_usage_error(cli("main2.py", *args, "--train", "--weights", tmp_path / "w.safetensors"),
+                       "has no train.csv")

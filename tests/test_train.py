@@ -31,25 +31,74 @@ def test_length_batches_cover_every_example_once_with_less_padding():
 
 
 def test_gradient_accumulation_normalizes_per_target_token(tiny):
-    """Two micro-batches with accumulation give the gradient of one batch holding both: the loss is divided by the
-    target tokens of the whole step, not averaged per micro-batch."""
+    """optimizer_step over two micro-batches moves the weights exactly as one step over one batch holding both: the
+    loss is divided by the target tokens of the whole step, not averaged per micro-batch (which would weight the
+    tokens of the short micro-batch more). The gradient stays below the clipping norm, so clipping hides nothing."""
     model, _ = tiny
     common.apply_lora(model, 4, 8)
     with torch.no_grad():
         for b in model.blocks:
             b.attn.c_attn.B.normal_(0, 0.1)
+    params = common.trainable_state(model)
+    start = {k: p.detach().clone() for k, p in params.items()}
     ex = token_examples(4)
-    grads = []
-    for group in ([common.collate(ex[:1], 0), common.collate(ex[1:], 0)], [common.collate(ex, 0)]):
-        n = sum((y != common.IGNORE).sum() for _, y in group)
-        opt = torch.optim.SGD(common.trainable_state(model).values(), lr=0.0)
-        # record the gradient just before the (zero-lr) step clears it
-        loss = sum(model(x, targets=y) for x, y in group) / n
-        loss.backward()
-        grads.append({k: p.grad.clone() for k, p in common.trainable_state(model).items()})
-        opt.zero_grad()
-    for k in grads[0]:
-        torch.testing.assert_close(grads[0][k], grads[1][k], atol=1e-6, rtol=1e-4)
+    whole = [common.collate(ex, 0)]
+    n = sum((y != common.IGNORE).sum() for _, y in whole)
+    (sum(model(x, targets=y) for x, y in whole) / n).backward()
+    assert torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0) < 1.0
+    model.zero_grad(set_to_none=True)
+    after = {}
+    for name, group, divisor in [("accumulated", [common.collate(ex[:1], 0), common.collate(ex[1:], 0)], n),
+                                 ("one batch", whole, n),
+                                 ("mean per micro-batch", [common.collate(ex[:1], 0)], n / 4)]:
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(start[k])
+        opt = torch.optim.SGD(params.values(), lr=0.5)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        common.optimizer_step(model, opt, scaler, group, divisor, torch.device("cpu"), torch.float32)
+        after[name] = {k: p.detach().clone() for k, p in params.items()}
+    for k in start:
+        torch.testing.assert_close(after["accumulated"][k], after["one batch"][k], atol=1e-6, rtol=1e-4)
+    assert any(not torch.equal(after["one batch"][k], start[k]) for k in start)  # the step moved the weights
+    assert any(not torch.allclose(after["mean per micro-batch"][k], after["one batch"][k], atol=1e-5) for k in start)
+
+
+def test_train_accumulates_micro_batches_into_each_step(tiny, monkeypatch):
+    """train() with --grad-accum 2 takes steps of two micro-batches, normalized by the targets of both."""
+    model, _ = tiny
+    common.apply_lora(model, 4, 8)
+    steps = []
+    step = common.optimizer_step
+
+    def spy(net, opt, scaler, group, divisor, device, dtype):
+        steps.append((len(group), float(divisor), sum(int((y != common.IGNORE).sum()) for _, y in group)))
+        return step(net, opt, scaler, group, divisor, device, dtype)
+    monkeypatch.setattr(common, "optimizer_step", spy)
+    cfg = common.Config(epochs=1, batch_size=2, grad_accum=2, warmup_steps=0, eval_batch_size=4)
+    common.train(model, token_examples(12), token_examples(2, seed=1), cfg, 1e-3, torch.device("cpu"), torch.float32)
+    assert len(steps) == 3 and all(n == 2 and divisor == targets for n, divisor, targets in steps)
+
+
+@pytest.mark.parametrize("patience,epochs", [(0, 1), (3, 3)])
+def test_early_stopping_counts_epochs_without_improvement(tiny, patience, epochs):
+    """--patience 0 stops after the first epoch; otherwise a run ends after --epochs (here the loss keeps falling)."""
+    model, _ = tiny
+    common.apply_lora(model, 4, 8)
+    cfg = common.Config(epochs=3, patience=patience, batch_size=4, warmup_steps=0, eval_batch_size=4)
+    history = common.train(model, token_examples(8), token_examples(8), cfg, 1e-2, torch.device("cpu"),
+                           torch.float32)
+    assert len(history) == epochs
+
+
+@pytest.mark.parametrize("max_steps,epochs,expected", [(0, 10, (6, 60, 6)),
+                                                      (11, 10, (6, 11, 1)), (3, 10, (6, 3, 0)),
+                                                      (500, 2, (6, 12, 1)), (0, 100, (6, 600, 100))])
+def test_run_length_respects_max_steps_and_shortens_a_warmup_longer_than_the_run(max_steps, epochs, expected):
+    """The schedule (and the bar) ends where the run ends: at --max-steps or after --epochs, whichever is first; a
+    warmup of 100 steps in a run of 11 would never reach the peak learning rate, so it becomes a tenth of the run."""
+    cfg = common.Config(max_steps=max_steps, epochs=epochs, batch_size=4, warmup_steps=100)
+    assert common.run_length(cfg, 24) == expected
 
 
 def test_cached_features_give_the_loss_of_the_full_model(tiny):

@@ -1,0 +1,103 @@
+"""Writes that cannot fail late or half: outputs checked before the work, every file written atomically under a
+unique temporary name, and `import common` free of POSIX-only modules (issue 12, items 3 and 4)."""
+import ast
+import errno
+import json
+import os
+import sys
+import threading
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import common
+from conftest import ROOT, cli
+
+
+@pytest.fixture
+def base(tiny_dir, data_dir, tmp_path):
+    return ["--model", tiny_dir, "--data", data_dir, "--max-new-tokens", 4, "--test-size", 2, "--eval-batch-size",
+            2, "--batch-size", 4, "--max-steps", 2]
+
+
+@pytest.mark.parametrize("flag", ["--out", "--weights"])
+def test_an_output_that_cannot_be_written_fails_before_the_work(base, tmp_path, flag):
+    """A --out or --weights inside a path that is a file (as a read-only or missing disk would be) fails in seconds,
+    before any training step, and writes nothing."""
+    (tmp_path / "file").write_text("x")
+    target = tmp_path / "file" / ("runs" if flag == "--out" else "w.safetensors")
+    defaults = {"--out": tmp_path / "runs", "--weights": tmp_path / "w.safetensors"}
+    p = cli("main2.py", *base, *(x for f, v in (defaults | {flag: target}).items() for x in (f, v)), "--train")
+    folder = target if flag == "--out" else target.parent
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.strip() == f"error: cannot write to {folder}: {tmp_path / 'file'} is a file, not a folder"
+    assert "epoch" not in p.stdout and sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_a_failed_write_is_one_line_and_keeps_the_previous_file(base, tmp_path, monkeypatch):
+    """Disk full while writing the run record: one line, and the record of the previous run stays whole (never the
+    0-byte file that broke report.py); no temporary file is left."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "hard_prompt-24.json").write_text('{"old": true}')
+    replace = os.replace
+
+    def disk_full(src, dst):
+        if str(dst).endswith(".json"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        replace(src, dst)
+    monkeypatch.setattr(os, "replace", disk_full)
+    p = cli("main2.py", *base, "--out", runs, "--baseline")
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.strip() == f"error: cannot write {runs / 'hard_prompt-24.json'}: No space left on device"
+    assert json.loads((runs / "hard_prompt-24.json").read_text()) == {"old": True}
+    assert sorted(p.name for p in runs.iterdir()) == ["hard_prompt-24.json", "hard_prompt-24.predictions.jsonl"]
+
+
+def test_concurrent_writers_never_collide(tmp_path):
+    """Unique temporary names: four writers saving one checkpoint path 50 times each never fail (a fixed name made
+    44 of 6,400 concurrent saves fail), and the file is always whole."""
+    path, errors = tmp_path / "w.ckpt.safetensors", []
+
+    def writer(value):
+        try:
+            for _ in range(50):
+                common.write_safetensors(path, {"x": torch.full((256,), float(value))}, {"state": "{}"})
+                x = load_file(path)["x"]
+                assert (x == x[0]).all()
+        except Exception as e:  # noqa: BLE001 (collected for the assertion below)
+            errors.append(e)
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert [p.name for p in tmp_path.iterdir()] == ["w.ckpt.safetensors"]
+
+
+def test_exports_appear_whole_or_not_at_all(tmp_path, tiny_dir, monkeypatch):
+    model, tok = common.load_model(str(tiny_dir))
+    common.apply_lora(model, 2, 4)
+
+    def fail(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr("safetensors.torch.save_file", fail)
+    with pytest.raises(common.UsageError, match="cannot write .*adapter: No space left on device"):
+        common.export_peft(model, tmp_path / "adapter")
+    assert list(tmp_path.iterdir()) == []  # no half adapter folder, no temporary folder
+
+
+def test_import_common_needs_no_posix_only_module(monkeypatch, tmp_path):
+    """`import resource` at the top made `import common` fail on Windows: POSIX-only modules are imported where
+    they are used, and each use has a fallback."""
+    tree = ast.parse((ROOT / "common.py").read_text())
+    top = {alias.name.split(".")[0] for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))
+           for alias in node.names} | {node.module for node in tree.body if isinstance(node, ast.ImportFrom)}
+    assert not top & {"resource", "fcntl", "termios", "pwd", "grp", "posix"}
+    monkeypatch.setitem(sys.modules, "resource", None)  # as on Windows: importing it raises ImportError
+    monkeypatch.setitem(sys.modules, "fcntl", None)
+    assert common.peak_memory_mb(torch.device("cpu")) != common.peak_memory_mb(torch.device("cpu"))  # NaN: unknown
+    with common.weights_lock(tmp_path / "w.safetensors"):
+        assert list(tmp_path.iterdir()) == []  # no lock file: Windows has no flock (and no lock here)
