@@ -1,5 +1,7 @@
 """Our GPT-2 against transformers' GPT2LMHeadModel on the same weights (fp32)."""
+import pytest
 import torch
+import torch.nn.functional as F
 
 import common
 
@@ -77,3 +79,19 @@ def test_compiled_decode_follows_weight_changes(tiny):
     after = common.generate(model, prompts, 10, greedy=True)
     assert after != before  # the change matters ...
     assert common.generate(model, prompts, 10, greedy=True, compile=True) == after  # ... and the compiled step sees it
+
+
+@pytest.mark.parametrize("heads,kv_heads,T", [(4, 4, 1), (6, 2, 1), (6, 2, 5), (9, 3, 16)])
+def test_attend_equals_sdpa(heads, kv_heads, T):
+    """The cached path's attention (two matrix products per key/value head) is scaled_dot_product_attention with
+    grouped-query heads: query head h uses key/value head h // (heads / kv_heads), as transformers' repeat_kv."""
+    g = torch.Generator().manual_seed(heads + T)
+    B, S, D = 3, 40, 8
+    q, k, v = (torch.randn(B, h, n, D, generator=g) for h, n in ((heads, T), (kv_heads, S), (kv_heads, S)))
+    mask = torch.rand(B, 1, T, S, generator=g) < 0.6
+    mask[..., 0] = True  # every query sees something
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=kv_heads != heads)
+    torch.testing.assert_close(common.attend(q, k, v, mask), expected, atol=1e-6, rtol=1e-5)
+    bf16 = common.attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask)  # in bf16: within bf16's rounding
+    assert bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(bf16.float(), expected, atol=3e-2, rtol=3e-2)
