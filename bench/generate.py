@@ -20,8 +20,11 @@ command that installs them (benchmark-only dependencies: the scripts never impor
   python3 bench/generate.py --device cuda --model smollm2-shape --dtypes bf16 --compile --batches 8 64 \\
       --engines ours transformers
 
+Ours also runs as the scripts summarize (`generate_stream`: a row whose summary ends takes the next article) and
+transformers as its own continuous batching (`generate_batch`) when there are more articles than rows.
 Runs alternate engine by engine after a warm-up; medians of --runs. The last line is `speedup: X.XX`:
-transformers / ours, both in the precision `--dtype auto` picks on this machine, at the first batch size.
+transformers `generate` / ours as the scripts summarize, both in the precision `--dtype auto` picks on this
+machine, at the first batch size.
 """
 import argparse
 import copy
@@ -67,7 +70,8 @@ def make_prompts(args, n: int, vocab_size: int, tokenizer) -> list[list[int]]:
     return common.encode_prompts(rows, tokenizer, [], cfg, 10 ** 9)[0]
 
 
-# Engines. Each maker returns {row label: (precision, run)}; run(prompts, seed) -> the new tokens of each prompt.
+# Engines. Each maker returns {row label: (precision, run, continuous)}: run(prompts, seed) -> the new tokens of
+# each prompt of one batch; a continuous engine's run(prompts, batch) takes all prompts at once, `batch` rows busy.
 
 def ours_engines(hf, args, device, main_dtype, eos_id, lookup_stats: dict):
     """Our model in each of --dtypes, prepared as the scripts prepare it; with lookup in the main precision,
@@ -81,10 +85,18 @@ def ours_engines(hf, args, device, main_dtype, eos_id, lookup_stats: dict):
         def run(prompts, seed, m=m, lookup=0):
             return common.generate(m, prompts, args.new_tokens, seed=seed, eos_id=eos_id, compile=args.compile,
                                    lookup=lookup, stats=lookup_stats if lookup else None, **sampling(args))
-        out[f"ours {name}"] = (f"{name} weights and KV cache", run)
+        def stream(prompts, batch, m=m):  # as `summarize` runs it: longest first, a finished row takes the next
+            order = common.length_batches([len(p) for p in prompts], len(prompts))[0]
+            new = common.generate_stream(m, [prompts[i] for i in order], args.new_tokens, batch, eos_id=eos_id,
+                                         compile=args.compile, **sampling(args))
+            return [new[order.index(i)] for i in range(len(prompts))]
+        precision = f"{name} weights and KV cache"
+        out[f"ours {name}"] = (precision, run, False)
+        if DTYPES[name] == main_dtype:
+            out[f"ours {name}, continuous"] = (precision, stream, True)
         if DTYPES[name] == main_dtype and args.lookup:
-            out[f"ours {name}, lookup {args.lookup}"] = (f"{name} weights and KV cache",
-                                                         lambda p, s, run=run: run(p, s, lookup=args.lookup))
+            out[f"ours {name}, lookup {args.lookup}"] = (precision, lambda p, s, run=run: run(p, s, lookup=args.lookup),
+                                                         False)
     return out
 
 
@@ -110,10 +122,23 @@ def transformers_engines(hf, args, device, main_dtype, eos_id):
                                  pad_token_id=eos_id if eos_id is not None else 0, eos_token_id=eos_id,
                                  **fixed, **extra)[:, T:].tolist()
             return [r[:r.index(eos_id)] if eos_id in r else r for r in new]
-        out[f"transformers {name}"] = (f"{name} weights and KV cache", run)
+        def stream(prompts, batch, m=m):  # transformers' own continuous batching
+            from transformers import GenerationConfig
+            from transformers.generation import ContinuousBatchingConfig
+            config = GenerationConfig(max_new_tokens=args.new_tokens, eos_token_id=eos_id, pad_token_id=eos_id,
+                                      top_k=0, **(dict(do_sample=False) if args.greedy else
+                                                  dict(do_sample=True, temperature=0.9, top_p=0.9)))
+            done = m.generate_batch(prompts, generation_config=config, continuous_batching_config=
+                                    ContinuousBatchingConfig(max_requests_per_batch=batch, seed=0))
+            new = [done[f"req_{i}"].generated_tokens for i in range(len(prompts))]
+            return [r[:r.index(eos_id)] if eos_id in r else r for r in new]
+        precision = f"{name} weights and KV cache"
+        out[f"transformers {name}"] = (precision, run, False)
+        if DTYPES[name] == main_dtype and args.eos:  # it stops at EOS only
+            out[f"transformers {name}, continuous"] = (precision, stream, True)
         if DTYPES[name] == main_dtype and args.lookup:
-            out[f"transformers {name}, lookup {args.lookup}"] = (f"{name} weights and KV cache",
-                                                                 lambda p, s, run=run: run(p, s, lookup=args.lookup))
+            out[f"transformers {name}, lookup {args.lookup}"] = (precision, lambda p, s, run=run:
+                                                                 run(p, s, lookup=args.lookup), False)
     return out
 
 
@@ -152,7 +177,7 @@ def ctranslate2_engines(hf, tokenizer, args, device, eos_id, folder: Path):
                 [[vocab[t] for t in p] for p in prompts], max_length=args.new_tokens, include_prompt_in_result=False,
                 min_length=0 if args.eos else args.new_tokens, end_token=end if args.eos else [], **sampled)
             return [r.sequences_ids[0] for r in results]
-        out[f"CTranslate2 {kind}"] = (CT2_PRECISION[kind], run)
+        out[f"CTranslate2 {kind}"] = (CT2_PRECISION[kind], run, False)
     return out
 
 
@@ -214,7 +239,7 @@ def llama_cpp_engines(gguf: str, args, max_len: int, batch: int):
             L.llama_sampler_free(chain)
         return [r[:-1] if args.eos and L.llama_vocab_is_eog(vocab, r[-1]) else r for r in out]
     kind = path.stem.rsplit(".", 1)[-1] if "." in path.stem else "GGUF"
-    return {f"llama.cpp {kind}": (f"{kind} weights, f16 KV cache", run)}
+    return {f"llama.cpp {kind}": (f"{kind} weights, f16 KV cache", run, False)}
 
 
 def sampling(args) -> dict:
@@ -292,31 +317,33 @@ def main():
     for batch in args.batches:
         prompts = make_prompts(args, args.articles or batch, hf.config.vocab_size, tokenizer)
         chunks = [[prompts[i] for i in c] for c in common.length_batches([len(p) for p in prompts], batch)]
-        here = {name: e for name, e in engines.items() if batch == 1 or not name.startswith("transformers") or
-                "lookup" not in name}  # transformers' prompt lookup takes one row at a time
+        here = {name: e for name, e in engines.items()  # transformers' prompt lookup takes one row at a time;
+                if (batch == 1 or not name.startswith("transformers") or "lookup" not in name)  # continuous
+                and (len(prompts) > batch or not e[2])}  # batching needs more prompts than rows
         if "llama.cpp" in args.engines and gguf:
             max_len = max(map(len, prompts)) + args.new_tokens
             here |= optional("llama.cpp", lambda: llama_cpp_engines(gguf, args, max_len, batch))
 
-        def run_all(run):
-            new = [row for i, c in enumerate(chunks) for row in run(c, i * batch)]
+        def run_all(run, continuous):
+            new = run(prompts, batch) if continuous else \
+                [row for i, c in enumerate(chunks) for row in run(c, i * batch)]
             assert args.eos or all(len(r) == args.new_tokens for r in new), [len(r) for r in new]
             return sum(map(len, new))
 
-        for _, run in here.values():  # warm-up (and compile)
-            run_all(run)
+        for _, run, continuous in here.values():  # warm-up (and compile)
+            run_all(run, continuous)
         lookup_stats.clear()
         times, tokens = {name: [] for name in here}, {name: [] for name in here}
         for _ in range(args.runs):
-            for name, (_, run) in here.items():
+            for name, (_, run, continuous) in here.items():
                 synchronize(device)
                 t = time.perf_counter()
-                tokens[name].append(run_all(run))
+                tokens[name].append(run_all(run, continuous))
                 synchronize(device)
                 times[name].append(time.perf_counter() - t)
-        for name, (precision, _) in here.items():
+        for name, (precision, *_) in here.items():
             results.append(dict(batch=batch, engine=name, precision=precision, seconds=statistics.median(times[name]),
-                                tokens=statistics.median(tokens[name])))
+                                tokens=statistics.median(tokens[name]), articles=len(prompts)))
             print(f"batch {batch}: {name}: {[round(x, 2) for x in times[name]]} s, {tokens[name]} new tokens",
                   flush=True)
         if lookup_stats.get("row_steps"):
@@ -331,17 +358,24 @@ def main():
           f"{'greedy' if args.greedy else 'temperature 0.9, top-p 0.9'}; "
           f"{f'up to {args.new_tokens} new tokens, stopping at EOS' if args.eos else f'{args.new_tokens} new tokens'};"
           f" compile {args.compile}; median of {args.runs}")
-    print("| batch | engine | precision | time (s) | new tokens | tokens/s | ours " + main_name + " is x faster |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"| batch | engine | precision | time (s) | new tokens | tokens/s | articles/s | ours {main_name} is x "
+          "faster |\n|---|---|---|---|---|---|---|---|")
     for r in results:
         ours = next((o for o in results if o["batch"] == r["batch"] and o["engine"] == f"ours {main_name}"), None)
         faster = f"{r['seconds'] / ours['seconds']:.2f}" if ours else "-"
         print(f"| {r['batch']} | {r['engine']} | {r['precision']} | {r['seconds']:.2f} | {r['tokens']:.0f} | "
-              f"{r['tokens'] / r['seconds']:.1f} | {faster} |")
-    first = [r for r in results if r["batch"] == args.batches[0]]
-    t = {r["engine"]: r["seconds"] for r in first}
-    if f"ours {main_name}" in t and f"transformers {main_name}" in t:
-        print(f"speedup: {t[f'transformers {main_name}'] / t[f'ours {main_name}']:.2f}")
+              f"{r['tokens'] / r['seconds']:.1f} | {r['articles'] / r['seconds']:.2f} | {faster} |")
+    best = max((r for r in results if r["engine"].startswith(f"ours {main_name}") and "lookup" not in r["engine"]),
+               key=lambda r: r["articles"] / r["seconds"], default=None)
+    if best:
+        print(f"3,000 articles at {best['articles'] / best['seconds']:.2f} articles/s ({best['engine']}, batch "
+              f"{best['batch']}): {3000 * best['seconds'] / best['articles']:.0f} s")
+    t = {r["engine"]: r["seconds"] for r in results if r["batch"] == args.batches[0]}
+    ours = f"ours {main_name}, continuous" if f"ours {main_name}, continuous" in t else f"ours {main_name}"
+    if ours in t and f"transformers {main_name}" in t:
+        print(f"speedup = transformers {main_name} (generate, batches of {args.batches[0]}) / {ours} (as the scripts "
+              f"summarize), at batch {args.batches[0]}")
+        print(f"speedup: {t[f'transformers {main_name}'] / t[ours]:.2f}")
 
 
 if __name__ == "__main__":
