@@ -1,4 +1,6 @@
 """Our GPT-2 against transformers' GPT2LMHeadModel on the same weights (fp32)."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -95,3 +97,35 @@ def test_attend_equals_sdpa(heads, kv_heads, T):
     bf16 = common.attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask)  # in bf16: within bf16's rounding
     assert bf16.dtype == torch.bfloat16
     torch.testing.assert_close(bf16.float(), expected, atol=3e-2, rtol=3e-2)
+
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+
+
+@needs_onednn
+def test_packed_linear_gives_the_bits_of_nn_linear_in_bf16(tiny):
+    """prepare_inference packs a bf16 model's weights for oneDNN on the CPU: the same bits out, layer and model."""
+    model, _ = tiny
+    g = torch.Generator().manual_seed(0)
+    for bias in (True, False):
+        linear = torch.nn.Linear(32, 48, bias=bias).bfloat16()
+        for shape in ((5, 32), (3, 7, 32)):
+            x = torch.randn(*shape, generator=g).bfloat16()
+            assert torch.equal(common.PackedLinear(linear)(x), linear(x))
+    model.eval().to(torch.bfloat16)
+    packed = common.pack_linears(copy.deepcopy(model))
+    assert all(isinstance(m, common.PackedLinear) for m in (packed.lm_head, packed.blocks[0].attn.c_attn))
+    idx = torch.randint(0, model.config.vocab_size, (2, 30), generator=g)
+    with torch.no_grad():
+        assert torch.equal(packed(idx), model(idx))
+    prompts = [[5, 6, 7], list(range(10, 50))]
+    assert common.generate(packed, prompts, 12, seed=1) == common.generate(model, prompts, 12, seed=1)
+
+
+@needs_onednn
+def test_prepare_inference_packs_bf16_on_the_cpu_only(tiny):
+    model, _ = tiny
+    common.prepare_inference(model, torch.float32)
+    assert type(model.lm_head) is torch.nn.Linear
+    common.prepare_inference(model, torch.bfloat16)
+    assert isinstance(model.lm_head, common.PackedLinear) and model.wte.weight.dtype == torch.bfloat16
