@@ -90,7 +90,8 @@ class Config:
     compile: bool | None = arg(None, "torch.compile the model (default: on with CUDA)")
     device: str = arg("auto", "auto|cpu|cuda|cuda:N")
     seed: int = arg(0, "seed of initialization, data order and sampling")
-    eval_batch_size: int = arg(16, "articles summarized at once")
+    eval_batch_size: int = arg(16, "articles summarized at once (0: on a GPU as many as fit in its free memory, on "
+                                   "a CPU 16), and validation examples per batch (0: --batch-size)")
     max_new_tokens: int = arg(144, "longest generated summary, in tokens")
     temperature: float = arg(0.9, "sampling temperature (> 0)")
     top_p: float = arg(0.9, "nucleus sampling mass, in (0, 1]")
@@ -158,10 +159,10 @@ def check_config(cfg: Config, hp) -> None:
     flag = lambda name: "--" + name.replace("_", "-")
     for name in ("train_size", "val_size", "test_size", "epochs", "max_steps", "warmup_steps", "max_summary_tokens",
                  "save_every", "patience", "baseline_prompt_tokens", "max_article_tokens", "lookup", "seed",
-                 "data_seed"):
+                 "data_seed", "eval_batch_size"):
         if getattr(cfg, name) < 0:
             raise UsageError(f"{flag(name)} must be >= 0")
-    for name in ("batch_size", "grad_accum", "eval_batch_size", "max_new_tokens"):
+    for name in ("batch_size", "grad_accum", "max_new_tokens"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"{flag(name)} must be >= 1")
     if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
@@ -571,12 +572,30 @@ class Attention(nn.Module):
         q, k, v = (t.view(B, T, -1, D).transpose(1, 2) for t in (q, k, v))  # (B, heads, T, D)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
-        if slots is not None:
-            k, v = self.cache.update(slots, k, v)  # (B, K, max_len, D): the cache holds only the K key/value heads
-            k, v = k.to(q.dtype), v.to(q.dtype)
-        # grouped-query attention: each group of H / K query heads shares one key/value head
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=K != H)
+        if slots is None:  # training: causal attention over this input alone
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=mask is None, attn_mask=mask, enable_gqa=K != H)
+        else:  # with the KV cache, over the slots the mask covers: (B, K, S, D), only the K key/value heads
+            k, v = (t[:, :, :mask.shape[-1]].to(q.dtype) for t in self.cache.update(slots, k, v))
+            y = attend(q, k, v, mask) if T <= FEW_QUERIES else \
+                F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=K != H)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, H * D))
+
+
+FEW_QUERIES = 16  # new tokens per row up to which cached attention is two matrix products (decode, verify)
+
+
+def attend(q, k, v, mask):
+    """Attention of a few queries q (B, H, T, D) over keys and values k, v (B, K, S, D), masked by `mask`
+    (B, 1, T, S), True where a query may attend: the same as scaled_dot_product_attention with enable_gqa, as two
+    matrix products per key/value head, each with its group of G = H / K query heads (G · T rows), softmax in
+    float32. A decode step is bound by reading the cache; this reads it once, in the model's precision, where the
+    CPU's SDPA kernel took 30x longer in bf16 (measured: 31 vs 0.9 ms per layer at batch 8, 700 slots)."""
+    B, H, T, D = q.shape
+    K, S = k.shape[1], k.shape[2]
+    scores = q.reshape(B, K, H // K * T, D) @ k.transpose(-1, -2)  # (B, K, G·T, S): query head h uses k/v head h // G
+    scores = scores.float().view(B, K, H // K, T, S).mul_(D ** -0.5).masked_fill_(~mask[:, :, None], -math.inf)
+    probs = torch.softmax(scores, dim=-1).to(v.dtype).view(B, K, H // K * T, S)
+    return (probs @ v).view(B, H, T, D)
 
 
 class MLP(nn.Module):
@@ -666,6 +685,38 @@ class GPT(nn.Module):
     def clear_cache(self) -> None:
         for block in self.blocks:
             block.attn.cache = None
+
+
+class PackedLinear(nn.Module):
+    """An inference-only nn.Linear for bf16 on the CPU, its weight packed once into oneDNN's blocked layout, the
+    layout oneDNN's bf16 kernels compute in. nn.Linear hands oneDNN the plain weight, which it repacks at every
+    call, so a decode step reads each weight twice and writes it once; packed, it reads it once: the same bits
+    out (tested), and a SmolLM2 decode step at batch 8 measured ~1.4x faster."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach()),
+                             persistent=False)
+        self.bias = linear.bias
+
+    def forward(self, x):
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+
+def can_pack(model: GPT) -> bool:
+    w = model.lm_head.weight
+    return (w.device.type == "cpu" and w.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+def pack_linears(model: GPT) -> GPT:
+    """Every nn.Linear of a bf16 model on the CPU becomes a PackedLinear (after merge_lora: for inference only; a
+    tied LM head gets a packed copy of the embeddings, which the input lookup keeps using)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, PackedLinear(module))
+    return model
 
 
 SUPPORTED = ("GPT-2 (gpt2, distilgpt2, gpt2-medium, ...) and Llama (SmolLM2, TinyLlama, Llama 2, ...; "
@@ -1044,7 +1095,7 @@ def evaluate_loss(model: GPT, examples, cfg: Config, device, dtype) -> float:
     """Mean loss per target token over `examples`."""
     from tqdm import tqdm
     total, count = torch.zeros((), device=device), 0
-    batches = length_batches([example_len(e) for e in examples], cfg.eval_batch_size)
+    batches = length_batches([example_len(e) for e in examples], cfg.eval_batch_size or cfg.batch_size)
     for idx in tqdm(batches, desc="validation", unit="batch", file=sys.stdout, leave=False, mininterval=1.0):
         x, y, _ = batch_of([examples[i] for i in idx])
         x, y = x.to(device), y.to(device)
@@ -1078,7 +1129,7 @@ def cache_features(model: GPT, examples, cfg: Config, device, dtype):
     768 take ~2 GB in bf16, which fits in memory."""
     from tqdm import tqdm
     out = [None] * len(examples)
-    batches = length_batches([example_len(e) for e in examples], cfg.eval_batch_size)
+    batches = length_batches([example_len(e) for e in examples], cfg.eval_batch_size or cfg.batch_size)
     for idx in tqdm(batches, desc="body features", unit="batch", file=sys.stdout, leave=False, mininterval=1.0):
         x, y = (t.to(device) for t in collate([examples[i] for i in idx]))
         with autocast(device, dtype):
@@ -1481,17 +1532,44 @@ def sample(probs, generator: torch.Generator):
 def prefill(model: GPT, idx, pos, valid):
     """Run the left-padded prompts idx (B, T) at positions pos (B, T) through the model, filling cache slots
     0..T-1; `valid` (B, S) marks the cache slots that hold real tokens. Returns the last position's logits (B, V),
-    computing the LM head only there. A pad query attends to itself only, which keeps its softmax finite."""
-    T, S = idx.shape[1], valid.shape[1]
-    causal = torch.ones(T, S, dtype=torch.bool, device=idx.device).tril()
-    mask = causal & (valid[:, None, :] | torch.eye(T, S, dtype=torch.bool, device=idx.device))  # (B, T, S)
+    computing the LM head only there. A pad query attends to itself only, which keeps its softmax finite; no
+    query attends past slot T - 1, so attention covers slots 0..T-1 only."""
+    T = idx.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+    mask = causal & (valid[:, None, :T] | torch.eye(T, dtype=torch.bool, device=idx.device))  # (B, T, T)
     h = model.hidden(idx, pos, mask[:, None], torch.arange(T, device=idx.device))
     return model.lm_head(h[:, -1])
 
 
+def prefill_rows(model: GPT, prompts: list[list[int]], rows, valid):
+    """Prefill `prompts` into rows `rows` (n,) of the KV cache, each prompt at slots 0..len-1 and its tokens at
+    positions 0..len-1, and mark those slots in `valid` (B, S) (the rest of each row: not valid). Returns each
+    prompt's last logits (n, V). The prompts run right-padded as a batch of their own, with a cache of their own
+    that is then copied into the rows: a pad after a prompt is never seen by it (causal), and its stale slots are
+    masked until the row's new tokens overwrite them."""
+    device = valid.device
+    n, T = len(prompts), max(map(len, prompts))
+    idx = torch.tensor([p + [0] * (T - len(p)) for p in prompts], device=device)
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    shared = [block.attn.cache for block in model.blocks]
+    model.setup_cache(n, T)
+    try:
+        at = torch.arange(T, device=device)
+        causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()[None, None]
+        h = model.hidden(idx, at.expand(n, T), causal, at)
+        for block, cache in zip(model.blocks, shared):
+            cache.k[rows, :, :T], cache.v[rows, :, :T] = block.attn.cache.k, block.attn.cache.v
+    finally:
+        for block, cache in zip(model.blocks, shared):
+            block.attn.cache = cache
+    valid[rows] = False
+    valid[rows, :T] = at < lengths[:, None]
+    return model.lm_head(h[torch.arange(n, device=device), lengths - 1])
+
+
 def decode_step(model: GPT, token, pos, valid, slot):
-    """One new token per row, token (B,) at positions pos (B,), written to cache slot `slot` (1,) whose `valid`
-    entry must already be set. Returns logits (B, V)."""
+    """One new token per row, token (B,) at positions pos (B,), written to cache slot `slot`: (1,) for every row,
+    or (B, 1) each row its own; the `valid` entries must already be set. Returns logits (B, V)."""
     return model(token[:, None], pos[:, None], valid[:, None, None, :], slot)[:, -1]
 
 
@@ -1687,6 +1765,94 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, tempe
     return rows
 
 
+@torch.no_grad()
+def generate_stream(model: GPT, prompts: list[list[int]], max_new_tokens: int, batch_size: int, *,
+                    temperature: float = 0.9, top_p: float = 0.9, top_k: int = 0, greedy: bool = False,
+                    seed: int = 0, eos_id: int | None = None, compile: bool = False,
+                    stats: dict | None = None, progress=None) -> list[list[int]]:
+    """New tokens for each of many prompts, as `generate` gives them, decoded batch_size rows at a time, where a row
+    whose summary ends (EOS or max_new_tokens) takes the next prompt at once (continuous batching): no step is
+    spent on a finished row while prompts remain. With whole batches, each batch decodes until its longest summary
+    ends: a third of the row-steps of SmolLM2's LoRA summaries in batches of 8 went to finished rows. Each row
+    decodes as it would alone: its prompt at cache slots 0..len-1 (`prefill_rows`), then its new tokens, each
+    row at its own position and slot. `stats`, if given, receives the decoding steps, the row-steps spent on
+    unfinished rows ("busy") and the articles per second; `progress` (a tqdm bar), one update per summary."""
+    check_sampling(temperature, top_p, top_k)
+    device = model.lm_head.weight.device
+    B = min(batch_size, len(prompts))
+    S = max(map(len, prompts)) + max_new_tokens
+    if S > model.config.n_positions:
+        raise UsageError(f"{S - max_new_tokens} prompt + {max_new_tokens} new tokens exceed the "
+                         f"{model.config.n_positions}-token context")
+    if compile:  # few cache lengths, so that few shapes are compiled
+        S = min(-(-S // 64) * 64, model.config.n_positions)
+    step = compiled_decode_step(device.type) if compile else decode_step
+    gen = torch.Generator(device).manual_seed(seed)
+
+    def next_token(logits):
+        return logits.argmax(-1) if greedy else sample(logits_to_probs(logits, temperature, top_p, top_k), gen)
+
+    out: list[list[int]] = [[] for _ in prompts]
+    queue = list(range(len(prompts)))[::-1]  # pop() takes the first prompt first
+    owner = [-1] * B  # the prompt each row is summarizing (-1: none left)
+    valid = torch.zeros(B, S, dtype=torch.bool, device=device)
+    pointer = torch.zeros(B, dtype=torch.long, device=device)  # each row's next slot, and its next position
+    token = torch.zeros(B, dtype=torch.long, device=device)
+    stats = {} if stats is None else stats
+    stats.update(steps=0, busy=0)
+    start = time.perf_counter()
+
+    def done(r: int) -> bool:
+        o = out[owner[r]]
+        return len(o) == max_new_tokens or o[-1] == eos_id
+
+    def refill(rows: list[int]) -> None:
+        """Give each of `rows` the next prompt, again and again while a first token ends its summary at once."""
+        while rows:
+            rows, idle = rows[:len(queue)], rows[len(queue):]
+            for r in idle:  # no prompt left: the row attends to its slot 0 alone until the others end
+                owner[r] = -1
+                valid[r], valid[r, 0], pointer[r] = False, True, 0
+            if not rows:
+                return
+            for r in rows:
+                owner[r] = queue.pop()
+            index = torch.tensor(rows, device=device)
+            first = next_token(prefill_rows(model, [prompts[owner[r]] for r in rows], index, valid))
+            pointer[index], token[index] = valid[index].sum(-1), first
+            for r, t in zip(rows, first.tolist()):
+                out[owner[r]].append(t)
+            rows = [r for r in rows if done(r)]
+            if progress is not None:
+                progress.update(len(rows))
+
+    model.setup_cache(B, S)
+    try:
+        refill(list(range(B)))
+        while any(o >= 0 for o in owner):
+            valid[torch.arange(B, device=device), pointer] = True
+            token = next_token(step(model, token, pointer, valid, pointer[:, None]))
+            pointer = torch.where(torch.tensor([o >= 0 for o in owner], device=device), pointer + 1, 0)
+            stats["steps"] += 1
+            finished = []
+            for r, t in enumerate(token.tolist()):  # a host sync per step, to refill rows at once
+                if owner[r] >= 0:
+                    out[owner[r]].append(t)
+                    stats["busy"] += 1
+                    if done(r):
+                        finished.append(r)
+            if progress is not None:
+                progress.update(len(finished))
+            refill(finished)
+    finally:
+        if not compile:  # the compiled step keeps its cache, so a CUDA graph replays on the same buffers
+            model.clear_cache()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    stats["articles_per_second"] = len(prompts) / (time.perf_counter() - start)
+    return [o[:o.index(eos_id)] if eos_id in o else o for o in out]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Evaluation: generate summaries for the test set, score with ROUGE.
 
@@ -1737,27 +1903,58 @@ def lead_3(article: str) -> str:
     return "\n".join(split_sentences(article).splitlines()[:3])
 
 
+def summary_batch_size(model: GPT, cfg: Config, n_slots: int) -> int:
+    """--eval-batch-size, or for 0: on a GPU the most rows (up to 512) whose KV cache of n_slots slots and whose
+    share of the prefill fit in 3/4 of its free memory; on a CPU 16, where a larger batch gains little (each row
+    adds the reading of its own cache to every step, and the prefill is compute-bound)."""
+    if cfg.eval_batch_size:
+        return cfg.eval_batch_size
+    device = model.lm_head.weight.device
+    if device.type != "cuda":
+        return 16
+    c, size = model.config, model.lm_head.weight.element_size()
+    cache = 2 * c.n_layer * c.n_kv_head * n_slots * c.head_dim * size
+    # the prefill's largest activations of a row: the MLP's hidden layer, q/k/v, the T x T mask, the last logits
+    prefill = n_slots * (3 * c.n_inner + 4 * c.n_embd) * size + 2 * n_slots ** 2 + 4 * 4 * c.vocab_size
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(max(1, min(512, 0.75 * free // (cache + prefill))))
+
+
 def summarize(model: GPT, tokenizer, rows: list[dict], cfg: Config) -> list[str]:
-    """Generated summaries (the new tokens only, never the article), in the order of `rows`. Articles of similar
-    length share a batch, so batches carry little padding."""
+    """Generated summaries (the new tokens only, never the article), in the order of `rows`. Without lookup, one
+    stream (`generate_stream`): a row whose summary ends takes the next article, longest articles first; with
+    lookup, batches of articles of similar length. Prints the articles per second."""
     prompts, n_cut = encode_prompts(rows, tokenizer, model.prompt_ids, cfg, model.config.n_positions)
     if n_cut:
         limit = f"{cfg.max_article_tokens} tokens or " if cfg.max_article_tokens else ""
         print(f"{n_cut} of {len(rows)} articles truncated to {limit}fit the {model.config.n_positions}-token context "
               f"with {cfg.max_new_tokens} tokens left for the summary")
-    out: list[str] = [""] * len(prompts)
+    batch = summary_batch_size(model, cfg, max(map(len, prompts)) + cfg.max_new_tokens)
+    sampling = dict(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, greedy=cfg.greedy,
+                    eos_id=tokenizer.eos_token_id, compile=cfg.compile)
+    new: list[list[int]] = [[] for _ in prompts]
+    stats, start = {}, time.perf_counter()
     from tqdm import tqdm
-    chunks = length_batches([len(p) for p in prompts], cfg.eval_batch_size)
     with tqdm(total=len(prompts), desc="summarizing", unit="article", file=sys.stdout, mininterval=1.0,
-              disable=len(prompts) == 1) as bar:  # counts articles, so its rate and ETA are per article
-        for b, chunk in enumerate(chunks):
-            new = generate(model, [prompts[i] for i in chunk], cfg.max_new_tokens, temperature=cfg.temperature,
-                           top_p=cfg.top_p, top_k=cfg.top_k, greedy=cfg.greedy, seed=cfg.seed + b * cfg.eval_batch_size,
-                           eos_id=tokenizer.eos_token_id, compile=cfg.compile, lookup=cfg.lookup)
-            for i, ids in zip(chunk, new):
-                out[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
-            bar.update(len(chunk))
-    return out
+              disable=len(prompts) == 1) as bar:
+        if cfg.lookup:
+            for b, chunk in enumerate(length_batches([len(p) for p in prompts], batch)):
+                out = generate(model, [prompts[i] for i in chunk], cfg.max_new_tokens, seed=cfg.seed + b * batch,
+                               lookup=cfg.lookup, **sampling)
+                for i, ids in zip(chunk, out):
+                    new[i] = ids
+                bar.update(len(chunk))
+        else:
+            order = length_batches([len(p) for p in prompts], len(prompts))[0]  # longest first
+            out = generate_stream(model, [prompts[i] for i in order], cfg.max_new_tokens, batch, seed=cfg.seed,
+                                  stats=stats, progress=bar, **sampling)
+            for i, ids in zip(order, out):
+                new[i] = ids
+    seconds = time.perf_counter() - start
+    busy = f"; {stats['busy'] / (stats['steps'] * batch):.0%} of the decoding row-steps were busy" if stats else ""
+    print(f"summarized {len(prompts)} articles in {seconds:.1f} s, {len(prompts) / seconds:.2f} articles/s "
+          f"(batch {batch}, {sum(map(len, new)) / seconds:.1f} new tokens/s{busy})")
+    return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in new]
 
 
 @torch.no_grad()
@@ -2340,9 +2537,11 @@ def export_weights(method, model: GPT, tokenizer, cfg: Config, hp, dtype, record
 
 def prepare_inference(model: GPT, dtype: torch.dtype) -> None:
     """Merge LoRA (zero inference overhead), eval mode, and weights in the run's precision: bf16 or fp16 weights
-    halve the bytes every decode step reads."""
+    halve the bytes every decode step reads; in bf16 on the CPU, packed for oneDNN (`PackedLinear`)."""
     merge_lora(model)
     model.eval().to(dtype)
+    if can_pack(model):
+        pack_linears(model)
 
 
 def read_article(source: str) -> str:

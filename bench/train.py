@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
+from shapes import load_hf  # noqa: E402
 
 METHODS = ("prompt_tuning", "last_layer", "lora")
 ARTICLES, SUMMARIES = (812, 790, 764, 835), (58, 64, 55, 62)
@@ -33,23 +34,6 @@ ARTICLES, SUMMARIES = (812, 790, 764, 835), (58, 64, 55, 62)
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-SHAPES = {  # random weights of these shapes
-    "gpt2-shape": common.GPTConfig(),
-    "smollm2-shape": common.GPTConfig("llama", vocab_size=49152, n_positions=8192, n_layer=30, n_head=9, n_embd=576,
-                                      n_kv_head=3, head_dim=64, n_inner=1536, rope_theta=100000.0),
-}
-
-
-def load_hf(name: str):
-    """The transformers model both sides start from."""
-    from transformers import AutoModelForCausalLM
-    torch.manual_seed(0)
-    if name in SHAPES:
-        return AutoModelForCausalLM.from_config(common.hf_config(SHAPES[name])).eval()
-    folder, extra = common.model_source(name)
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **extra).eval()
 
 
 def batch_rows(vocab: int, prompt_ids=()):

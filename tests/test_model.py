@@ -1,5 +1,9 @@
 """Our GPT-2 against transformers' GPT2LMHeadModel on the same weights (fp32)."""
+import copy
+
+import pytest
 import torch
+import torch.nn.functional as F
 
 import common
 
@@ -77,3 +81,51 @@ def test_compiled_decode_follows_weight_changes(tiny):
     after = common.generate(model, prompts, 10, greedy=True)
     assert after != before  # the change matters ...
     assert common.generate(model, prompts, 10, greedy=True, compile=True) == after  # ... and the compiled step sees it
+
+
+@pytest.mark.parametrize("heads,kv_heads,T", [(4, 4, 1), (6, 2, 1), (6, 2, 5), (9, 3, 16)])
+def test_attend_equals_sdpa(heads, kv_heads, T):
+    """The cached path's attention (two matrix products per key/value head) is scaled_dot_product_attention with
+    grouped-query heads: query head h uses key/value head h // (heads / kv_heads), as transformers' repeat_kv."""
+    g = torch.Generator().manual_seed(heads + T)
+    B, S, D = 3, 40, 8
+    q, k, v = (torch.randn(B, h, n, D, generator=g) for h, n in ((heads, T), (kv_heads, S), (kv_heads, S)))
+    mask = torch.rand(B, 1, T, S, generator=g) < 0.6
+    mask[..., 0] = True  # every query sees something
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=kv_heads != heads)
+    torch.testing.assert_close(common.attend(q, k, v, mask), expected, atol=1e-6, rtol=1e-5)
+    bf16 = common.attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask)  # in bf16: within bf16's rounding
+    assert bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(bf16.float(), expected, atol=3e-2, rtol=3e-2)
+
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+
+
+@needs_onednn
+def test_packed_linear_gives_the_bits_of_nn_linear_in_bf16(tiny):
+    """prepare_inference packs a bf16 model's weights for oneDNN on the CPU: the same bits out, layer and model."""
+    model, _ = tiny
+    g = torch.Generator().manual_seed(0)
+    for bias in (True, False):
+        linear = torch.nn.Linear(32, 48, bias=bias).bfloat16()
+        for shape in ((5, 32), (3, 7, 32)):
+            x = torch.randn(*shape, generator=g).bfloat16()
+            assert torch.equal(common.PackedLinear(linear)(x), linear(x))
+    model.eval().to(torch.bfloat16)
+    packed = common.pack_linears(copy.deepcopy(model))
+    assert all(isinstance(m, common.PackedLinear) for m in (packed.lm_head, packed.blocks[0].attn.c_attn))
+    idx = torch.randint(0, model.config.vocab_size, (2, 30), generator=g)
+    with torch.no_grad():
+        assert torch.equal(packed(idx), model(idx))
+    prompts = [[5, 6, 7], list(range(10, 50))]
+    assert common.generate(packed, prompts, 12, seed=1) == common.generate(model, prompts, 12, seed=1)
+
+
+@needs_onednn
+def test_prepare_inference_packs_bf16_on_the_cpu_only(tiny):
+    model, _ = tiny
+    common.prepare_inference(model, torch.float32)
+    assert type(model.lm_head) is torch.nn.Linear
+    common.prepare_inference(model, torch.bfloat16)
+    assert isinstance(model.lm_head, common.PackedLinear) and model.wte.weight.dtype == torch.bfloat16

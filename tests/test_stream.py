@@ -1,0 +1,61 @@
+"""Continuous batching (generate_stream): each row decodes as it would alone while rows end at different steps and
+take the next prompt; the articles-per-second report and the evaluation batch size."""
+import pytest
+import torch
+
+import common
+from test_speculative import copying_model
+
+
+def prompts_of(model, lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, model.config.vocab_size, (n,), generator=g).tolist() for n in lengths]
+
+
+def alone(model, prompts, n, eos_id=None):
+    return [common.generate(model, [p], n, greedy=True, eos_id=eos_id)[0] for p in prompts]
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_stream_gives_each_prompt_the_tokens_it_gets_alone(batch_size):
+    """Rows end at different steps (the token that ends most summaries at distinct lengths plays EOS), take the
+    next prompt, and every summary equals greedy decoding of its prompt alone, in the order of the prompts."""
+    model, _ = copying_model(400, sharpness=1.0)  # its greedy tokens wander (chains of a permutation), not loop
+    prompts = prompts_of(model, (3, 60, 17, 100, 5, 33, 2))
+    free = alone(model, prompts, 20)
+    eos = max({t for o in free for t in o}, key=lambda t: len({o.index(t) if t in o else 20 for o in free}))
+    stats = {}
+    out = common.generate_stream(model, prompts, 20, batch_size, greedy=True, eos_id=eos, stats=stats)
+    assert out == alone(model, prompts, 20, eos_id=eos)
+    assert len({len(o) for o in out}) >= 4  # summaries of several lengths: rows were refilled mid-stream
+    busy_rows = sum(min(len(o) + 1, 20) for o in out) - len(out)  # tokens after the first, one per busy row-step
+    assert stats["busy"] == busy_rows and stats["steps"] * min(batch_size, len(prompts)) >= busy_rows
+    assert stats["articles_per_second"] > 0
+
+
+def test_stream_with_a_llama_and_a_first_token_that_ends_the_summary(llama_dir):
+    model, _ = common.load_model(str(llama_dir))
+    prompts = prompts_of(model, (9, 40, 4, 25, 12), seed=1)
+    free = alone(model, prompts, 12)
+    eos = free[2][0]  # the third prompt's summary ends at once: its row takes the next prompt before any step
+    out = common.generate_stream(model, prompts, 12, 2, greedy=True, eos_id=eos)
+    assert out == alone(model, prompts, 12, eos_id=eos) and out[2] == []
+
+
+def test_stream_exact_lengths_and_compiled_step(tiny):
+    model, _ = tiny
+    prompts = prompts_of(model, (7, 30, 2, 18))
+    eager = common.generate_stream(model, prompts, 9, 3, greedy=True)
+    assert eager == alone(model, prompts, 9)
+    assert common.generate_stream(model, prompts, 9, 3, greedy=True, compile=True) == eager
+    sampled = common.generate_stream(model, prompts, 9, 3, seed=1)
+    assert [len(o) for o in sampled] == [9] * 4 and sampled == common.generate_stream(model, prompts, 9, 3, seed=1)
+
+
+def test_summary_batch_size(tiny):
+    model, _ = tiny
+    assert common.summary_batch_size(model, common.Config(eval_batch_size=5), 100) == 5
+    assert common.summary_batch_size(model, common.Config(eval_batch_size=0), 100) == 16  # on a CPU
+    common.check_config(common.Config(eval_batch_size=0), type("hp", (), {})())
+    with pytest.raises(common.UsageError):
+        common.check_config(common.Config(eval_batch_size=-1), type("hp", (), {})())
