@@ -259,23 +259,27 @@ class Report:
         return rows
 
     def differences(self) -> list[str]:
-        """Paired-bootstrap differences in ROUGE-Lsum between each method and each baseline, and between methods,
-        on the same test articles; significant where the 95 % interval excludes zero."""
+        """Paired-bootstrap differences in ROUGE-Lsum on the same test articles, significant where the 95 % interval
+        excludes zero: each method against each baseline and each other method, then each run of a variant
+        (greedy decoding, another learning rate) against the run it varies."""
         names = [n for n in LABELS if n in self.runs and scores(self.runs[n], "rougeLsum")]
-        lines = []
-        for i, a in enumerate(names):
-            for b in names[:i]:
-                if a not in METHODS:
-                    continue
-                ids_a = {e["id"]: e["rougeLsum"] for e in self.runs[a]["examples"]}
-                ids_b = {e["id"]: e["rougeLsum"] for e in self.runs[b]["examples"]}
-                common_ids = sorted(ids_a.keys() & ids_b.keys())
-                if not common_ids:
-                    continue
-                mean, lo, hi = paired_difference([ids_a[k] for k in common_ids], [ids_b[k] for k in common_ids])
-                verdict = "**significant**" if lo > 0 or hi < 0 else "not significant"
-                lines.append(f"- {LABELS[a]} − {LABELS[b]}: {mean:+.2f} ({lo:+.2f} to {hi:+.2f}), {verdict}")
-        return lines
+        pairs = [(a, b) for i, a in enumerate(names) if a in METHODS for b in names[:i]]
+        for name in sorted(self.runs):
+            kind, _, rest = name.partition("-")
+            base = self.runs[name].get("method") if kind == "lr" else rest  # lr-<method>-<lr>, greedy-<run>
+            if kind in ("greedy", "lr") and base in self.runs:
+                pairs.append((base, name))
+        return [line for a, b in pairs if (line := self.difference(a, b))]
+
+    def difference(self, a: str, b: str) -> str | None:
+        ids_a = {e["id"]: e["rougeLsum"] for e in self.runs[a].get("examples", [])}
+        ids_b = {e["id"]: e["rougeLsum"] for e in self.runs[b].get("examples", [])}
+        common_ids = sorted(ids_a.keys() & ids_b.keys())
+        if not common_ids:
+            return None
+        mean, lo, hi = paired_difference([ids_a[k] for k in common_ids], [ids_b[k] for k in common_ids])
+        verdict = "**significant**" if lo > 0 or hi < 0 else "not significant"
+        return f"- {label(a, self.runs[a])} − {label(b, self.runs[b])}: {mean:+.2f} ({lo:+.2f} to {hi:+.2f}), {verdict}"
 
     def samples(self, k: int = 3) -> list[str]:
         """For the first k test articles, the reference and each run's summary."""

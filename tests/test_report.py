@@ -62,6 +62,7 @@ def test_report_writes_every_figure_and_the_readme_section_then_removes_stale_fi
         assert f"| {label} |" in text
     assert "](plots/loss_curves.png)" in text  # figure links relative to the README
     assert "LoRA − chat template:" in text and "<summary>test article 0</summary>" in text
+    assert "- LoRA − LoRA, greedy:" in text and "- LoRA − LoRA, lr 0.001:" in text  # each variant against its run
 
     for f in (tmp_path / "runs").glob("temperature-*"):  # a later report without those runs
         f.unlink()
