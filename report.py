@@ -85,6 +85,13 @@ def label(name: str, record: dict) -> str:
     return name
 
 
+def repeats(text: str, n: int = 8) -> bool:
+    """True when some run of n words occurs twice: the loop greedy decoding falls into ("the seed's greedy loops")."""
+    words = text.split()
+    runs = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return len(runs) != len(set(runs))
+
+
 def best_val(record: dict) -> float:
     return min((h["val_loss"] for h in record.get("history", [])), default=float("nan"))
 
@@ -243,13 +250,15 @@ class Report:
         """Baselines, then the methods, then their variants (other learning rates, greedy decoding)."""
         variants = sorted(n for n in self.runs if n.startswith(("lr-", "greedy-", "hard_prompt-")) and n not in LABELS)
         rows = ["| run | trainable parameters | best val loss | " + " | ".join(f"{v} (95 % CI)" for v in ROUGE.values())
-                + " | epochs | s / epoch | tokens / s | peak memory (MB) |", "|---" * 11 + "|"]
+                + " | repeating summaries | epochs | s / epoch | tokens / s | peak memory (MB) |", "|---" * 12 + "|"]
         for n in [n for n in LABELS if n in self.runs] + variants:
             r, h = self.runs[n], self.runs[n].get("history", [])
             cells = [label(n, r), f"{r.get('trainable_parameters', 0):,}", f"{best_val(r):.3f}" if h else "–"]
             for k in ROUGE:
                 lo, hi = bootstrap_ci(scores(r, k)) if scores(r, k) else (r["test"][k],) * 2
                 cells.append(f"{r['test'][k]:.2f} ({lo:.1f}–{hi:.1f})")
+            examples = r.get("examples", [])
+            cells.append(f"{sum(repeats(e['prediction']) for e in examples)} / {len(examples)}" if examples else "–")
             if h:
                 cells += [str(len(h)), f"{sum(e['seconds'] for e in h) / len(h):.0f}",
                           f"{sum(e['tokens_per_s'] for e in h) / len(h):.0f}", f"{max(e['peak_memory_mb'] for e in h):.0f}"]

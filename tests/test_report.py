@@ -60,6 +60,7 @@ def test_report_writes_every_figure_and_the_readme_section_then_removes_stale_fi
     for label in ("lead-3", "zero-shot TL;DR", "hard prompt", "chat template", "prompt tuning", "last layer", "LoRA",
                   "LoRA, lr 0.001", "LoRA, greedy"):
         assert f"| {label} |" in text
+    assert "| repeating summaries |" in text and " | 0 / 30 | " in text
     assert "](plots/loss_curves.png)" in text  # figure links relative to the README
     assert "LoRA − chat template:" in text and "<summary>test article 0</summary>" in text
     assert "- LoRA − LoRA, greedy:" in text and "- LoRA − LoRA, lr 0.001:" in text  # each variant against its run
@@ -71,6 +72,13 @@ def test_report_writes_every_figure_and_the_readme_section_then_removes_stale_fi
     assert "python3 sweep.py temperature" in out  # says which sweep makes the missing figure
     assert "removed" in out and not (tmp_path / "plots" / "rouge_vs_temperature.png").exists()
     assert (tmp_path / "plots" / "loss_curves.png").exists()
+
+
+def test_a_repeating_summary_is_one_with_a_run_of_eight_words_twice():
+    import report
+    loop = "the police said the man was arrested on Monday . "
+    assert report.repeats(loop * 2) and not report.repeats(loop)
+    assert not report.repeats("one two three four five six seven eight one two three four five six seven nine")
 
 
 def test_nothing_to_report_exits_2(tmp_path):
