@@ -1926,9 +1926,9 @@ def summarize(model: GPT, tokenizer, rows: list[dict], cfg: Config) -> list[str]
     lookup, batches of articles of similar length. Prints the articles per second."""
     prompts, n_cut = encode_prompts(rows, tokenizer, model.prompt_ids, cfg, model.config.n_positions)
     if n_cut:
-        limit = f"{cfg.max_article_tokens} tokens or " if cfg.max_article_tokens else ""
-        print(f"{n_cut} of {len(rows)} articles truncated to {limit}fit the {model.config.n_positions}-token context "
-              f"with {cfg.max_new_tokens} tokens left for the summary")
+        room = f"the {model.config.n_positions}-token context with {cfg.max_new_tokens} tokens left for the summary"
+        limit = f"--max-article-tokens {cfg.max_article_tokens} (and {room})" if cfg.max_article_tokens else room
+        print(f"{n_cut} of {len(rows)} articles cut to fit {limit}")
     batch = summary_batch_size(model, cfg, max(map(len, prompts)) + cfg.max_new_tokens)
     sampling = dict(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, greedy=cfg.greedy,
                     eos_id=tokenizer.eos_token_id, compile=cfg.compile)
