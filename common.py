@@ -324,13 +324,24 @@ def load_hub_splits(name: str, config: str, splits) -> dict:
         return dict(zip(splits, datasets.load_dataset(name, config, split=list(splits))))
     except Exception as e:  # offline and not cached, unknown name, unknown config, ...
         if offline:
-            raise UsageError(f"cannot download the dataset '{name}': the Hugging Face hub is not reachable from this "
-                             "machine and the dataset is not in the local cache; pass --data with a local folder") \
-                from None
+            raise offline_dataset_error(name) from None
         raise UsageError(f"could not load the dataset '{name}' ({first_line(e)}): pass --data with a local folder") \
             from None
     finally:
         datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
+
+
+def offline_dataset_error(name: str) -> UsageError:
+    return UsageError(f"cannot download the dataset '{name}': the Hugging Face hub is not reachable from this machine "
+                      "and the dataset is not in the local cache; pass --data with a local folder")
+
+
+def hub_dataset_cached(name: str) -> bool:
+    """Whether `datasets` or the hub's cache holds anything of the dataset `name` (without importing datasets)."""
+    from huggingface_hub import constants
+    datasets_cache = Path(os.environ.get("HF_DATASETS_CACHE", Path(constants.HF_HOME) / "datasets"))
+    return ((Path(constants.HF_HUB_CACHE) / ("datasets--" + name.replace("/", "--"))).exists()
+            or (datasets_cache / name.replace("/", "___")).exists())
 
 
 def draw_rows(table, n: int, seed: int, split: str) -> list[dict]:
@@ -2147,11 +2158,14 @@ def weights_lock(path: Path):
             pass
         f.close()
     try:
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
-                f"{shlex.join(sys.argv)}")
-        f.flush()
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                    f"{shlex.join(sys.argv)}")
+            f.flush()
+        except OSError as e:  # a full disk: the lock is held all the same, but say it now, not after an epoch
+            raise UsageError(f"cannot write {lock}: {e.strerror or e}") from None
         yield
     finally:
         lock.unlink(missing_ok=True)
@@ -2174,11 +2188,15 @@ def check_writable(folder: Path) -> None:
         raise UsageError(f"cannot write to {folder}: {e.strerror or e}") from None
 
 
-def check_free_space(folder: Path, n_bytes: int) -> None:
-    free = shutil.disk_usage(folder).free
+def check_free_space(folder: Path, n_bytes: int, what: str, flag: str) -> None:
+    """Room for `what` (about n_bytes) in `folder` or, while it does not exist, the nearest folder above it."""
+    existing = folder.resolve()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
     if free < n_bytes:
-        raise UsageError(f"{folder} has {free / 2**20:.0f} MiB free, and training needs about {n_bytes / 2**20:.0f} "
-                         "MiB there for its weights and checkpoints: free some space or pass another --weights")
+        raise UsageError(f"{folder} has {free / 2**20:.1f} MiB free, and this run needs about "
+                         f"{max(n_bytes / 2**20, 0.1):.1f} MiB there for {what}: free some space or pass another {flag}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -2299,6 +2317,8 @@ def preflight(cfg: Config, mode: str, method: str, path: Path) -> None:
     folder = data_folder(cfg.data) if MODES[mode] else None
     if folder:
         data_files(folder, MODES[mode])
+    elif MODES[mode] and not hub_dataset_cached(cfg.data) and not hub_reachable():
+        raise offline_dataset_error(cfg.data)  # now, not after loading the model
     for target in filter(None, (cfg.export_peft, cfg.export_merged)):
         if Path(target).exists():
             raise UsageError(f"{target} exists: an export never overwrites; remove it or pass another folder")
@@ -2308,6 +2328,7 @@ def preflight(cfg: Config, mode: str, method: str, path: Path) -> None:
     if mode in ("train", "evaluate"):
         out = out_folder(cfg)
         check_writable(out)
+        check_free_space(out, 2 ** 20 + 4096 * cfg.test_size, "the run record and predictions", "--out")
         for suffix in (".json", ".predictions.jsonl"):
             remove_orphans(out / (run_name(cfg, method) + suffix))
     if mode == "train":
@@ -2439,7 +2460,8 @@ def train_and_evaluate(method, model: GPT, tokenizer, cfg: Config, hp, dtype, re
     device = model.lm_head.weight.device
     with weights_lock(path) if rank == 0 else nullcontext():
         if rank == 0:  # weights + checkpoint (4 tensors per trained one), each twice while it is renamed
-            check_free_space(path.parent, 10 * 4 * sum(p.numel() for p in trainable_state(model).values()))
+            check_free_space(path.parent, 10 * 4 * sum(p.numel() for p in trainable_state(model).values()),
+                             "its weights and checkpoints", "--weights")
         identity = run_identity(method, cfg, hp, model, train_set, val_set)
         record["history"] = train(model, train_set, val_set, cfg, hp.lr, device, dtype, checkpoint_path(path),
                                   identity)

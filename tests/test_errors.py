@@ -259,6 +259,24 @@ def test_unknown_model_while_offline(base, monkeypatch):
                        "not reachable", "--model")
 
 
+def test_an_offline_hub_dataset_fails_before_the_model_loads(base, monkeypatch):
+    """The check costs a TCP connection, not the model's load (20 s for a GGUF) and then a minute of retries."""
+    monkeypatch.setattr(common, "hub_reachable", lambda: False)
+    monkeypatch.setattr(common, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    args = [a if a != base[3] else "no-such-user/no-such-data" for a in base]
+    assert_usage_error(cli("main2.py", *args, "--baseline"), "cannot download the dataset 'no-such-user/no-such-data'",
+                       "--data")
+
+
+def test_a_full_disk_under_out_fails_before_the_evaluation(base, monkeypatch, tmp_path):
+    import shutil
+    real = shutil.disk_usage
+    monkeypatch.setattr(common.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    monkeypatch.setattr(common, "summarize", lambda *a, **k: pytest.fail("summarized onto a full disk"))
+    assert_usage_error(cli("main2.py", *base, "--baseline"), "MiB free", "the run record and predictions", "--out")
+    assert not list((tmp_path / "runs").glob("*.json"))
+
+
 def test_out_of_memory_suggests_smaller_batches(capsys):
     with pytest.raises(SystemExit) as exit:
         with common.cli_errors():
@@ -272,7 +290,7 @@ def test_article_from_stdin(base):
     long = "The police said a man was arrested. " * 400
     p = cli("main2.py", *base, "--baseline", "--article", "-", stdin=long)
     assert p.returncode == 0, p.stderr[-2000:]
-    assert "summary:" in p.stdout and "1 of 1 articles truncated" in p.stdout
+    assert "summary:" in p.stdout and "1 of 1 articles cut to fit" in p.stdout
 
 
 def test_weights_folder_that_is_not_an_adapter(base, tmp_path):
