@@ -155,8 +155,8 @@ def synthetic_tokenizer(vocab_size: int):
 def ctranslate2_engines(hf, tokenizer, args, device, eos_id, folder: Path):
     import ctranslate2
     tokenizer = tokenizer or synthetic_tokenizer(hf.config.vocab_size)
-    hf.save_pretrained(folder / "hf")
-    tokenizer.save_pretrained(folder / "hf")
+    # a plain transformers checkpoint of the same weights (one loaded from a GGUF file refuses save_pretrained)
+    common.export_merged(common.from_hf(hf), tokenizer, folder / "hf")
     ctranslate2.converters.TransformersConverter(str(folder / "hf")).convert(str(folder / "ct2"), force=True)
     vocab = tokenizer.convert_ids_to_tokens(list(range(hf.config.vocab_size)))
     end = [vocab[eos_id]] if eos_id is not None else []
