@@ -2596,8 +2596,18 @@ def score_and_write(cfg: Config, name: str, record: dict, rows: list[dict], pred
 @contextmanager
 def cli_errors():
     """A UsageError ends the program with its message on one line and exit code 2, no traceback; an interrupted
-    training with one line that says how to continue, and exit code 128 + the signal's number."""
+    training with one line that says how to continue, and exit code 128 + the signal's number. Outside training,
+    SIGTERM stops the program as Ctrl-C does: one line, exit code 143, and every `finally` (a lock's release) runs."""
     import signal
+    import threading
+    received = []
+
+    def terminate(signum, frame):
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, terminate) if main else None
     try:
         yield
     except UsageError as e:
@@ -2609,12 +2619,16 @@ def cli_errors():
         print(f"interrupted by {signal.Signals(e.signum).name} after step {e.step}: {where}", file=sys.stderr)
         sys.exit(128 + e.signum)
     except KeyboardInterrupt:
-        print("interrupted by SIGINT", file=sys.stderr)
-        sys.exit(128 + signal.SIGINT)
+        signum = received[0] if received else signal.SIGINT
+        print(f"interrupted by {signal.Signals(signum).name}", file=sys.stderr)
+        sys.exit(128 + signum)
     except torch.OutOfMemoryError:
         print("error: out of memory on the GPU: try a smaller --batch-size (and --eval-batch-size) with a larger "
               "--grad-accum, which keeps the effective batch", file=sys.stderr)
         sys.exit(2)
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def resume_command() -> str:

@@ -277,6 +277,20 @@ def test_a_full_disk_under_out_fails_before_the_evaluation(base, monkeypatch, tm
     assert not list((tmp_path / "runs").glob("*.json"))
 
 
+def test_sigterm_outside_training_stops_in_one_line(base, monkeypatch):
+    """What a scheduler sends during an evaluation: one line and 143, not a silent death (issue 12, item 2)."""
+    import os
+    import signal
+
+    def killed(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+        pytest.fail("SIGTERM did not stop the program")
+    monkeypatch.setattr(common, "summarize", killed)
+    p = cli("main2.py", *base, "--baseline")
+    assert p.returncode == 143 and p.stderr.strip().splitlines()[-1] == "interrupted by SIGTERM", p.stderr
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler ends with the program
+
+
 def test_out_of_memory_suggests_smaller_batches(capsys):
     with pytest.raises(SystemExit) as exit:
         with common.cli_errors():
