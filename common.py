@@ -1940,7 +1940,7 @@ def summarize(model: GPT, tokenizer, rows: list[dict], cfg: Config) -> list[str]
         room = f"the {model.config.n_positions}-token context with {cfg.max_new_tokens} tokens left for the summary"
         limit = f"--max-article-tokens {cfg.max_article_tokens} (and {room})" if cfg.max_article_tokens else room
         print(f"{n_cut} of {len(rows)} articles cut to fit {limit}")
-    batch = summary_batch_size(model, cfg, max(map(len, prompts)) + cfg.max_new_tokens)
+    batch = min(summary_batch_size(model, cfg, max(map(len, prompts)) + cfg.max_new_tokens), len(prompts))
     sampling = dict(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, greedy=cfg.greedy,
                     eos_id=tokenizer.eos_token_id, compile=cfg.compile)
     new: list[list[int]] = [[] for _ in prompts]
