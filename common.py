@@ -1963,7 +1963,7 @@ def summarize(model: GPT, tokenizer, rows: list[dict], cfg: Config) -> list[str]
                 new[i] = ids
     seconds = time.perf_counter() - start
     busy = f"; {stats['busy'] / (stats['steps'] * batch):.0%} of the decoding row-steps were busy" if stats else ""
-    print(f"summarized {len(prompts)} articles in {seconds:.1f} s, {len(prompts) / seconds:.2f} articles/s "
+    print(f"summarized {len(prompts)} article{'s' * (len(prompts) != 1)} in {seconds:.1f} s, {len(prompts) / seconds:.2f} articles/s "
           f"(batch {batch}, {sum(map(len, new)) / seconds:.1f} new tokens/s{busy})")
     return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in new]
 
