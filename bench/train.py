@@ -151,6 +151,7 @@ def main():
     p.add_argument("--model", default="gpt2-shape", help="gpt2-shape, smollm2-shape, or a checkpoint")
     p.add_argument("--device", default="cpu")
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--best-dtype", default="bf16", choices=["fp32", "bf16"], help="our best configuration's dtype")
     args = p.parse_args()
     from transformers.utils import logging as hf_logging
@@ -159,7 +160,7 @@ def main():
     best_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.best_dtype]
     hf = load_hf(args.model)
     rows = []
-    for method in METHODS:
+    for method in args.methods:
         fns = {"theirs": theirs(hf, method, device),
                "ours": ours(hf, method, device, torch.float32, compile=False),
                "theirs_best": theirs(hf, method, device, best_dtype),
@@ -168,10 +169,11 @@ def main():
         rows.append((method, t))
         print(f"{method}: " + ", ".join(f"{k} {v:.2f} s" for k, v in t.items()), flush=True)
 
-    print("\nlast layer, 3 epochs on 16 examples:")
-    with_cache = epochs_last_layer(hf, device, torch.float32, cache=True)
-    without = epochs_last_layer(hf, device, torch.float32, cache=False)
-    print(f"   with cached features {with_cache:.1f} s, without {without:.1f} s: {without / with_cache:.2f}x")
+    if "last_layer" in args.methods:
+        print("\nlast layer, 3 epochs on 16 examples:")
+        with_cache = epochs_last_layer(hf, device, torch.float32, cache=True)
+        without = epochs_last_layer(hf, device, torch.float32, cache=False)
+        print(f"   with cached features {with_cache:.1f} s, without {without:.1f} s: {without / with_cache:.2f}x")
 
     print(f"\n{args.model}; {common.machine(device)}; torch {torch.__version__}; batch 4 x ~{sum(ARTICLES) // 4 + 64} tokens; "
           f"median of {args.runs}")
