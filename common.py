@@ -1727,9 +1727,7 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, tempe
         raise UsageError(f"lookup must be >= 0, got {lookup}")
     device = model.lm_head.weight.device
     B, T = len(prompts), max(len(p) for p in prompts)
-    if T + max_new_tokens > model.config.n_positions:
-        raise UsageError(f"{T} prompt + {max_new_tokens} new tokens exceed the {model.config.n_positions}-token context")
-    S = min(-(-(T + max_new_tokens) // 64) * 64, model.config.n_positions) if compile else T + max_new_tokens
+    S = cache_length(model, T, max_new_tokens, compile)
     step = compiled_decode_step(device.type) if compile else decode_step
     idx = torch.zeros(B, T, dtype=torch.long)
     valid = torch.zeros(B, S, dtype=torch.bool)  # which cache slots hold real tokens
@@ -1771,9 +1769,22 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, tempe
     finally:
         if not compile:  # the compiled step keeps its cache, so a CUDA graph replays on the same buffers
             model.clear_cache()
-    if eos_id is not None:
-        rows = [r[:r.index(eos_id)] if eos_id in r else r for r in rows]
-    return rows
+    return cut_at_eos(rows, eos_id)
+
+
+def cache_length(model: GPT, longest_prompt: int, max_new_tokens: int, compile: bool) -> int:
+    """KV cache slots for prompts of up to longest_prompt tokens and their new tokens; compiled, rounded up to a
+    multiple of 64, so that few shapes ever occur."""
+    S = longest_prompt + max_new_tokens
+    if S > model.config.n_positions:
+        raise UsageError(f"{longest_prompt} prompt + {max_new_tokens} new tokens exceed the "
+                         f"{model.config.n_positions}-token context")
+    return min(-(-S // 64) * 64, model.config.n_positions) if compile else S
+
+
+def cut_at_eos(rows: list[list[int]], eos_id: int | None) -> list[list[int]]:
+    """Each row up to its first eos_id (not included)."""
+    return [r[:r.index(eos_id)] if eos_id in r else r for r in rows]
 
 
 @torch.no_grad()
@@ -1791,12 +1802,7 @@ def generate_stream(model: GPT, prompts: list[list[int]], max_new_tokens: int, b
     check_sampling(temperature, top_p, top_k)
     device = model.lm_head.weight.device
     B = min(batch_size, len(prompts))
-    S = max(map(len, prompts)) + max_new_tokens
-    if S > model.config.n_positions:
-        raise UsageError(f"{S - max_new_tokens} prompt + {max_new_tokens} new tokens exceed the "
-                         f"{model.config.n_positions}-token context")
-    if compile:  # few cache lengths, so that few shapes are compiled
-        S = min(-(-S // 64) * 64, model.config.n_positions)
+    S = cache_length(model, max(map(len, prompts)), max_new_tokens, compile)
     step = compiled_decode_step(device.type) if compile else decode_step
     gen = torch.Generator(device).manual_seed(seed)
 
@@ -1806,6 +1812,7 @@ def generate_stream(model: GPT, prompts: list[list[int]], max_new_tokens: int, b
     out: list[list[int]] = [[] for _ in prompts]
     queue = list(range(len(prompts)))[::-1]  # pop() takes the first prompt first
     owner = [-1] * B  # the prompt each row is summarizing (-1: none left)
+    active = torch.zeros(B, dtype=torch.bool, device=device)  # owner >= 0, on the device
     valid = torch.zeros(B, S, dtype=torch.bool, device=device)
     pointer = torch.zeros(B, dtype=torch.long, device=device)  # each row's next slot, and its next position
     token = torch.zeros(B, dtype=torch.long, device=device)
@@ -1823,12 +1830,13 @@ def generate_stream(model: GPT, prompts: list[list[int]], max_new_tokens: int, b
             rows, idle = rows[:len(queue)], rows[len(queue):]
             for r in idle:  # no prompt left: the row attends to its slot 0 alone until the others end
                 owner[r] = -1
-                valid[r], valid[r, 0], pointer[r] = False, True, 0
+                valid[r], valid[r, 0], pointer[r], active[r] = False, True, 0, False
             if not rows:
                 return
             for r in rows:
                 owner[r] = queue.pop()
             index = torch.tensor(rows, device=device)
+            active[index] = True
             first = next_token(prefill_rows(model, [prompts[owner[r]] for r in rows], index, valid))
             pointer[index], token[index] = valid[index].sum(-1), first
             for r, t in zip(rows, first.tolist()):
@@ -1843,7 +1851,7 @@ def generate_stream(model: GPT, prompts: list[list[int]], max_new_tokens: int, b
         while any(o >= 0 for o in owner):
             valid[torch.arange(B, device=device), pointer] = True
             token = next_token(step(model, token, pointer, valid, pointer[:, None]))
-            pointer = torch.where(torch.tensor([o >= 0 for o in owner], device=device), pointer + 1, 0)
+            pointer = torch.where(active, pointer + 1, 0)
             stats["steps"] += 1
             finished = []
             for r, t in enumerate(token.tolist()):  # a host sync per step, to refill rows at once
@@ -1861,7 +1869,7 @@ def generate_stream(model: GPT, prompts: list[list[int]], max_new_tokens: int, b
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     stats["articles_per_second"] = len(prompts) / (time.perf_counter() - start)
-    return [o[:o.index(eos_id)] if eos_id in o else o for o in out]
+    return cut_at_eos(out, eos_id)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -2172,12 +2180,18 @@ def weights_lock(path: Path):
         f.close()  # releases the lock
 
 
-def check_writable(folder: Path) -> None:
-    """Whether files can be created in `folder` or, while it does not exist, in the nearest folder above it (where
-    it will be created): an output that cannot be written fails before the work, not after it. Leaves nothing."""
+def nearest_existing(folder: Path) -> Path:
+    """`folder`, or while it does not exist the nearest folder above it: where its files will be created."""
     existing = folder.resolve()
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
+    return existing
+
+
+def check_writable(folder: Path) -> None:
+    """Whether files can be created in `folder` (or where it will be created): an output that cannot be written
+    fails before the work, not after it. Leaves nothing."""
+    existing = nearest_existing(folder)
     if not existing.is_dir():
         raise UsageError(f"cannot write to {folder}: {existing} is a file, not a folder")
     probe = existing / f".write-probe.{os.getpid()}-{secrets.token_hex(4)}.tmp"
@@ -2189,11 +2203,8 @@ def check_writable(folder: Path) -> None:
 
 
 def check_free_space(folder: Path, n_bytes: int, what: str, flag: str) -> None:
-    """Room for `what` (about n_bytes) in `folder` or, while it does not exist, the nearest folder above it."""
-    existing = folder.resolve()
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    free = shutil.disk_usage(existing).free
+    """Room for `what` (about n_bytes) in `folder` (or where it will be created)."""
+    free = shutil.disk_usage(nearest_existing(folder)).free
     if free < n_bytes:
         raise UsageError(f"{folder} has {free / 2**20:.1f} MiB free, and this run needs about "
                          f"{max(n_bytes / 2**20, 0.1):.1f} MiB there for {what}: free some space or pass another {flag}")
