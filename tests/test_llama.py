@@ -74,6 +74,23 @@ def test_compiled_decode_gives_the_same_greedy_tokens(llama_dirs):
         common.generate(model, prompts, 10, greedy=True)
 
 
+def test_inference_fuses_projections_and_computes_the_same(llama_dirs):
+    """prepare_inference makes q/k/v one projection and gate/up one (fewer, larger matrix products): in float32
+    the same logits, bit for bit on this CPU, and the same greedy tokens, with and without the cache."""
+    for folder in llama_dirs.values():
+        model, _ = common.load_model(str(folder))
+        idx = random_ids(model, (2, 30))
+        prompts = [[5, 6, 7], list(range(10, 50))]
+        with torch.no_grad():
+            logits, tokens = model(idx), common.generate(model, prompts, 10, greedy=True)
+            common.prepare_inference(model, torch.float32)
+            attn, mlp = model.blocks[0].attn, model.blocks[0].mlp
+            assert attn.fused and attn.projections() == ["c_attn"] and not hasattr(attn, "q_proj")
+            assert mlp.gate_up is not None and not hasattr(mlp, "gate_proj")
+            torch.testing.assert_close(model(idx), logits, atol=1e-5, rtol=0)
+            assert common.generate(model, prompts, 10, greedy=True) == tokens
+
+
 SMOLLM2_135M = common.GPTConfig("llama", vocab_size=49152, n_positions=8192, n_layer=30, n_head=9, n_embd=576,
                                 n_kv_head=3, head_dim=64, n_inner=1536, rope_theta=100000.0, tie_head=True)
 

@@ -93,8 +93,9 @@ def test_attend_equals_sdpa(heads, kv_heads, T):
     mask = torch.rand(B, 1, T, S, generator=g) < 0.6
     mask[..., 0] = True  # every query sees something
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=kv_heads != heads)
-    torch.testing.assert_close(common.attend(q, k, v, mask), expected, atol=1e-6, rtol=1e-5)
-    bf16 = common.attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask)  # in bf16: within bf16's rounding
+    bias = common.attention_bias(mask)
+    torch.testing.assert_close(common.attend(q, k, v, bias), expected, atol=1e-6, rtol=1e-5)
+    bf16 = common.attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), bias)  # in bf16: within bf16's rounding
     assert bf16.dtype == torch.bfloat16
     torch.testing.assert_close(bf16.float(), expected, atol=3e-2, rtol=3e-2)
 
