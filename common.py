@@ -1535,60 +1535,78 @@ def check_sampling(temperature: float, top_p: float, top_k: int) -> None:
         raise UsageError(f"top_k must be >= 0, got {top_k}")
 
 
-def logits_to_probs(logits, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0):
-    """(B, V) logits → (B, V) probabilities after temperature, top-k and top-p (nucleus). Top-p keeps the most
-    likely tokens until their mass reaches top_p: a token stays if the mass of the tokens before it is < top_p."""
+def scaled_probs(logits, temperature: float, top_k: int):
+    """(B, V) logits → (B, V) float32 probabilities after temperature and top-k."""
     logits = logits.float() / temperature
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
         logits = logits.masked_fill(logits < kth, -math.inf)
-    probs = torch.softmax(logits, dim=-1)
+    return torch.softmax(logits, dim=-1)
+
+
+def logits_to_probs(logits, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0):
+    """(B, V) logits → (B, V) probabilities after temperature, top-k and top-p (`nucleus`)."""
+    probs = scaled_probs(logits, temperature, top_k)
     if top_p < 1:
-        probs = keep_top_p(probs, top_p)
+        values, index = nucleus(probs, top_p)
+        probs = torch.zeros_like(probs).scatter_add_(-1, index, values)  # (scatter_add: the padding adds zeros)
         probs = probs / probs.sum(dim=-1, keepdim=True)
     return probs
 
 
-def keep_top_p_by_sort(probs, top_p: float):
-    """probs (B, V) with the tokens outside the nucleus set to 0, not renormalized, from a sort of the whole
-    vocabulary: the definition that `keep_top_p` reproduces bit for bit."""
-    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
-    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-    sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
-    return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+TOP_P_CANDIDATES = (256, 4096)  # tried in turn, then the whole vocabulary (sorted)
 
 
-TOP_P_CANDIDATES = 256  # the nucleus at temperature 0.9, top-p 0.9 is mostly far smaller; larger rows are re-sorted
-TOP_P_MARGIN = 1e-6  # a token after the cut has mass-before >= the mass at the cut - 3 float32 roundings (3 · 2^-24)
-
-
-def keep_top_p(probs, top_p: float, n_candidates: int = TOP_P_CANDIDATES):
-    """`keep_top_p_by_sort(probs, top_p)`, bit for bit, from the n_candidates most likely tokens (a partial
-    selection: on the CPU about 10x cheaper than sorting 50k tokens); the rows that the candidates cannot decide
-    are sorted in full. The candidates' prefix sums are the full sort's: their values are its first values, and
-    torch.cumsum on the CPU adds one after the other (CUDA's parallel scan may round differently for K and V
-    elements: there the two agree up to that rounding at the cut). Two things could still differ, and send a
-    row to the full sort: a token beyond the candidates could be kept, unless the nucleus closes, by the margin,
-    among values above the smallest candidate's (that value may go on past the candidates); and the order of
-    equal values is the sort's own, which matters where a run of them straddles the cut."""
-    top, index = torch.topk(probs, min(n_candidates, probs.shape[-1]))  # (B, K), descending
-    mass = torch.cumsum(top, dim=-1)
-    drop = mass - top >= top_p
-    kept = torch.zeros_like(probs).scatter_(-1, index, top.masked_fill(drop, 0.0))
-    closed = ((mass >= top_p + TOP_P_MARGIN) & (top > top[:, -1:])).any(dim=-1)
-    straddled = ((top[:, 1:] == top[:, :-1]) & (drop[:, 1:] != drop[:, :-1])).any(dim=-1)
-    resort = ~closed | straddled
-    if resort.any():  # a host sync; the rows it finds are rare after temperature < 1
-        kept[resort] = keep_top_p_by_sort(probs[resort], top_p)
-    return kept
+def nucleus(probs, top_p: float, candidates: tuple[int, ...] = TOP_P_CANDIDATES):
+    """The top-p nucleus of each row of probs (B, V): in order of probability, the fewest tokens whose mass
+    reaches top_p, and every token as likely as the last of them. (So a tie at the cut keeps all its tokens,
+    where a sort would keep those it happens to put first: with a bf16 model's logits such ties are common.)
+    Returns (values, index) (B, n): the tokens' probabilities, not renormalized, and ids, most likely first,
+    values 0 past a row's nucleus. Found among the n most likely tokens, from a partial selection (about 20x
+    cheaper than sorting SmolLM2's 49,152 tokens); a row that its candidates cannot decide tries the next count
+    of candidates, and at last the whole vocabulary. The candidates decide a row when their mass reaches top_p and
+    the last token needed is more likely than the last candidate: then no token outside is as likely. Their
+    prefix sums are the full sort's (torch.cumsum on the CPU adds one value after the other; CUDA's parallel scan
+    may round differently), so the result is the same, bit for bit, whatever the candidates."""
+    B, V = probs.shape
+    rows = torch.arange(B, device=probs.device)
+    parts = []  # (rows, values, index) decided by each count of candidates
+    for k in [k for k in candidates if k < V] + [V]:
+        top, index = torch.topk(probs if len(rows) == B else probs[rows], k)  # descending
+        n = (torch.cumsum(top, dim=-1) < top_p).sum(-1, keepdim=True)  # the n most likely have less than top_p
+        cut = top.gather(-1, n.clamp(max=k - 1))  # the last token needed
+        decided = ((n < k) & (cut > top[:, -1:]))[:, 0] if k < V else torch.ones_like(rows, dtype=torch.bool)
+        parts.append((rows[decided], top.masked_fill(top < cut, 0.0)[decided], index[decided]))
+        rows = rows[~decided]
+        if not len(rows):  # a host sync; rows that need more than the first candidates are few
+            break
+    if len(parts) == 1:
+        return parts[0][1:]
+    values = probs.new_zeros(B, k)
+    index = torch.zeros(B, k, dtype=torch.long, device=probs.device)
+    for r, v, i in parts:
+        values[r, :v.shape[1]], index[r, :i.shape[1]] = v, i
+    return values, index
 
 
 def sample(probs, generator: torch.Generator):
-    """One token per row drawn from `probs` (B, V): argmax of p / E with E ~ Exp(1), an exact draw that needs no
-    host sync (the exponential-race form of the Gumbel-max trick). E = -log U with U ~ Uniform[0, 1): on the CPU
-    5x faster than exponential_(); U = 0 gives E = inf, so that token cannot win, never a division by zero."""
+    """One index per row drawn from `probs` (B, V), which need not sum to 1: argmax of p / E with E ~ Exp(1), an
+    exact draw that needs no host sync (the exponential-race form of the Gumbel-max trick). E = -log U with
+    U ~ Uniform[0, 1): on the CPU 5x faster than exponential_(); U = 0 gives E = inf, so that token cannot win,
+    never a division by zero."""
     e = torch.rand(probs.shape, generator=generator, device=probs.device).log_().neg_()
     return torch.argmax(probs / e, dim=-1)
+
+
+def sample_logits(logits, generator: torch.Generator, temperature: float = 1.0, top_p: float = 1.0,
+                  top_k: int = 0):
+    """One token per row drawn from logits_to_probs(logits, temperature, top_p, top_k), the draw among the
+    nucleus only (a few hundred tokens, not the whole vocabulary)."""
+    probs = scaled_probs(logits, temperature, top_k)
+    if top_p == 1:
+        return sample(probs, generator)
+    values, index = nucleus(probs, top_p)
+    return index.gather(-1, sample(values, generator)[:, None])[:, 0]
 
 
 def prefill(model: GPT, idx, pos, valid):
@@ -1796,7 +1814,7 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, *, tempe
         return logits_to_probs(logits, temperature, top_p, top_k)
 
     def next_token(logits):
-        return logits.argmax(-1) if greedy else sample(next_probs(logits), gen)
+        return logits.argmax(-1) if greedy else sample_logits(logits, gen, temperature, top_p, top_k)
 
     model.setup_cache(B, S)
     try:
@@ -1858,7 +1876,7 @@ def generate_stream(model: GPT, prompts: list[list[int]], max_new_tokens: int, b
     gen = torch.Generator(device).manual_seed(seed)
 
     def next_token(logits):
-        return logits.argmax(-1) if greedy else sample(logits_to_probs(logits, temperature, top_p, top_k), gen)
+        return logits.argmax(-1) if greedy else sample_logits(logits, gen, temperature, top_p, top_k)
 
     out: list[list[int]] = [[] for _ in prompts]
     queue = list(range(len(prompts)))[::-1]  # pop() takes the first prompt first

@@ -97,7 +97,7 @@ def main():
             decode = median_time(lambda: common.decode_step(m, token, at, valid, slot), args.runs * 4)
             logits = common.decode_step(m, token, at, valid, slot)
             gen = torch.Generator().manual_seed(0)
-            sampling = median_time(lambda: common.sample(common.logits_to_probs(logits, 0.9, 0.9), gen),
+            sampling = median_time(lambda: common.sample_logits(logits, gen, 0.9, 0.9),
                                    args.runs * 4)
         m.clear_cache()
         # a step reads every weight once (the head's V x C, the body), writes nothing big, and reads the cache

@@ -1,5 +1,5 @@
 """The sampler: temperature → top-k → top-p, against transformers' logits warpers and a worked example; the
-partial-selection top-p against the full sort it replaced."""
+partial-selection nucleus against its definition on a full sort; draws against the exact distribution."""
 import math
 
 import pytest
@@ -31,79 +31,83 @@ def test_probs_match_transformers_warpers(temperature, top_p, top_k):
 
 
 def full_sort_logits_to_probs(logits, temperature=1.0, top_p=1.0, top_k=0):
-    """logits_to_probs as it was before the partial selection (sorts the whole vocabulary): the reference."""
+    """The definition, on a sort of the whole vocabulary: the fewest most likely tokens whose mass reaches top_p,
+    and every token as likely as the last of them (a tie at the cut keeps all its tokens): the reference."""
     logits = logits.float() / temperature
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
         logits = logits.masked_fill(logits < kth, -math.inf)
     probs = torch.softmax(logits, dim=-1)
     if top_p < 1:
-        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
-        mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-        sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+        sorted_probs = torch.sort(probs, dim=-1, descending=True).values
+        n = (torch.cumsum(sorted_probs, dim=-1) < top_p).sum(-1, keepdim=True)  # the n most likely: < top_p
+        cut = sorted_probs.gather(-1, n.clamp(max=probs.shape[-1] - 1))
+        probs = probs.masked_fill(probs < cut, 0.0)
         probs = probs / probs.sum(dim=-1, keepdim=True)
     return probs
 
 
 def vocab_logits(kinds: str, V: int = 50257, seed: int = 0):
-    """One row of logits per letter: p(eaked, a nucleus of a few tokens), m(edium, ~1000), f(lat: ~28,000 tokens,
-    far past the candidates), t(ied: values on a coarse grid, so runs of equal probabilities cross the cut)."""
+    """One row of logits per letter: p(eaked, a nucleus of a few tokens), m(edium, ~1000: past the first
+    candidates), f(lat: ~28,000 tokens, past all candidates), t(ied: values on a coarse grid, so runs of equal
+    probabilities cross the cut), b(f16: the rounding of a bf16 model's logits, ties everywhere)."""
     g = torch.Generator().manual_seed(seed)
-    scale = {"p": 8.0, "m": 3.0, "f": 1.0, "t": 3.0}
+    scale = {"p": 8.0, "m": 3.0, "f": 1.0, "t": 3.0, "b": 3.0}
     rows = [torch.randn(V, generator=g) * scale[k] for k in kinds]
-    rows = [r.round() if k == "t" else r for r, k in zip(rows, kinds)]
+    rows = [r.round() if k == "t" else r.bfloat16().float() if k == "b" else r for r, k in zip(rows, kinds)]
     return torch.stack(rows)
 
 
 SETTINGS = [(0.9, 0.9, 0), (0.5, 0.7, 0), (1.3, 0.95, 0), (0.9, 0.9, 40), (0.9, 0.5, 2000), (0.7, 0.999, 0)]
 
 
-@pytest.mark.parametrize("kinds,settings", [("pfmtp", s) for s in SETTINGS] + [("ppp", SETTINGS[0]), ("ff", SETTINGS[0])])
-def test_top_p_is_bit_identical_to_the_full_sort(kinds, settings):
+@pytest.mark.parametrize("kinds,settings", [("pfmtpb", s) for s in SETTINGS] +
+                         [("ppp", SETTINGS[0]), ("ff", SETTINGS[0]), ("mm", SETTINGS[0])])
+def test_top_p_is_bit_identical_to_the_definition(kinds, settings):
     """Exact equality (not closeness) with the full-sort reference: same kept tokens, same values, same
-    normalizer, on each path: candidates only (ppp), all rows re-sorted (ff), and both in one batch."""
+    normalizer, on each path: the first candidates only (ppp), the second (mm), the full sort (ff), all at once."""
     logits = vocab_logits(kinds, seed=len(kinds) + SETTINGS.index(settings))
     assert torch.equal(common.logits_to_probs(logits, *settings), full_sort_logits_to_probs(logits, *settings))
 
 
-def resorted(monkeypatch, probs, top_p, n_candidates=common.TOP_P_CANDIDATES):
-    """keep_top_p's result, checked against the full sort, and the rows it had to sort in full."""
-    calls, real = [], common.keep_top_p_by_sort
-    monkeypatch.setattr(common, "keep_top_p_by_sort", lambda p, top_p: calls.append(p) or real(p, top_p))
-    kept = common.keep_top_p(probs, top_p, n_candidates)
-    assert torch.equal(kept, real(probs, top_p))
-    return calls[0] if calls else probs[:0]
+def test_each_row_takes_the_fewest_candidates_that_decide_it():
+    """The width of the result is the largest count of candidates any row needed: a peaked row is decided by the
+    first candidates, a medium one by the second, a flat one only by the whole vocabulary."""
+    for kinds, width in (("pp", 256), ("pm", 4096), ("pmf", 50257)):
+        probs = (vocab_logits(kinds) / 0.9).softmax(-1)
+        values, index = common.nucleus(probs, 0.9)
+        assert values.shape == index.shape == (len(kinds), width)
+        kept = torch.zeros_like(probs).scatter_add_(-1, index, values)
+        assert torch.equal(kept > 0, full_sort_logits_to_probs(probs.log(), 1.0, 0.9) > 0)
+    assert (common.nucleus(probs, 0.9)[0] > 0).sum(-1).tolist()[1] > 256  # the medium row needs the second
 
 
-def test_top_p_sorts_only_the_flat_rows(monkeypatch):
-    """A peaked row is decided by the candidates alone; a flat row, whose nucleus is larger than the candidates,
-    is sorted in full."""
-    probs = (vocab_logits("pf") / 0.9).softmax(-1)
-    assert torch.equal(resorted(monkeypatch, probs, 0.9), probs[1:])
-    assert (common.keep_top_p_by_sort(probs, 0.9) > 0).sum(-1)[1] > common.TOP_P_CANDIDATES
-
-
-@pytest.mark.parametrize("probs,top_p,n_resorted", [
-    ([0.4, 0.3, 0.2, 0.1], 0.6, 0),  # the nucleus (0.4, 0.3) closes inside the 3 candidates
-    ([0.4, 0.3, 0.1, 0.1, 0.1], 0.75, 1),  # it closes on a 0.1, and two more 0.1s lie outside: which one is kept?
-    ([0.5, 0.4, 0.1], 0.9, 1),  # it closes by less than the margin: a later token could round below top_p
-    ([0.35, 0.35, 0.2, 0.1], 0.3, 1),  # the cut splits the two 0.35s: which comes first is the sort's choice
+@pytest.mark.parametrize("probs,top_p,kept,width", [
+    ([0.4, 0.3, 0.2, 0.1], 0.6, [0.4, 0.3, 0.0], 3),  # the nucleus (0.4, 0.3) closes inside the 3 candidates
+    ([0.4, 0.3, 0.1, 0.1, 0.1], 0.75, [0.4, 0.3, 0.1, 0.1, 0.1], 5),  # it closes on a 0.1, like the last
+    # candidate: more 0.1s may lie outside (here two), so the row is sorted in full; all three are kept
+    ([0.35, 0.35, 0.2, 0.1], 0.3, [0.35, 0.35, 0.0], 3),  # the first 0.35 reaches top_p; its twin stays too
+    ([0.25, 0.25, 0.25, 0.25], 0.9, [0.25] * 4, 4),  # the candidates never reach top_p
 ])
-def test_top_p_sorts_rows_where_candidates_are_not_enough(monkeypatch, probs, top_p, n_resorted):
-    probs = torch.tensor([probs])
-    assert len(resorted(monkeypatch, probs, top_p, n_candidates=3)) == n_resorted
+def test_rows_the_candidates_cannot_decide(probs, top_p, kept, width):
+    values, index = common.nucleus(torch.tensor([probs]), top_p, candidates=(3,))
+    assert values.shape[1] == width
+    assert values[0].tolist() == pytest.approx(kept + [0.0] * (width - len(kept)))
 
 
-def test_sampled_distribution_matches_exact():
-    """N draws from a 12-token distribution. The expected total-variation distance of an empirical histogram is
-    about 0.5 · Σ sqrt(p (1 - p) / N) ≤ 0.5 · sqrt(K / N) = 0.0039 for K = 12 kept tokens, N = 200,000; the bound
-    0.015 is ~4× that, and a sampler that ignored temperature or top-p (TV > 0.05 here) would fail it."""
+@pytest.mark.parametrize("draw", ["sample", "sample_logits"])
+def test_sampled_distribution_matches_exact(draw):
+    """N draws from a 12-token distribution: from its probabilities (`sample`, as prompt lookup draws) and from
+    the logits, among the nucleus alone (`sample_logits`, as decoding draws). The expected total-variation
+    distance of an empirical histogram is about 0.5 · Σ sqrt(p (1 - p) / N) ≤ 0.5 · sqrt(K / N) = 0.0039 for
+    K = 12 kept tokens, N = 200,000; the bound 0.015 is ~4× that, and a sampler that ignored temperature or
+    top-p (TV > 0.05 here) would fail it."""
     logits = torch.tensor([[2.0, 1.5, 1.0, 0.8, 0.5, 0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0]])
     exact = common.logits_to_probs(logits, temperature=0.9, top_p=0.9)
     assert 0 < (exact > 0).sum() < 12  # top-p really cut something
-    N = 200_000
-    draws = common.sample(exact.expand(N, -1), torch.Generator().manual_seed(0))
+    N, g = 200_000, torch.Generator().manual_seed(0)
+    draws = common.sample(exact.expand(N, -1), g) if draw == "sample" else \
+        common.sample_logits(logits.expand(N, -1), g, temperature=0.9, top_p=0.9)
     empirical = torch.bincount(draws, minlength=12).float() / N
     tv = 0.5 * (empirical - exact[0]).abs().sum().item()
     assert tv < 0.015
