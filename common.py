@@ -2606,14 +2606,14 @@ def evaluate_test_set(method, model: GPT, tokenizer, cfg: Config, hp, dtype, rec
     """Summarize the test set, score it, write the run record and the predictions."""
     if load:
         load_trained(method, model, cfg, record)
-    prepare_inference(model, dtype)
+    prepare_inference(model, dtype, cfg.compile)
     predictions = summarize(model, tokenizer, splits["test"], cfg)
     return score_and_write(cfg, run_name(cfg, method), record, splits["test"], predictions)
 
 
 def inspect_example(method, model: GPT, tokenizer, cfg: Config, hp, dtype, record: dict, splits: dict) -> dict:
     load_trained(method, model, cfg, record)
-    prepare_inference(model, dtype)
+    prepare_inference(model, dtype, cfg.compile)
     print(next_token_table(model, tokenizer, splits["test"][0], cfg))
     return record
 
@@ -2621,7 +2621,7 @@ def inspect_example(method, model: GPT, tokenizer, cfg: Config, hp, dtype, recor
 def summarize_article(method, model: GPT, tokenizer, cfg: Config, hp, dtype, record: dict, splits: dict) -> dict:
     article = read_article(cfg.article)
     load_trained(method, model, cfg, record)
-    prepare_inference(model, dtype)
+    prepare_inference(model, dtype, cfg.compile)
     print("summary:", summarize(model, tokenizer, [{"article": article}], cfg)[0])
     return record
 
@@ -2637,12 +2637,14 @@ def export_weights(method, model: GPT, tokenizer, cfg: Config, hp, dtype, record
     return record
 
 
-def prepare_inference(model: GPT, dtype: torch.dtype) -> None:
-    """Merge LoRA (zero inference overhead), eval mode, and weights in the run's precision: bf16 or fp16 weights
-    halve the bytes every decode step reads; in bf16 on the CPU, packed for oneDNN (`PackedLinear`)."""
+def prepare_inference(model: GPT, dtype: torch.dtype, compile: bool = False) -> None:
+    """Merge LoRA (zero inference overhead), eval mode, weights in the run's precision (bf16 or fp16 weights halve
+    the bytes every decode step reads) and fused projections (`fuse_projections`); in bf16 on the CPU, packed for
+    oneDNN (`PackedLinear`), unless the decode step is to be compiled: inductor cannot lower a packed weight that
+    it has not packed itself."""
     merge_lora(model)
     fuse_projections(model.eval().to(dtype))
-    if can_pack(model):
+    if can_pack(model) and not compile:
         pack_linears(model)
 
 

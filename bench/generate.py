@@ -80,7 +80,7 @@ def ours_engines(hf, args, device, main_dtype, eos_id, lookup_stats: dict):
     out = {}
     for name in args.dtypes:
         m = copy.deepcopy(model).to(device)
-        common.prepare_inference(m, DTYPES[name])
+        common.prepare_inference(m, DTYPES[name], args.compile)
 
         def run(prompts, seed, m=m, lookup=0):
             return common.generate(m, prompts, args.new_tokens, seed=seed, eos_id=eos_id, compile=args.compile,

@@ -130,3 +130,21 @@ def test_prepare_inference_packs_bf16_on_the_cpu_only(tiny):
     assert type(model.lm_head) is torch.nn.Linear
     common.prepare_inference(model, torch.bfloat16)
     assert isinstance(model.lm_head, common.PackedLinear) and model.wte.weight.dtype == torch.bfloat16
+
+
+@needs_onednn
+def test_bf16_inference_to_compile_is_not_packed_and_compiles(tiny):
+    """inductor cannot lower a weight packed by us (it packs frozen weights itself): `--compile --dtype bf16` on
+    the CPU once ended in a LoweringException."""
+    model, _ = tiny
+    common.prepare_inference(model, torch.bfloat16, compile=True)
+    assert type(model.lm_head) is torch.nn.Linear
+    prompts = [[5, 6, 7], list(range(10, 30))]
+    assert [len(r) for r in common.generate(model, prompts, 6, greedy=True, compile=True)] == [6, 6]
+    step, S = common.compiled_decode_step("cpu"), 64  # the cache the compiled generate left: one step, both ways
+    token, pos, slot = torch.tensor([8, 9]), torch.tensor([3, 20]), torch.tensor([21])
+    valid = torch.zeros(2, S, dtype=torch.bool)
+    valid[0, 17:22], valid[1, :22] = True, True
+    with torch.no_grad():
+        torch.testing.assert_close(step(model, token, pos, valid, slot).float(),
+                                   common.decode_step(model, token, pos, valid, slot).float(), atol=0.1, rtol=0.05)
