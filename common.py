@@ -1609,6 +1609,25 @@ def sample_logits(logits, generator: torch.Generator, temperature: float = 1.0, 
     return index.gather(-1, sample(values, generator)[:, None])[:, 0]
 
 
+PREFILL_CHUNK = 256  # prompt positions per row that a prefill runs through the model at once
+
+
+def prefill_hidden(model: GPT, idx, pos, mask, last):
+    """The final hidden states (B, C) at positions `last` (B,) of prompts idx (B, T) at positions pos (B, T),
+    written to cache slots 0..T-1, where `mask` (B or 1, 1, T, T) lets no query attend past its own slot. Runs
+    PREFILL_CHUNK positions at a time, each chunk over the slots up to its end: the attention skips the masked
+    half of its T x T work, and a chunk's activations stay in the CPU's caches (SmolLM2, 8 prompts of 516 tokens,
+    bf16, 2 cores: 4.5 s at once, 3.6 s in chunks of 256)."""
+    B, T = idx.shape
+    out = None
+    for s in range(0, T, PREFILL_CHUNK):
+        e = min(T, s + PREFILL_CHUNK)
+        h = model.hidden(idx[:, s:e], pos[:, s:e], mask[:, :, s:e, :e], torch.arange(s, e, device=idx.device))
+        here = h[torch.arange(B, device=idx.device), (last - s).clamp(0, e - s - 1)]
+        out = here if out is None else torch.where(((last >= s) & (last < e))[:, None], here, out)
+    return out
+
+
 def prefill(model: GPT, idx, pos, valid):
     """Run the left-padded prompts idx (B, T) at positions pos (B, T) through the model, filling cache slots
     0..T-1; `valid` (B, S) marks the cache slots that hold real tokens. Returns the last position's logits (B, V),
@@ -1617,8 +1636,8 @@ def prefill(model: GPT, idx, pos, valid):
     T = idx.shape[1]
     causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
     mask = causal & (valid[:, None, :T] | torch.eye(T, dtype=torch.bool, device=idx.device))  # (B, T, T)
-    h = model.hidden(idx, pos, mask[:, None], torch.arange(T, device=idx.device))
-    return model.lm_head(h[:, -1])
+    last = torch.full((idx.shape[0],), T - 1, device=idx.device)
+    return model.lm_head(prefill_hidden(model, idx, pos, mask[:, None], last))
 
 
 def prefill_rows(model: GPT, prompts: list[list[int]], rows, valid):
@@ -1636,7 +1655,7 @@ def prefill_rows(model: GPT, prompts: list[list[int]], rows, valid):
     try:
         at = torch.arange(T, device=device)
         causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()[None, None]
-        h = model.hidden(idx, at.expand(n, T), causal, at)
+        h = prefill_hidden(model, idx, at.expand(n, T), causal, lengths - 1)
         for block, cache in zip(model.blocks, shared):
             cache.k[rows, :, :T], cache.v[rows, :, :T] = block.attn.cache.k, block.attn.cache.v
     finally:
@@ -1644,7 +1663,7 @@ def prefill_rows(model: GPT, prompts: list[list[int]], rows, valid):
             block.attn.cache = cache
     valid[rows] = False
     valid[rows, :T] = at < lengths[:, None]
-    return model.lm_head(h[torch.arange(n, device=device), lengths - 1])
+    return model.lm_head(h)
 
 
 def decode_step(model: GPT, token, pos, valid, slot):

@@ -33,6 +33,32 @@ def test_stream_gives_each_prompt_the_tokens_it_gets_alone(batch_size):
     assert stats["articles_per_second"] > 0
 
 
+@pytest.mark.parametrize("chunk", [7, 16])
+def test_prefill_in_chunks_decodes_as_the_prefill_at_once(monkeypatch, llama_dir, chunk):
+    """Prompts longer than PREFILL_CHUNK run through the model a chunk at a time (with 16, each chunk takes the
+    few-queries attention): the same last logits within float32 rounding, and the same greedy tokens, left-padded
+    (`generate`) and right-padded into rows (`generate_stream`)."""
+    model, _ = common.load_model(str(llama_dir))
+    prompts = prompts_of(model, (60, 3, 41, 17))
+    T = max(map(len, prompts))
+    idx = torch.tensor([[0] * (T - len(p)) + p for p in prompts])
+    valid = torch.zeros(4, T, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        valid[i, T - len(p):] = True
+    pos = (valid.cumsum(-1) - 1).clamp(min=0)
+
+    def prefill():
+        model.setup_cache(4, T)
+        with torch.no_grad():
+            return common.prefill(model, idx, pos, valid)
+
+    whole, tokens = prefill(), alone(model, prompts, 12)
+    monkeypatch.setattr(common, "PREFILL_CHUNK", chunk)
+    torch.testing.assert_close(prefill(), whole, atol=1e-5, rtol=1e-5)
+    assert common.generate(model, prompts, 12, greedy=True) == tokens
+    assert common.generate_stream(model, prompts, 12, 2, greedy=True) == tokens
+
+
 def test_stream_with_a_llama_and_a_first_token_that_ends_the_summary(llama_dir):
     model, _ = common.load_model(str(llama_dir))
     prompts = prompts_of(model, (9, 40, 4, 25, 12), seed=1)
