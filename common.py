@@ -1564,26 +1564,36 @@ def nucleus(probs, top_p: float, candidates: tuple[int, ...] = TOP_P_CANDIDATES)
     Returns (values, index) (B, n): the tokens' probabilities, not renormalized, and ids, most likely first,
     values 0 past a row's nucleus. Found among the n most likely tokens, from a partial selection (about 20x
     cheaper than sorting SmolLM2's 49,152 tokens); a row that its candidates cannot decide tries the next count
-    of candidates, and at last the whole vocabulary. The candidates decide a row when their mass reaches top_p and
-    the last token needed is more likely than the last candidate: then no token outside is as likely. Their
+    of candidates that could (their mass, if each token added were as likely as their last, reaches top_p), and at
+    last the whole vocabulary. The candidates decide a row when their mass reaches top_p and the last token
+    needed is more likely than the last candidate: then no token outside is as likely. Their
     prefix sums are the full sort's (torch.cumsum on the CPU adds one value after the other; CUDA's parallel scan
     may round differently), so the result is the same, bit for bit, whatever the candidates."""
     B, V = probs.shape
-    rows = torch.arange(B, device=probs.device)
+    widths = [k for k in candidates if k < V] + [V]
+    pending = {k: [torch.arange(0, device=probs.device)] for k in widths}  # the rows each count is to decide
+    pending[widths[0]].append(torch.arange(B, device=probs.device))
     parts = []  # (rows, values, index) decided by each count of candidates
-    for k in [k for k in candidates if k < V] + [V]:
-        top, index = torch.topk(probs if len(rows) == B else probs[rows], k)  # descending
-        n = (torch.cumsum(top, dim=-1) < top_p).sum(-1, keepdim=True)  # the n most likely have less than top_p
+    for i, k in enumerate(widths):
+        rows = torch.cat(pending[k])
+        if not len(rows):
+            continue
+        top, index = torch.topk(probs if i == 0 else probs[rows], k)  # descending
+        mass = torch.cumsum(top, dim=-1)
+        n = (mass < top_p).sum(-1, keepdim=True)  # the n most likely have less than top_p
         cut = top.gather(-1, n.clamp(max=k - 1))  # the last token needed
         decided = ((n < k) & (cut > top[:, -1:]))[:, 0] if k < V else torch.ones_like(rows, dtype=torch.bool)
         parts.append((rows[decided], top.masked_fill(top < cut, 0.0)[decided], index[decided]))
-        rows = rows[~decided]
-        if not len(rows):  # a host sync; rows that need more than the first candidates are few
-            break
+        rest, total, least = rows[~decided], mass[~decided, -1], top[~decided, -1]
+        for wider in widths[i + 1:]:  # the fewest candidates that could hold top_p: wider - k more tokens, at
+            could = (total + (wider - k) * least >= top_p) | (wider == V)  # most as likely as the last
+            pending[wider].append(rest[could])  # a host sync; rows past the first candidates are few
+            rest, total, least = rest[~could], total[~could], least[~could]
     if len(parts) == 1:
         return parts[0][1:]
-    values = probs.new_zeros(B, k)
-    index = torch.zeros(B, k, dtype=torch.long, device=probs.device)
+    width = max(v.shape[1] for _, v, _ in parts if len(v))
+    values = probs.new_zeros(B, width)
+    index = torch.zeros(B, width, dtype=torch.long, device=probs.device)
     for r, v, i in parts:
         values[r, :v.shape[1]], index[r, :i.shape[1]] = v, i
     return values, index

@@ -82,6 +82,20 @@ def test_each_row_takes_the_fewest_candidates_that_decide_it():
     assert (common.nucleus(probs, 0.9)[0] > 0).sum(-1).tolist()[1] > 256  # the medium row needs the second
 
 
+def test_a_row_skips_candidates_that_could_not_hold_top_p(monkeypatch):
+    """A flat row's 256 candidates hold so little mass that 4,096 tokens as likely as their last would still
+    hold less than top_p: it goes from the first candidates to the full sort; a medium row tries the second."""
+    counts, topk = [], torch.topk
+    monkeypatch.setattr(torch, "topk", lambda x, k, *a, **kw: counts.append((len(x), k)) or topk(x, k, *a, **kw))
+    for kinds, expected in (("pf", [(2, 256), (1, 50257)]), ("pm", [(2, 256), (1, 4096)])):
+        counts.clear()
+        probs = (vocab_logits(kinds) / 0.9).softmax(-1)
+        values, index = common.nucleus(probs, 0.9)
+        assert counts == expected
+        kept = torch.zeros_like(probs).scatter_add_(-1, index, values)
+        assert torch.equal(kept > 0, full_sort_logits_to_probs(probs.log(), 1.0, 0.9) > 0)
+
+
 @pytest.mark.parametrize("probs,top_p,kept,width", [
     ([0.4, 0.3, 0.2, 0.1], 0.6, [0.4, 0.3, 0.0], 3),  # the nucleus (0.4, 0.3) closes inside the 3 candidates
     ([0.4, 0.3, 0.1, 0.1, 0.1], 0.75, [0.4, 0.3, 0.1, 0.1, 0.1], 5),  # it closes on a 0.1, like the last
