@@ -76,7 +76,7 @@ def test_compiled_decode_gives_the_same_greedy_tokens(llama_dirs):
 
 def test_inference_fuses_projections_and_computes_the_same(llama_dirs):
     """prepare_inference makes q/k/v one projection and gate/up one (fewer, larger matrix products): in float32
-    the same logits, bit for bit on this CPU, and the same greedy tokens, with and without the cache."""
+    the same logits (within 1e-5; bit for bit on the CPUs measured) and the same greedy tokens, with the cache."""
     for folder in llama_dirs.values():
         model, _ = common.load_model(str(folder))
         idx = random_ids(model, (2, 30))
