@@ -1567,9 +1567,9 @@ def nucleus(probs, top_p: float, candidates: tuple[int, ...] = TOP_P_CANDIDATES)
     cheaper than sorting SmolLM2's 49,152 tokens); a row that its candidates cannot decide tries the next count
     of candidates that could (their mass, if each token added were as likely as their last, reaches top_p), and at
     last the whole vocabulary. The candidates decide a row when their mass reaches top_p and the last token
-    needed is more likely than the last candidate: then no token outside is as likely. Their
-    prefix sums are the full sort's (torch.cumsum on the CPU adds one value after the other; CUDA's parallel scan
-    may round differently), so the result is the same, bit for bit, whatever the candidates."""
+    needed is more likely than the last candidate: then no token outside is as likely. Their prefix sums are the
+    full sort's (torch.cumsum on the CPU adds one value after the other; CUDA's parallel scan may round
+    differently), so the result is the same, bit for bit, whatever the candidates."""
     B, V = probs.shape
     widths = [k for k in candidates if k < V] + [V]
     pending = {k: [torch.arange(0, device=probs.device)] for k in widths}  # the rows each count is to decide
@@ -1595,8 +1595,8 @@ def nucleus(probs, top_p: float, candidates: tuple[int, ...] = TOP_P_CANDIDATES)
     width = max(v.shape[1] for _, v, _ in parts if len(v))
     values = probs.new_zeros(B, width)
     index = torch.zeros(B, width, dtype=torch.long, device=probs.device)
-    for r, v, i in parts:
-        values[r, :v.shape[1]], index[r, :i.shape[1]] = v, i
+    for r, v, ix in parts:
+        values[r, :v.shape[1]], index[r, :ix.shape[1]] = v, ix
     return values, index
 
 
