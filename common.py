@@ -526,8 +526,8 @@ def rope_angles(pos: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple[
     and then, as transformers does, given in `dtype`: the precision of the hidden states."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
     angles = pos[:, None, :, None].float() * inv_freq  # (B, 1, T, head_dim / 2)
-    sin = angles.sin()
-    return torch.cat([angles, angles], dim=-1).cos().to(dtype), torch.cat([-sin, sin], dim=-1).to(dtype)
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat([cos, cos], dim=-1).to(dtype), torch.cat([-sin, sin], dim=-1).to(dtype)
 
 
 def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -597,9 +597,10 @@ class Attention(nn.Module):
         q, k, v = self.heads(x, rope)
         if slots is None:  # training: causal attention over this input alone
             y = F.scaled_dot_product_attention(q, k, v, is_causal=mask is None, attn_mask=mask, enable_gqa=K != H)
-        else:  # with the KV cache, over the slots the mask covers: (B, K, S, D), only the K key/value heads
+        else:  # with the KV cache, over the slots the mask covers: (B, K, S, D), only the K key/value heads; with
+            # few queries `hidden` made the mask a bias for `attend`
             k, v = (t[:, :, :mask.shape[-1]].to(q.dtype) for t in self.cache.update(slots, k, v))
-            y = attend(q, k, v, mask) if T <= FEW_QUERIES else \
+            y = attend(q, k, v, mask) if mask.is_floating_point() else \
                 F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=K != H)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, H * D))
 
@@ -1584,9 +1585,10 @@ def nucleus(probs, top_p: float, candidates: tuple[int, ...] = TOP_P_CANDIDATES)
         n = (mass < top_p).sum(-1, keepdim=True)  # the n most likely have less than top_p
         cut = top.gather(-1, n.clamp(max=k - 1))  # the last token needed
         decided = ((n < k) & (cut > top[:, -1:]))[:, 0] if k < V else torch.ones_like(rows, dtype=torch.bool)
+        kept = top.masked_fill(top < cut, 0.0)
         if i == 0 and decided.all():  # the common case, at one host sync per call
-            return top.masked_fill(top < cut, 0.0), index
-        parts.append((rows[decided], top.masked_fill(top < cut, 0.0)[decided], index[decided]))
+            return kept, index
+        parts.append((rows[decided], kept[decided], index[decided]))
         rest, total, least = rows[~decided], mass[~decided, -1], top[~decided, -1]
         for wider in widths[i + 1:]:  # the fewest candidates that could hold top_p: wider - k more tokens, at
             could = (total + (wider - k) * least >= top_p) | (wider == V)  # most as likely as the last
