@@ -28,7 +28,6 @@ machine, at the first batch size.
 """
 import argparse
 import copy
-import json
 import os
 import statistics
 import sys
@@ -40,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
-from shapes import SHAPES, load_hf  # noqa: E402
+from shapes import SHAPES, load_hf, load_tokenizer, make_prompts  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CT2_PRECISION = {"float32": "fp32 weights and KV cache", "int8": "int8 weights (int8 matmuls), fp32 KV cache",
@@ -51,23 +50,6 @@ INSTALL = {"ctranslate2": "pip install ctranslate2", "llama.cpp": "pip install l
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def make_prompts(args, n: int, vocab_size: int, tokenizer) -> list[list[int]]:
-    """n prompts: random ids of --prompt-len tokens, repeated phrases, or real articles as the scripts encode them."""
-    g = torch.Generator().manual_seed(0)
-    if args.prompts == "random":
-        return torch.randint(0, vocab_size, (n, args.prompt_len), generator=g).tolist()
-    if args.prompts == "repeat":  # a random 32-token phrase, repeated: something to copy even for random weights
-        phrases = torch.randint(0, vocab_size, (n, 32), generator=g)
-        return phrases.repeat(1, -(-args.prompt_len // 32))[:, :args.prompt_len].tolist()
-    if tokenizer is None:
-        sys.exit("--prompts FILE needs a --model with a tokenizer (a checkpoint, not a random shape)")
-    rows = [json.loads(line) for line in open(args.prompts)][:n]
-    if len(rows) < n:
-        sys.exit(f"{args.prompts} holds fewer than {n} articles")
-    cfg = common.Config(max_new_tokens=args.new_tokens, max_article_tokens=args.max_article_tokens)
-    return common.encode_prompts(rows, tokenizer, [], cfg, 10 ** 9)[0]
 
 
 # Engines. Each maker returns {row label: (precision, run, continuous)}: run(prompts, seed) -> the new tokens of
@@ -121,7 +103,7 @@ def transformers_engines(hf, args, device, main_dtype, eos_id):
                 new = m.generate(ids, attention_mask=mask, top_k=0, max_new_tokens=args.new_tokens,
                                  pad_token_id=eos_id if eos_id is not None else 0, eos_token_id=eos_id,
                                  **fixed, **extra)[:, T:].tolist()
-            return [r[:r.index(eos_id)] if eos_id in r else r for r in new]
+            return common.cut_at_eos(new, eos_id)
         def stream(prompts, batch, m=m):  # transformers' own continuous batching
             from transformers import GenerationConfig
             from transformers.generation import ContinuousBatchingConfig
@@ -131,7 +113,7 @@ def transformers_engines(hf, args, device, main_dtype, eos_id):
             done = m.generate_batch(prompts, generation_config=config, continuous_batching_config=
                                     ContinuousBatchingConfig(max_requests_per_batch=batch, seed=0))
             new = [done[f"req_{i}"].generated_tokens for i in range(len(prompts))]
-            return [r[:r.index(eos_id)] if eos_id in r else r for r in new]
+            return common.cut_at_eos(new, eos_id)
         precision = f"{name} weights and KV cache"
         out[f"transformers {name}"] = (precision, run, False)
         if DTYPES[name] == main_dtype and args.eos:  # it stops at EOS only
@@ -291,11 +273,7 @@ def main():
     if main_name not in args.dtypes:
         main_name, main_dtype = args.dtypes[0], DTYPES[args.dtypes[0]]
     hf = load_hf(args.model)
-    tokenizer = None
-    if args.model not in SHAPES:
-        from transformers import AutoTokenizer
-        folder, extra = common.model_source(args.model)
-        tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
+    tokenizer = load_tokenizer(args.model)
     eos_id = tokenizer.eos_token_id if args.eos and tokenizer is not None else None
     if args.eos and eos_id is None:
         sys.exit("--eos needs a model with a tokenizer")

@@ -10,7 +10,6 @@ Same --model, --prompts and defaults as bench/generate.py (batch 8, up to 144 ne
 """
 import argparse
 import copy
-import json
 import os
 import statistics
 import sys
@@ -21,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
-from shapes import SHAPES, load_hf  # noqa: E402
+from shapes import SHAPES, load_hf, load_tokenizer, make_prompts  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -63,14 +62,7 @@ def main():
     hf = load_hf(args.model)
     model = common.from_hf(hf)
     B, V = args.batch, model.config.vocab_size
-    if args.prompts == "random":
-        prompts = torch.randint(0, V, (B, args.prompt_len)).tolist()
-    else:
-        from transformers import AutoTokenizer
-        folder, extra = common.model_source(args.model)
-        rows = [json.loads(line) for line in open(args.prompts)][:B]
-        cfg = common.Config(max_new_tokens=args.new_tokens, max_article_tokens=args.max_article_tokens)
-        prompts = common.encode_prompts(rows, AutoTokenizer.from_pretrained(folder, **extra), [], cfg, 10 ** 9)[0]
+    prompts = make_prompts(args, B, V, load_tokenizer(args.model))
     T = max(map(len, prompts))
     S = T + args.new_tokens
     idx = torch.tensor([[0] * (T - len(p)) + p for p in prompts])
