@@ -1916,6 +1916,7 @@ def generate_stream(model: GPT, prompts: list[list[int]], max_new_tokens: int, b
     active = torch.zeros(B, dtype=torch.bool, device=device)  # owner >= 0, on the device
     valid = torch.zeros(B, S, dtype=torch.bool, device=device)
     pointer = torch.zeros(B, dtype=torch.long, device=device)  # each row's next slot, and its next position
+    every_row = torch.arange(B, device=device)
     token = torch.zeros(B, dtype=torch.long, device=device)
     stats = {} if stats is None else stats
     stats.update(steps=0, busy=0)
@@ -1950,7 +1951,7 @@ def generate_stream(model: GPT, prompts: list[list[int]], max_new_tokens: int, b
     try:
         refill(list(range(B)))
         while any(o >= 0 for o in owner):
-            valid[torch.arange(B, device=device), pointer] = True
+            valid[every_row, pointer] = True
             token = next_token(step(model, token, pointer, valid, pointer[:, None]))
             pointer = torch.where(active, pointer + 1, 0)
             stats["steps"] += 1
