@@ -505,6 +505,7 @@ class KVCache(nn.Module):
         super().__init__()
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("rows", torch.arange(shape[0], device=device)[:, None], persistent=False)  # per-row writes
 
     def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Write k, v (B, H, T, D) at `slots`: (T,) shared by all rows, or (B, T) per row (speculative decoding,
@@ -513,9 +514,8 @@ class KVCache(nn.Module):
             self.k[:, :, slots] = k.to(self.k.dtype)
             self.v[:, :, slots] = v.to(self.v.dtype)
         else:  # indexed as (row, slot): 15x faster on the CPU than scatter_ along the slots
-            rows = torch.arange(len(slots), device=slots.device)[:, None]
-            self.k[rows, :, slots] = k.transpose(1, 2).to(self.k.dtype)  # (B, T, K, D)
-            self.v[rows, :, slots] = v.transpose(1, 2).to(self.v.dtype)
+            self.k[self.rows, :, slots] = k.transpose(1, 2).to(self.k.dtype)  # (B, T, K, D)
+            self.v[self.rows, :, slots] = v.transpose(1, 2).to(self.v.dtype)
         return self.k, self.v
 
 
@@ -599,7 +599,9 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=mask is None, attn_mask=mask, enable_gqa=K != H)
         else:  # with the KV cache, over the slots the mask covers: (B, K, S, D), only the K key/value heads; with
             # few queries `hidden` made the mask a bias for `attend`
-            k, v = (t[:, :, :mask.shape[-1]].to(q.dtype) for t in self.cache.update(slots, k, v))
+            k, v = self.cache.update(slots, k, v)
+            if k.shape[2] > mask.shape[-1] or k.dtype != q.dtype:  # slices and copies cost a decode step
+                k, v = k[:, :, :mask.shape[-1]].to(q.dtype), v[:, :, :mask.shape[-1]].to(q.dtype)
             y = attend(q, k, v, mask) if mask.is_floating_point() else \
                 F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=K != H)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, H * D))
@@ -623,10 +625,11 @@ def attend(q, k, v, bias):
     assert bias.is_floating_point(), "attend takes attention_bias(mask), not the mask"
     B, H, T, D = q.shape
     K, S = k.shape[1], k.shape[2]
-    scores = q.reshape(B, K, H // K * T, D) @ k.transpose(-1, -2)  # (B, K, G·T, S): query head h uses k/v head h // G
+    # (B·K, G·T, S): query head h uses key/value head h // G
+    scores = torch.bmm(q.reshape(B * K, H // K * T, D), k.reshape(B * K, S, D).transpose(1, 2))
     scores = torch.add(bias, scores.view(B, K, H // K, T, S), alpha=D ** -0.5)  # float32: scaled, masked
-    probs = torch.softmax(scores, dim=-1).to(v.dtype).view(B, K, H // K * T, S)
-    return (probs @ v).view(B, H, T, D)
+    probs = torch.softmax(scores, dim=-1).to(v.dtype).view(B * K, H // K * T, S)
+    return torch.bmm(probs, v.reshape(B * K, S, D)).view(B, H, T, D)
 
 
 class MLP(nn.Module):
