@@ -22,7 +22,9 @@ command that installs them (benchmark-only dependencies: the scripts never impor
 
 Ours also runs as the scripts summarize (`generate_stream`: a row whose summary ends takes the next article) and
 transformers as its own continuous batching (`generate_batch`) when there are more articles than rows.
-Runs alternate engine by engine after a warm-up; medians of --runs. The last line is `speedup: X.XX`:
+Runs alternate engine by engine after a warm-up; medians of --runs. Each run also prints its "cores busy": the
+process's CPU time over the wall time; fewer than the threads an engine runs means it waited for a core (on a shared
+machine, another job had it). The last line is `speedup: X.XX`:
 transformers `generate` / ours as the scripts summarize, both in the precision `--dtype auto` picks on this
 machine, at the first batch size: the median of each run's ratio (the two timed one after the other, so that a
 shared machine's drifting load cancels), printed beside the ratio of the median times.
@@ -312,19 +314,20 @@ def main():
         for _, run, continuous in here.values():  # warm-up (and compile)
             run_all(run, continuous)
         lookup_stats.clear()
-        times, tokens = {name: [] for name in here}, {name: [] for name in here}
+        times, tokens, busy = ({name: [] for name in here} for _ in range(3))
         for _ in range(args.runs):
             for name, (_, run, continuous) in here.items():
                 synchronize(device)
-                t = time.perf_counter()
+                t, cpu = time.perf_counter(), time.process_time()
                 tokens[name].append(run_all(run, continuous))
                 synchronize(device)
                 times[name].append(time.perf_counter() - t)
+                busy[name].append((time.process_time() - cpu) / times[name][-1])
         for name, (precision, *_) in here.items():
             results.append(dict(batch=batch, engine=name, precision=precision, seconds=statistics.median(times[name]),
                                 times=times[name], tokens=statistics.median(tokens[name]), articles=len(prompts)))
-            print(f"batch {batch}: {name}: {[round(x, 2) for x in times[name]]} s, {tokens[name]} new tokens",
-                  flush=True)
+            print(f"batch {batch}: {name}: {[round(x, 2) for x in times[name]]} s, {tokens[name]} new tokens, "
+                  f"cores busy {[round(x, 2) for x in busy[name]]}", flush=True)
         if lookup_stats.get("row_steps"):
             print(f"batch {batch}: lookup accepted {lookup_stats['accepted'] / lookup_stats['row_steps']:.2f} "
                   f"tokens per row and verify step ({lookup_stats['accepted']} of {lookup_stats['proposed']} "
