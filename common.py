@@ -600,7 +600,7 @@ class Attention(nn.Module):
         else:  # with the KV cache, over the slots the mask covers: (B, K, S, D), only the K key/value heads; with
             # few queries `hidden` made the mask a bias for `attend`
             k, v = self.cache.update(slots, k, v)
-            if k.shape[2] > mask.shape[-1] or k.dtype != q.dtype:  # slices and copies cost a decode step
+            if k.shape[2] > mask.shape[-1] or k.dtype != q.dtype:  # a no-op slice and cast cost time too
                 k, v = k[:, :, :mask.shape[-1]].to(q.dtype), v[:, :, :mask.shape[-1]].to(q.dtype)
             y = attend(q, k, v, mask) if mask.is_floating_point() else \
                 F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=K != H)
