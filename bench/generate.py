@@ -31,6 +31,7 @@ shared machine's drifting load cancels), printed beside the ratio of the median 
 """
 import argparse
 import copy
+import multiprocessing
 import os
 import statistics
 import sys
@@ -138,6 +139,7 @@ def synthetic_tokenizer(vocab_size: int):
 
 
 def ctranslate2_engines(hf, tokenizer, args, device, eos_id, folder: Path):
+    """CTranslate2's generator in each precision, each in a process of its own (see `Isolated`)."""
     import ctranslate2
     tokenizer = tokenizer or synthetic_tokenizer(hf.config.vocab_size)
     # a plain transformers checkpoint of the same weights (one loaded from a GGUF file refuses save_pretrained)
@@ -145,25 +147,81 @@ def ctranslate2_engines(hf, tokenizer, args, device, eos_id, folder: Path):
     ctranslate2.converters.TransformersConverter(str(folder / "hf")).convert(str(folder / "ct2"), force=True)
     vocab = tokenizer.convert_ids_to_tokens(list(range(hf.config.vocab_size)))
     end = [vocab[eos_id]] if eos_id is not None else []
+    sampled = dict(sampling_topk=1) if args.greedy else \
+        dict(sampling_topk=0, sampling_topp=0.9, sampling_temperature=0.9)  # topk 0: the whole vocabulary
+    options = dict(max_length=args.new_tokens, include_prompt_in_result=False, min_length=0 if args.eos else
+                   args.new_tokens, end_token=end if args.eos else [], **sampled)
     out = {}
     kinds = ["float32", "int8"] if device.type == "cpu" else ["bfloat16", "int8_bfloat16"]
     for kind in kinds:
         if kind not in ctranslate2.get_supported_compute_types(device.type):
             print(f"CTranslate2 {kind}: skipped (not supported on this {device.type})")
             continue
-        generator = ctranslate2.Generator(str(folder / "ct2"), device=device.type, compute_type=kind,
-                                          intra_threads=torch.get_num_threads() if device.type == "cpu" else 0)
-
-        def run(prompts, seed, generator=generator):
-            ctranslate2.set_random_seed(seed)
-            sampled = dict(sampling_topk=1) if args.greedy else \
-                dict(sampling_topk=0, sampling_topp=0.9, sampling_temperature=0.9)  # topk 0: the whole vocabulary
-            results = generator.generate_batch(
-                [[vocab[t] for t in p] for p in prompts], max_length=args.new_tokens, include_prompt_in_result=False,
-                min_length=0 if args.eos else args.new_tokens, end_token=end if args.eos else [], **sampled)
-            return [r.sequences_ids[0] for r in results]
+        threads = torch.get_num_threads() if device.type == "cpu" else 0
+        run = Isolated(ct2_generator, str(folder / "ct2"), device.type, kind, threads, vocab, options)
         out[f"CTranslate2 {kind}"] = (CT2_PRECISION[kind], run, False)
     return out
+
+
+def ct2_generator(folder: str, device: str, kind: str, threads: int, vocab: list[str], options: dict):
+    """run(prompts, seed) -> new token ids, by a CTranslate2 generator made here (in its own process)."""
+    import ctranslate2
+    generator = ctranslate2.Generator(folder, device=device, compute_type=kind, intra_threads=threads)
+
+    def run(prompts, seed):
+        ctranslate2.set_random_seed(seed)
+        results = generator.generate_batch([[vocab[t] for t in p] for p in prompts], **options)
+        return [r.sequences_ids[0] for r in results]
+    return run
+
+
+class Isolated:
+    """An engine in a process of its own, called as run(*args) from this one. CTranslate2 ships its own OpenMP
+    runtime, yet in torch's process its calls resolve to torch's: its threads join torch's pool, which has more
+    threads than cores from then on and lets idle ones sleep instead of spin, so every torch engine timed after
+    CTranslate2's first call ran slower (ours 17.1 s before, 22.3 s after, cores busy 1.99 and 1.45, measured one
+    after the other in one process), and CTranslate2 too. Returns what run returns; `cpu` counts the seconds of
+    CPU its calls took in their process, for "cores busy"."""
+
+    def __init__(self, make, *args):
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter: no threads or runtimes inherited
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=serve, args=(child, make, args), daemon=True)
+        self.process.start()
+        self.cpu = 0.0
+        self.answer()  # None once the engine is made, or its exception
+
+    def answer(self):
+        reply = self.conn.recv()
+        if isinstance(reply, BaseException):
+            raise reply
+        return reply
+
+    def __call__(self, *args):
+        self.conn.send(args)
+        result, cpu = self.answer()
+        self.cpu += cpu
+        return result
+
+
+def serve(conn, make, args):
+    """The loop of an Isolated engine's process: make the engine, then answer each call until the pipe closes."""
+    try:
+        run = make(*args)
+    except Exception as e:
+        conn.send(e)
+        return
+    conn.send(None)
+    while True:
+        try:
+            call = conn.recv()
+        except EOFError:
+            return
+        try:
+            cpu = time.process_time()
+            conn.send((run(*call), time.process_time() - cpu))
+        except Exception as e:
+            conn.send(e)
 
 
 def llama_cpp_engines(gguf: str, args, max_len: int, batch: int):
@@ -318,11 +376,11 @@ def main():
         for _ in range(args.runs):
             for name, (_, run, continuous) in here.items():
                 synchronize(device)
-                t, cpu = time.perf_counter(), time.process_time()
+                t, cpu = time.perf_counter(), time.process_time() + getattr(run, "cpu", 0.0)  # (Isolated: its own)
                 tokens[name].append(run_all(run, continuous))
                 synchronize(device)
                 times[name].append(time.perf_counter() - t)
-                busy[name].append((time.process_time() - cpu) / times[name][-1])
+                busy[name].append((time.process_time() + getattr(run, "cpu", 0.0) - cpu) / times[name][-1])
         for name, (precision, *_) in here.items():
             results.append(dict(batch=batch, engine=name, precision=precision, seconds=statistics.median(times[name]),
                                 times=times[name], tokens=statistics.median(tokens[name]), articles=len(prompts)))
