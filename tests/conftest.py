@@ -84,8 +84,8 @@ def hf_model(tiny_dir):
 @pytest.fixture
 def tiny(tiny_dir):
     """(our model, tokenizer), fresh for each test so method changes don't leak."""
-    import common
-    return common.load_model(str(tiny_dir))
+    from peftsum.interop import load_model
+    return load_model(str(tiny_dir))
 
 
 def sentence(rng: random.Random, n: int) -> str:
@@ -138,9 +138,9 @@ def interrupted(tiny_dir, data_dir, tmp_path_factory) -> Path:
     """The folder of the same run stopped as by Ctrl-C after step 5, mid-epoch: it holds the checkpoint and no
     weights. (In this process the signal is simulated where the loop polls for it; test_resume_ddp sends real ones.)"""
     import signal
-    import common
+    from peftsum import training
     folder = tmp_path_factory.mktemp("interrupted")
-    with mock.patch.object(common, "agreed_signal", lambda received, step, device: signal.SIGINT * (step == 5)):
+    with mock.patch.object(training, "agreed_signal", lambda received, step, device: signal.SIGINT * (step == 5)):
         p = cli("main2.py", *train_args(tiny_dir, data_dir, folder))
     assert p.returncode == 130, p.stderr[-2000:]
     assert (folder / "w.ckpt.safetensors").is_file() and not (folder / "w.safetensors").exists()

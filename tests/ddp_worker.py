@@ -5,21 +5,23 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import common  # noqa: E402
+from peftsum.runtime import world  # noqa: E402
+from peftsum.methods import trainable_state  # noqa: E402
+from peftsum import training  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 out, script = Path(sys.argv[1]), sys.argv[2]
 sys.argv = [script, *sys.argv[3:]]
-train = common.train
+train = training.train
 
 
 def train_and_dump(model, *args, **kwargs):
     history = train(model, *args, **kwargs)
-    rank, _ = common.world()
-    tensors = {k: v.detach().cpu().contiguous() for k, v in common.trainable_state(model).items()}
+    rank, _ = world()
+    tensors = {k: v.detach().cpu().contiguous() for k, v in trainable_state(model).items()}
     save_file(tensors, str(out / f"rank{rank}.safetensors"))
     return history
 
 
-common.train = train_and_dump
+training.train = train_and_dump  # what the CLI calls
 runpy.run_path(script, run_name="__main__")

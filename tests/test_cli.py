@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-import common
+from peftsum.evaluation import ROUGE_KEYS
 from conftest import ROOT, cli  # noqa: F401  (ROOT: other test modules import it from here)
 
 SCRIPTS = {"main.py": "prompt_tuning", "main1.py": "last_layer", "main2.py": "lora"}
@@ -35,7 +35,7 @@ def test_train_save_reload_evaluate(script, common_args, tmp_path):
     assert record["method"] == method and record["history"][0]["step"] == 3
     assert set(record["test"]) == {"rouge1", "rouge2", "rougeL", "rougeLsum"}
     preds = [json.loads(line) for line in open(tmp_path / "runs" / f"{method}.predictions.jsonl")]
-    assert len(preds) == 6 and set(preds[0]) == {"id", "reference", "prediction", *common.ROUGE_KEYS}
+    assert len(preds) == 6 and set(preds[0]) == {"id", "reference", "prediction", *ROUGE_KEYS}
 
     loaded = run(script, *common_args, "--weights", weights)
     assert f"loaded {weights}" in loaded.stdout

@@ -7,7 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import common
+from peftsum import runtime, interop, evaluation
+from peftsum.config import parse_args
+from peftsum.methods import apply_lora, trainable_state
+from peftsum.interop import from_hf
+from peftsum.cli import cli_errors
 from conftest import cli
 
 
@@ -188,10 +192,10 @@ def test_weights_of_another_base_model(base, tmp_path):
     """LoRA weights of a wider model (as gpt2-medium's would be for gpt2) are refused with the reason."""
     from transformers import GPT2Config, GPT2LMHeadModel
     wide = GPT2LMHeadModel(GPT2Config(vocab_size=400, n_positions=256, n_layer=2, n_head=2, n_embd=48))
-    model = common.apply_lora(common.from_hf(wide), 16, 32)
+    model = apply_lora(from_hf(wide), 16, 32)
     record = {"method": "lora", "base_model": "wide-gpt2"}
     w = tmp_path / "wide.safetensors"
-    save_file({k: v.contiguous() for k, v in common.trainable_state(model).items()}, str(w),
+    save_file({k: v.contiguous() for k, v in trainable_state(model).items()}, str(w),
               metadata={"record": json.dumps(record)})
     assert_usage_error(cli("main2.py", *base, "--weights", w), "does not fit this model", "wide-gpt2")
 
@@ -238,8 +242,8 @@ def test_flags_out_of_range(capsys, script, flags, needle):
     hparams = {"main": "PromptTuning", "main2": "LoRA"}[script]
     cls = getattr(importlib.import_module(script), hparams)
     with pytest.raises(SystemExit) as exit:
-        with common.cli_errors():
-            common.parse_args(cls, "", flags)
+        with cli_errors():
+            parse_args(cls, "", flags)
     assert exit.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and needle in err, err
@@ -253,7 +257,7 @@ def test_nan_loss_stops_and_names_the_step(base, tmp_path):
 
 
 def test_unknown_model_while_offline(base, monkeypatch):
-    monkeypatch.setattr(common, "hub_reachable", lambda: False)
+    monkeypatch.setattr(runtime, "hub_reachable", lambda: False)
     args = [a if a != base[1] else "no-such-user/no-such-gpt2" for a in base]
     assert_usage_error(cli("main2.py", *args, "--baseline"), "cannot download 'no-such-user/no-such-gpt2'",
                        "not reachable", "--model")
@@ -261,8 +265,8 @@ def test_unknown_model_while_offline(base, monkeypatch):
 
 def test_an_offline_hub_dataset_fails_before_the_model_loads(base, monkeypatch):
     """The check costs a TCP connection, not the model's load (20 s for a GGUF) and then a minute of retries."""
-    monkeypatch.setattr(common, "hub_reachable", lambda: False)
-    monkeypatch.setattr(common, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(runtime, "hub_reachable", lambda: False)
+    monkeypatch.setattr(interop, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     args = [a if a != base[3] else "no-such-user/no-such-data" for a in base]
     assert_usage_error(cli("main2.py", *args, "--baseline"), "cannot download the dataset 'no-such-user/no-such-data'",
                        "--data")
@@ -271,8 +275,8 @@ def test_an_offline_hub_dataset_fails_before_the_model_loads(base, monkeypatch):
 def test_a_full_disk_under_out_fails_before_the_evaluation(base, monkeypatch, tmp_path):
     import shutil
     real = shutil.disk_usage
-    monkeypatch.setattr(common.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
-    monkeypatch.setattr(common, "summarize", lambda *a, **k: pytest.fail("summarized onto a full disk"))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    monkeypatch.setattr(evaluation, "summarize", lambda *a, **k: pytest.fail("summarized onto a full disk"))
     assert_usage_error(cli("main2.py", *base, "--baseline"), "MiB free", "the run record and predictions", "--out")
     assert not list((tmp_path / "runs").glob("*.json"))
 
@@ -285,7 +289,7 @@ def test_sigterm_outside_training_stops_in_one_line(base, monkeypatch):
     def killed(*a, **k):
         os.kill(os.getpid(), signal.SIGTERM)
         pytest.fail("SIGTERM did not stop the program")
-    monkeypatch.setattr(common, "summarize", killed)
+    monkeypatch.setattr(evaluation, "summarize", killed)
     p = cli("main2.py", *base, "--baseline")
     assert p.returncode == 143 and p.stderr.strip().splitlines()[-1] == "interrupted by SIGTERM", p.stderr
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler ends with the program
@@ -293,7 +297,7 @@ def test_sigterm_outside_training_stops_in_one_line(base, monkeypatch):
 
 def test_out_of_memory_suggests_smaller_batches(capsys):
     with pytest.raises(SystemExit) as exit:
-        with common.cli_errors():
+        with cli_errors():
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
     assert exit.value.code == 2
     err = capsys.readouterr().err

@@ -11,7 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import common
+from peftsum.errors import UsageError
+from peftsum.runtime import peak_memory_mb
+from peftsum.methods import apply_lora
+from peftsum.files import weights_lock, write_safetensors
+from peftsum.interop import export_peft, load_model
 from conftest import ROOT, cli
 
 
@@ -63,7 +67,7 @@ def test_concurrent_writers_never_collide(tmp_path):
     def writer(value):
         try:
             for _ in range(50):
-                common.write_safetensors(path, {"x": torch.full((256,), float(value))}, {"state": "{}"})
+                write_safetensors(path, {"x": torch.full((256,), float(value))}, {"state": "{}"})
                 x = load_file(path)["x"]
                 assert (x == x[0]).all()
         except Exception as e:  # noqa: BLE001 (collected for the assertion below)
@@ -78,26 +82,27 @@ def test_concurrent_writers_never_collide(tmp_path):
 
 
 def test_exports_appear_whole_or_not_at_all(tmp_path, tiny_dir, monkeypatch):
-    model, tok = common.load_model(str(tiny_dir))
-    common.apply_lora(model, 2, 4)
+    model, tok = load_model(str(tiny_dir))
+    apply_lora(model, 2, 4)
 
     def fail(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     monkeypatch.setattr("safetensors.torch.save_file", fail)
-    with pytest.raises(common.UsageError, match="cannot write .*adapter: No space left on device"):
-        common.export_peft(model, tmp_path / "adapter")
+    with pytest.raises(UsageError, match="cannot write .*adapter: No space left on device"):
+        export_peft(model, tmp_path / "adapter")
     assert list(tmp_path.iterdir()) == []  # no half adapter folder, no temporary folder
 
 
 def test_import_common_needs_no_posix_only_module(monkeypatch, tmp_path):
     """`import resource` at the top made `import common` fail on Windows: POSIX-only modules are imported where
     they are used, and each use has a fallback."""
-    tree = ast.parse((ROOT / "common.py").read_text())
-    top = {alias.name.split(".")[0] for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))
-           for alias in node.names} | {node.module for node in tree.body if isinstance(node, ast.ImportFrom)}
-    assert not top & {"resource", "fcntl", "termios", "pwd", "grp", "posix"}
+    for path in [ROOT / "common.py", *sorted((ROOT / "peftsum").glob("*.py"))]:
+        tree = ast.parse(path.read_text())
+        top = {alias.name.split(".")[0] for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))
+               for alias in node.names} | {node.module for node in tree.body if isinstance(node, ast.ImportFrom)}
+        assert not top & {"resource", "fcntl", "termios", "pwd", "grp", "posix"}, path
     monkeypatch.setitem(sys.modules, "resource", None)  # as on Windows: importing it raises ImportError
     monkeypatch.setitem(sys.modules, "fcntl", None)
-    assert common.peak_memory_mb(torch.device("cpu")) != common.peak_memory_mb(torch.device("cpu"))  # NaN: unknown
-    with common.weights_lock(tmp_path / "w.safetensors"):
+    assert peak_memory_mb(torch.device("cpu")) != peak_memory_mb(torch.device("cpu"))  # NaN: unknown
+    with weights_lock(tmp_path / "w.safetensors"):
         assert list(tmp_path.iterdir()) == []  # no lock file: Windows has no flock (and no lock here)

@@ -2,7 +2,9 @@
 import pytest
 import torch
 
-import common
+from peftsum.errors import UsageError
+from peftsum.methods import apply_last_layer, apply_lora, apply_prompt_tuning, hard_prompt_ids
+from peftsum.interop import export_merged, export_peft, load_model, load_peft_lora
 from test_cli import run
 
 peft = pytest.importorskip("peft", reason="peft is a test dependency: pip install -r requirements.txt")
@@ -13,8 +15,8 @@ def ids(model, n=20):
 
 
 def trained_lora(tiny_dir, rank=4, alpha=8):
-    model, tok = common.load_model(str(tiny_dir))
-    common.apply_lora(model, rank, alpha)
+    model, tok = load_model(str(tiny_dir))
+    apply_lora(model, rank, alpha)
     with torch.no_grad():
         for b in model.blocks:
             b.attn.c_attn.B.normal_(0, 0.2)  # a "trained" update
@@ -28,7 +30,7 @@ def hf_base(tiny_dir):
 
 def test_lora_exports_as_a_peft_adapter(tiny_dir, tmp_path):
     model, _ = trained_lora(tiny_dir)
-    common.export_peft(model, tmp_path / "adapter")
+    export_peft(model, tmp_path / "adapter")
     theirs = peft.PeftModel.from_pretrained(hf_base(tiny_dir), tmp_path / "adapter").eval()
     x = ids(model)
     with torch.no_grad():
@@ -37,11 +39,11 @@ def test_lora_exports_as_a_peft_adapter(tiny_dir, tmp_path):
 
 
 def test_soft_prompt_exports_as_a_peft_adapter(tiny_dir, tmp_path):
-    model, tok = common.load_model(str(tiny_dir))
-    common.apply_prompt_tuning(model, common.hard_prompt_ids(tok, 6))
+    model, tok = load_model(str(tiny_dir))
+    apply_prompt_tuning(model, hard_prompt_ids(tok, 6))
     with torch.no_grad():
         model.wte.prompt.add_(torch.randn_like(model.wte.prompt))
-    common.export_peft(model, tmp_path / "prompt")
+    export_peft(model, tmp_path / "prompt")
     theirs = peft.PeftModel.from_pretrained(hf_base(tiny_dir), tmp_path / "prompt").eval()
     x = ids(model)
     with torch.no_grad():
@@ -56,14 +58,14 @@ def test_merged_export_is_a_transformers_checkpoint(tiny_dir, tmp_path, method):
     if method == "lora":
         model, tok = trained_lora(tiny_dir)
     else:
-        model, tok = common.load_model(str(tiny_dir))
-        common.apply_last_layer(model)
+        model, tok = load_model(str(tiny_dir))
+        apply_last_layer(model)
         with torch.no_grad():
             model.lm_head.weight.add_(torch.randn_like(model.lm_head.weight) * 0.1)
     x = ids(model)
     with torch.no_grad():
         expected = model(x)
-    common.export_merged(model, tok, tmp_path / "merged")
+    export_merged(model, tok, tmp_path / "merged")
     hf = GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()
     assert hf.config.tie_word_embeddings == (method == "lora")
     with torch.no_grad():
@@ -79,16 +81,16 @@ def test_a_lora_adapter_made_by_peft_loads_into_ours(tiny_dir, tmp_path):
             if "lora_B" in n:
                 p.normal_(0, 0.2)
     theirs.save_pretrained(tmp_path / "adapter")
-    model, _ = common.load_model(str(tiny_dir))
-    common.apply_lora(model, 4, 16)
-    common.load_peft_lora(tmp_path / "adapter", model)
+    model, _ = load_model(str(tiny_dir))
+    apply_lora(model, 4, 16)
+    load_peft_lora(tmp_path / "adapter", model)
     x = ids(model)
     with torch.no_grad():
         torch.testing.assert_close(model(x), theirs.eval()(x).logits, atol=1e-4, rtol=0)
-    other, _ = common.load_model(str(tiny_dir))
-    common.apply_lora(other, 8, 16)
-    with pytest.raises(common.UsageError, match="--lora-rank 4"):
-        common.load_peft_lora(tmp_path / "adapter", other)
+    other, _ = load_model(str(tiny_dir))
+    apply_lora(other, 8, 16)
+    with pytest.raises(UsageError, match="--lora-rank 4"):
+        load_peft_lora(tmp_path / "adapter", other)
 
 
 def test_cli_exports(tiny_dir, data_dir, tmp_path):

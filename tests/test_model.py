@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import common
+from peftsum.model import PackedLinear, attend, attention_bias, pack_linears
+from peftsum.generation import compiled_decode_step, decode_step, generate, prefill, prepare_inference
 
 
 def test_logits_match_transformers(tiny, hf_model):
@@ -29,10 +30,10 @@ def test_cached_logits_match_transformers(tiny, hf_model):
         valid[:, :T] = True
         model.setup_cache(2, S)
         pos = torch.arange(T).expand(2, T)
-        torch.testing.assert_close(common.prefill(model, idx[:, :T], pos, valid), theirs[:, T - 1], atol=1e-4, rtol=0)
+        torch.testing.assert_close(prefill(model, idx[:, :T], pos, valid), theirs[:, T - 1], atol=1e-4, rtol=0)
         for t in range(T, S):
             valid[:, t] = True
-            logits = common.decode_step(model, idx[:, t], torch.full((2,), t), valid, torch.tensor([t]))
+            logits = decode_step(model, idx[:, t], torch.full((2,), t), valid, torch.tensor([t]))
             torch.testing.assert_close(logits, theirs[:, t], atol=1e-4, rtol=0)
         model.clear_cache()
 
@@ -44,7 +45,7 @@ def test_left_padded_batch_decodes_like_each_row_alone(tiny, hf_model):
     g = torch.Generator().manual_seed(2)
     V = model.config.vocab_size
     prompts = [torch.randint(1, V, (n,), generator=g).tolist() for n in (3, 60, 17, 120)]
-    ours = common.generate(model, prompts, 20, greedy=True)
+    ours = generate(model, prompts, 20, greedy=True)
     for prompt, row in zip(prompts, ours):
         out = hf_model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=20,
                                 pad_token_id=tok.eos_token_id, eos_token_id=None)
@@ -54,9 +55,9 @@ def test_left_padded_batch_decodes_like_each_row_alone(tiny, hf_model):
 def test_generate_stops_each_row_at_eos(tiny):
     model, _ = tiny
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
-    free = common.generate(model, prompts, 30, greedy=True)
+    free = generate(model, prompts, 30, greedy=True)
     eos = free[0][4]  # call the 5th token of row 0 the "EOS": row 0 must stop before it
-    stopped = common.generate(model, prompts, 30, greedy=True, eos_id=eos)
+    stopped = generate(model, prompts, 30, greedy=True, eos_id=eos)
     for f, s in zip(free, stopped):
         expected = f[:f.index(eos)] if eos in f else f
         assert s == expected
@@ -66,21 +67,21 @@ def test_generate_stops_each_row_at_eos(tiny):
 def test_compiled_decode_gives_the_same_greedy_tokens(tiny):
     model, _ = tiny
     prompts = [[5, 6, 7], list(range(10, 50)), [8, 9]]
-    eager = common.generate(model, prompts, 12, greedy=True)
-    assert common.generate(model, prompts, 12, greedy=True, compile=True) == eager
-    assert common.generate(model, prompts[:2], 12, greedy=True, compile=True) == eager[:2]  # another batch shape
+    eager = generate(model, prompts, 12, greedy=True)
+    assert generate(model, prompts, 12, greedy=True, compile=True) == eager
+    assert generate(model, prompts[:2], 12, greedy=True, compile=True) == eager[:2]  # another batch shape
 
 
 def test_compiled_decode_follows_weight_changes(tiny):
     """A compiled step (a CUDA graph on CUDA) must read the weights as they are now, never a stale copy."""
     model, _ = tiny
     prompts = [[5, 6, 7], [8, 9]]
-    before = common.generate(model, prompts, 10, greedy=True, compile=True)
+    before = generate(model, prompts, 10, greedy=True, compile=True)
     with torch.no_grad():
         model.ln_f.weight.mul_(-4.0)  # in place, like an optimizer step or merge_lora
-    after = common.generate(model, prompts, 10, greedy=True)
+    after = generate(model, prompts, 10, greedy=True)
     assert after != before  # the change matters ...
-    assert common.generate(model, prompts, 10, greedy=True, compile=True) == after  # ... and the compiled step sees it
+    assert generate(model, prompts, 10, greedy=True, compile=True) == after  # ... and the compiled step sees it
 
 
 @pytest.mark.parametrize("heads,kv_heads,T", [(4, 4, 1), (6, 2, 1), (6, 2, 5), (9, 3, 16)])
@@ -93,9 +94,9 @@ def test_attend_equals_sdpa(heads, kv_heads, T):
     mask = torch.rand(B, 1, T, S, generator=g) < 0.6
     mask[..., 0] = True  # every query sees something
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=kv_heads != heads)
-    bias = common.attention_bias(mask)
-    torch.testing.assert_close(common.attend(q, k, v, bias), expected, atol=1e-6, rtol=1e-5)
-    bf16 = common.attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), bias)  # in bf16: within bf16's rounding
+    bias = attention_bias(mask)
+    torch.testing.assert_close(attend(q, k, v, bias), expected, atol=1e-6, rtol=1e-5)
+    bf16 = attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), bias)  # in bf16: within bf16's rounding
     assert bf16.dtype == torch.bfloat16
     torch.testing.assert_close(bf16.float(), expected, atol=3e-2, rtol=3e-2)
 
@@ -112,24 +113,24 @@ def test_packed_linear_gives_the_bits_of_nn_linear_in_bf16(tiny):
         linear = torch.nn.Linear(32, 48, bias=bias).bfloat16()
         for shape in ((5, 32), (3, 7, 32)):
             x = torch.randn(*shape, generator=g).bfloat16()
-            assert torch.equal(common.PackedLinear(linear)(x), linear(x))
+            assert torch.equal(PackedLinear(linear)(x), linear(x))
     model.eval().to(torch.bfloat16)
-    packed = common.pack_linears(copy.deepcopy(model))
-    assert all(isinstance(m, common.PackedLinear) for m in (packed.lm_head, packed.blocks[0].attn.c_attn))
+    packed = pack_linears(copy.deepcopy(model))
+    assert all(isinstance(m, PackedLinear) for m in (packed.lm_head, packed.blocks[0].attn.c_attn))
     idx = torch.randint(0, model.config.vocab_size, (2, 30), generator=g)
     with torch.no_grad():
         assert torch.equal(packed(idx), model(idx))
     prompts = [[5, 6, 7], list(range(10, 50))]
-    assert common.generate(packed, prompts, 12, seed=1) == common.generate(model, prompts, 12, seed=1)
+    assert generate(packed, prompts, 12, seed=1) == generate(model, prompts, 12, seed=1)
 
 
 @needs_onednn
 def test_prepare_inference_packs_bf16_on_the_cpu_only(tiny):
     model, _ = tiny
-    common.prepare_inference(model, torch.float32)
+    prepare_inference(model, torch.float32)
     assert type(model.lm_head) is torch.nn.Linear
-    common.prepare_inference(model, torch.bfloat16)
-    assert isinstance(model.lm_head, common.PackedLinear) and model.wte.weight.dtype == torch.bfloat16
+    prepare_inference(model, torch.bfloat16)
+    assert isinstance(model.lm_head, PackedLinear) and model.wte.weight.dtype == torch.bfloat16
 
 
 @needs_onednn
@@ -137,14 +138,14 @@ def test_bf16_inference_to_compile_is_not_packed_and_compiles(tiny):
     """inductor cannot lower a weight packed by us (it packs frozen weights itself): `--compile --dtype bf16` on
     the CPU once ended in a LoweringException."""
     model, _ = tiny
-    common.prepare_inference(model, torch.bfloat16, compile=True)
+    prepare_inference(model, torch.bfloat16, compile=True)
     assert type(model.lm_head) is torch.nn.Linear
     prompts = [[5, 6, 7], list(range(10, 30))]
-    assert [len(r) for r in common.generate(model, prompts, 6, greedy=True, compile=True)] == [6, 6]
-    step, S = common.compiled_decode_step("cpu"), 64  # the cache the compiled generate left: one step, both ways
+    assert [len(r) for r in generate(model, prompts, 6, greedy=True, compile=True)] == [6, 6]
+    step, S = compiled_decode_step("cpu"), 64  # the cache the compiled generate left: one step, both ways
     token, pos, slot = torch.tensor([8, 9]), torch.tensor([3, 20]), torch.tensor([21])
     valid = torch.zeros(2, S, dtype=torch.bool)
     valid[0, 17:22], valid[1, :22] = True, True
     with torch.no_grad():
         torch.testing.assert_close(step(model, token, pos, valid, slot).float(),
-                                   common.decode_step(model, token, pos, valid, slot).float(), atol=0.1, rtol=0.05)
+                                   decode_step(model, token, pos, valid, slot).float(), atol=0.1, rtol=0.05)

@@ -15,7 +15,9 @@ import pytest
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import common
+from peftsum import training
+from peftsum.files import weights_lock
+from peftsum.training import stop_signals
 from conftest import ROOT, cli, train_args
 
 
@@ -74,13 +76,13 @@ def test_a_signal_inside_the_process_checkpoints_and_resumes_exactly(signum, hoo
     """A signal delivered to this process while training runs its third step, or validates its first epoch (the
     handler is the one the test above reaches in a real process): the checkpoint holds that step, the exit code is
     128 + the signal (SIGTERM: what a cluster scheduler sends), and resuming gives the uninterrupted weights."""
-    original = getattr(common, hook)
+    original = getattr(training, hook)
 
     def signalling(*args):
         if hook == "validation_loss" or args[0] == 2:
             signal.raise_signal(signum)
         return original(*args)
-    monkeypatch.setattr(common, hook, signalling)
+    monkeypatch.setattr(training, hook, signalling)
 
     def unhandled(signum, frame):  # training's own handler replaces this one; without it, pytest would be killed
         raise AssertionError(f"signal {signum} was not handled by the training loop")
@@ -121,9 +123,9 @@ def test_second_ctrl_c_exits_at_once(monkeypatch, capsys):
     """The first SIGINT asks the loop to stop after its step; a second one exits at once (os._exit: no cleanup, no
     checkpoint); the handlers are restored after training."""
     exits = []
-    monkeypatch.setattr(common.os, "_exit", exits.append)
+    monkeypatch.setattr(os, "_exit", exits.append)
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    with common.stop_signals() as received:
+    with stop_signals() as received:
         assert received() == 0
         signal.raise_signal(signal.SIGINT)
         assert received() == signal.SIGINT and exits == []
@@ -180,7 +182,7 @@ def test_a_second_run_into_the_same_weights_is_refused_and_names_the_holder(tiny
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     orphan = tmp_path / f".w.ckpt.safetensors.{int(dead.stdout)}-0badc0de.tmp"  # a killed run's half-written file
     orphan.write_bytes(b"half")
-    with common.weights_lock(weights):
+    with weights_lock(weights):
         p = cli("main2.py", *train_args(tiny_dir, data_dir, tmp_path))
     assert p.returncode == 2, p.stderr[-2000:]
     line = p.stderr.strip()

@@ -5,17 +5,19 @@ import math
 import pytest
 import torch
 
-import common
+from peftsum.errors import UsageError
+from peftsum.sampling import logits_to_probs, nucleus, sample, sample_logits
+from peftsum.generation import generate
 
 
 def test_top_p_worked_example():
     # probabilities 0.5, 0.3, 0.15, 0.05: top-p 0.75 keeps the smallest head whose mass reaches 0.75 (0.5 + 0.3)
     logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()
-    probs = common.logits_to_probs(logits, temperature=1.0, top_p=0.75)
+    probs = logits_to_probs(logits, temperature=1.0, top_p=0.75)
     torch.testing.assert_close(probs, torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
-    probs = common.logits_to_probs(logits, temperature=1.0, top_p=0.85)  # 0.8 < 0.85: the third joins
+    probs = logits_to_probs(logits, temperature=1.0, top_p=0.85)  # 0.8 < 0.85: the third joins
     torch.testing.assert_close(probs, torch.tensor([[0.5, 0.3, 0.15, 0.0]]) / 0.95)
-    assert common.logits_to_probs(logits, top_p=0.4).tolist() == [[1.0, 0.0, 0.0, 0.0]]  # the top token always stays
+    assert logits_to_probs(logits, top_p=0.4).tolist() == [[1.0, 0.0, 0.0, 0.0]]  # the top token always stays
 
 
 @pytest.mark.parametrize("temperature,top_p,top_k", [(0.9, 0.9, 0), (0.5, 0.7, 0), (1.3, 1.0, 5), (0.9, 0.95, 20)])
@@ -27,7 +29,7 @@ def test_probs_match_transformers_warpers(temperature, top_p, top_k):
     if top_k:
         ref = TopKLogitsWarper(top_k)(None, ref)
     ref = TopPLogitsWarper(top_p)(None, ref)
-    torch.testing.assert_close(common.logits_to_probs(logits, temperature, top_p, top_k), ref.softmax(-1))
+    torch.testing.assert_close(logits_to_probs(logits, temperature, top_p, top_k), ref.softmax(-1))
 
 
 def full_sort_logits_to_probs(logits, temperature=1.0, top_p=1.0, top_k=0):
@@ -67,7 +69,7 @@ def test_top_p_is_bit_identical_to_the_definition(kinds, settings):
     """Exact equality (not closeness) with the full-sort reference: same kept tokens, same values, same
     normalizer, on each path: the first candidates only (ppp), the second (mm), the full sort (ff), all at once."""
     logits = vocab_logits(kinds, seed=len(kinds) + SETTINGS.index(settings))
-    assert torch.equal(common.logits_to_probs(logits, *settings), full_sort_logits_to_probs(logits, *settings))
+    assert torch.equal(logits_to_probs(logits, *settings), full_sort_logits_to_probs(logits, *settings))
 
 
 def test_each_row_takes_the_fewest_candidates_that_decide_it():
@@ -75,11 +77,11 @@ def test_each_row_takes_the_fewest_candidates_that_decide_it():
     first candidates, a medium one by the second, a flat one only by the whole vocabulary."""
     for kinds, width in (("pp", 256), ("pm", 4096), ("pmf", 50257)):
         probs = (vocab_logits(kinds) / 0.9).softmax(-1)
-        values, index = common.nucleus(probs, 0.9)
+        values, index = nucleus(probs, 0.9)
         assert values.shape == index.shape == (len(kinds), width)
         kept = torch.zeros_like(probs).scatter_add_(-1, index, values)
         assert torch.equal(kept > 0, full_sort_logits_to_probs(probs.log(), 1.0, 0.9) > 0)
-    assert (common.nucleus(probs, 0.9)[0] > 0).sum(-1).tolist()[1] > 256  # the medium row needs the second
+    assert (nucleus(probs, 0.9)[0] > 0).sum(-1).tolist()[1] > 256  # the medium row needs the second
 
 
 def test_a_row_skips_candidates_that_could_not_hold_top_p(monkeypatch):
@@ -90,7 +92,7 @@ def test_a_row_skips_candidates_that_could_not_hold_top_p(monkeypatch):
     for kinds, expected in (("pf", [(2, 256), (1, 50257)]), ("pm", [(2, 256), (1, 4096)])):
         counts.clear()
         probs = (vocab_logits(kinds) / 0.9).softmax(-1)
-        values, index = common.nucleus(probs, 0.9)
+        values, index = nucleus(probs, 0.9)
         assert counts == expected
         kept = torch.zeros_like(probs).scatter_add_(-1, index, values)
         assert torch.equal(kept > 0, full_sort_logits_to_probs(probs.log(), 1.0, 0.9) > 0)
@@ -104,7 +106,7 @@ def test_a_row_skips_candidates_that_could_not_hold_top_p(monkeypatch):
     ([0.25, 0.25, 0.25, 0.25], 0.9, [0.25] * 4, 4),  # the candidates never reach top_p
 ])
 def test_rows_the_candidates_cannot_decide(probs, top_p, kept, width):
-    values, index = common.nucleus(torch.tensor([probs]), top_p, candidates=(3,))
+    values, index = nucleus(torch.tensor([probs]), top_p, candidates=(3,))
     assert values.shape[1] == width
     assert values[0].tolist() == pytest.approx(kept + [0.0] * (width - len(kept)))
 
@@ -117,11 +119,11 @@ def test_sampled_distribution_matches_exact(draw):
     K = 12 kept tokens, N = 200,000; the bound 0.015 is ~4× that, and a sampler that ignored temperature or
     top-p (TV > 0.05 here) would fail it."""
     logits = torch.tensor([[2.0, 1.5, 1.0, 0.8, 0.5, 0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0]])
-    exact = common.logits_to_probs(logits, temperature=0.9, top_p=0.9)
+    exact = logits_to_probs(logits, temperature=0.9, top_p=0.9)
     assert 0 < (exact > 0).sum() < 12  # top-p really cut something
     N, g = 200_000, torch.Generator().manual_seed(0)
-    draws = common.sample(exact.expand(N, -1), g) if draw == "sample" else \
-        common.sample_logits(logits.expand(N, -1), g, temperature=0.9, top_p=0.9)
+    draws = sample(exact.expand(N, -1), g) if draw == "sample" else \
+        sample_logits(logits.expand(N, -1), g, temperature=0.9, top_p=0.9)
     empirical = torch.bincount(draws, minlength=12).float() / N
     tv = 0.5 * (empirical - exact[0]).abs().sum().item()
     assert tv < 0.015
@@ -133,9 +135,9 @@ def test_sampled_distribution_matches_exact(draw):
 def test_same_seed_same_output_and_different_seed_differs(tiny):
     model, _ = tiny
     prompts = [[5, 6, 7, 8], [9, 10]]
-    a = common.generate(model, prompts, 25, seed=3)
-    b = common.generate(model, prompts, 25, seed=3)
-    c = common.generate(model, prompts, 25, seed=4)
+    a = generate(model, prompts, 25, seed=3)
+    b = generate(model, prompts, 25, seed=3)
+    c = generate(model, prompts, 25, seed=4)
     assert a == b
     assert a != c
 
@@ -143,5 +145,5 @@ def test_same_seed_same_output_and_different_seed_differs(tiny):
 @pytest.mark.parametrize("kwargs", [dict(temperature=0.0), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1)])
 def test_rejects_invalid_sampling_settings(tiny, kwargs):
     model, _ = tiny
-    with pytest.raises(common.UsageError):
-        common.generate(model, [[1, 2]], 4, **kwargs)
+    with pytest.raises(UsageError):
+        generate(model, [[1, 2]], 4, **kwargs)

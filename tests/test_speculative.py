@@ -5,7 +5,12 @@ import itertools
 import pytest
 import torch
 
-import common
+from peftsum import sampling
+from peftsum.errors import UsageError
+from peftsum.model import GPT, GPTConfig, KVCache
+from peftsum.methods import apply_prompt_tuning
+from peftsum.sampling import leading_true, logits_to_probs, real_columns, sample
+from peftsum.generation import add_ngrams, generate, prefill, propose, verify_step
 
 
 def copying_model(V: int, sharpness: float, perm=None, seed: int = 0, width: int = 32, context: float = 5.0):
@@ -14,7 +19,7 @@ def copying_model(V: int, sharpness: float, perm=None, seed: int = 0, width: int
     follows chains of perm, so prompts that hold those chains give lookup something to copy. `sharpness` sets
     how peaked the next-token distribution is."""
     torch.manual_seed(seed)
-    model = common.GPT(common.GPTConfig(vocab_size=V, n_positions=128, n_layer=2, n_head=2, n_embd=width)).eval()
+    model = GPT(GPTConfig(vocab_size=V, n_positions=128, n_layer=2, n_head=2, n_embd=width)).eval()
     perm = torch.randperm(V) if perm is None else torch.as_tensor(perm)
     with torch.no_grad():
         model.wpe.weight.mul_(0.1)
@@ -34,8 +39,8 @@ def chain(perm, start: int, n: int) -> list[int]:
 
 def lookup(tokens, k):
     index = {}
-    common.add_ngrams(index, tokens, 0)
-    return common.propose(tokens, index, k)
+    add_ngrams(index, tokens, 0)
+    return propose(tokens, index, k)
 
 
 def test_propose_continues_the_latest_match_of_the_longest_suffix():
@@ -50,23 +55,23 @@ def test_add_ngrams_from_start_equals_indexing_anew():
     """generate indexes the new tokens of each step only: the index must be the one built from scratch."""
     tokens = [4, 1, 4, 1, 2, 4, 1, 2, 3, 3]
     index = {}
-    common.add_ngrams(index, tokens[:4], 0)
-    common.add_ngrams(index, tokens, 3)  # the old last token (3) had not been indexed yet
+    add_ngrams(index, tokens[:4], 0)
+    add_ngrams(index, tokens, 3)  # the old last token (3) had not been indexed yet
     fresh = {}
-    common.add_ngrams(fresh, tokens, 0)
+    add_ngrams(fresh, tokens, 0)
     assert index == fresh
 
 
 def test_kv_cache_writes_per_row_slots():
-    cache = common.KVCache((2, 3, 6, 4), torch.float32, "cpu")
+    cache = KVCache((2, 3, 6, 4), torch.float32, "cpu")
     k, v = torch.randn(2, 3, 2, 4), torch.randn(2, 3, 2, 4)
     cache.update(torch.tensor([[1, 2], [4, 5]]), k, v)
     torch.testing.assert_close(cache.k[0, :, 1:3], k[0], rtol=0, atol=0)
     torch.testing.assert_close(cache.v[1, :, 4:6], v[1], rtol=0, atol=0)
     assert cache.k[0, :, 3:].abs().sum() == 0 and cache.k[1, :, :4].abs().sum() == 0
-    shared = common.KVCache((2, 3, 6, 4), torch.float32, "cpu")
+    shared = KVCache((2, 3, 6, 4), torch.float32, "cpu")
     shared.update(torch.tensor([1, 2]), k, v)
-    per_row = common.KVCache((2, 3, 6, 4), torch.float32, "cpu")
+    per_row = KVCache((2, 3, 6, 4), torch.float32, "cpu")
     per_row.update(torch.tensor([[1, 2], [1, 2]]), k, v)
     assert torch.equal(shared.k, per_row.k) and torch.equal(shared.v, per_row.v)
 
@@ -83,12 +88,12 @@ def test_verify_steps_with_rollbacks_match_transformers(tiny, hf_model):
 
     def step(tokens, start):  # tokens (2, W) at positions and slots start..start+W-1 of each row
         slots = torch.tensor(start)[:, None] + torch.arange(tokens.shape[1])
-        return common.verify_step(model, tokens, slots, valid, slots, T)
+        return verify_step(model, tokens, slots, valid, slots, T)
 
     with torch.no_grad():
         theirs = hf_model(seq).logits
         model.setup_cache(2, S)
-        common.prefill(model, seq[:, :T], torch.arange(T).expand(2, T), valid)
+        prefill(model, seq[:, :T], torch.arange(T).expand(2, T), valid)
         junk = torch.randint(0, model.config.vocab_size, (4,), generator=g)
         step(torch.stack([junk, seq[1, 20:24]]), [20, 20])  # row 0 writes junk at 20..23
         for a, b in [(20, 24), (23, 27)]:  # row 0 rewrites 20..22 (23 still junk, masked), then 23..25
@@ -111,20 +116,20 @@ def test_greedy_lookup_gives_the_tokens_of_plain_greedy():
     model, perm = copying_model(400, sharpness=1.0)
     prompts = copying_prompts(perm)
     stats = {}
-    plain = common.generate(model, prompts, 40, greedy=True)
-    assert common.generate(model, prompts, 40, greedy=True, lookup=4, stats=stats) == plain
+    plain = generate(model, prompts, 40, greedy=True)
+    assert generate(model, prompts, 40, greedy=True, lookup=4, stats=stats) == plain
     assert 0 < stats["accepted"] < stats["proposed"]  # proposals were accepted, and some rejected
     alone = {}
-    assert common.generate(model, prompts[:1], 40, greedy=True, lookup=4, stats=alone) == plain[:1]
+    assert generate(model, prompts[:1], 40, greedy=True, lookup=4, stats=alone) == plain[:1]
     assert alone["steps"] < 30  # 39 without lookup: it copies its chain, then has no match
 
 
 def test_greedy_lookup_stops_each_row_at_eos():
     model, perm = copying_model(400, sharpness=1.0)
     prompts = copying_prompts(perm)
-    free = common.generate(model, prompts, 30, greedy=True)
+    free = generate(model, prompts, 30, greedy=True)
     eos = free[0][6]  # call the 7th token of row 0 the "EOS": lookup had proposed it, row 0 must stop before it
-    stopped = common.generate(model, prompts, 30, greedy=True, eos_id=eos, lookup=4)
+    stopped = generate(model, prompts, 30, greedy=True, eos_id=eos, lookup=4)
     assert stopped == [f[:f.index(eos)] if eos in f else f for f in free]
     assert len(stopped[0]) == 6
 
@@ -135,21 +140,21 @@ def test_lookup_generates_exactly_max_new_tokens(max_new_tokens):
     agrees at every length."""
     model, perm = copying_model(400, sharpness=1.0)
     prompts = copying_prompts(perm)
-    plain = common.generate(model, prompts, max_new_tokens, greedy=True)
-    assert common.generate(model, prompts, max_new_tokens, greedy=True, lookup=4) == plain
-    sampled = common.generate(model, prompts, max_new_tokens, lookup=4)
+    plain = generate(model, prompts, max_new_tokens, greedy=True)
+    assert generate(model, prompts, max_new_tokens, greedy=True, lookup=4) == plain
+    sampled = generate(model, prompts, max_new_tokens, lookup=4)
     assert [len(r) for r in sampled] == [max_new_tokens] * len(prompts)
 
 
 def test_greedy_lookup_with_a_soft_prompt(tiny):
     """Soft-prompt ids (>= vocab_size) lead each prompt; lookup must never propose one."""
     model, tok = tiny
-    common.apply_prompt_tuning(model, [1, 2, 3, 4])
+    apply_prompt_tuning(model, [1, 2, 3, 4])
     words = tok.encode(" the police said a man was arrested on monday after the fire in the city center .")
     prompts = [model.prompt_ids + words * 2, model.prompt_ids + words[:5]]
     stats = {}
-    out = common.generate(model, prompts, 20, greedy=True, lookup=3, stats=stats)
-    assert out == common.generate(model, prompts, 20, greedy=True)
+    out = generate(model, prompts, 20, greedy=True, lookup=3, stats=stats)
+    assert out == generate(model, prompts, 20, greedy=True)
     assert stats["proposed"] > 0
 
 
@@ -160,7 +165,7 @@ def exact_joint(model, prompt, n, **sampling):
     x = torch.cat([torch.tensor(prompt).expand(len(prefixes), -1), prefixes], dim=1)
     with torch.no_grad():
         logits = model(x)[:, len(prompt) - 1:]  # (M, n, V): the distribution of new token i given the prefix
-    probs = common.logits_to_probs(logits.flatten(0, 1), **sampling).view(len(prefixes), n, V)
+    probs = logits_to_probs(logits.flatten(0, 1), **sampling).view(len(prefixes), n, V)
     joint = probs[:, -1]  # (M, V)
     for i in range(n - 1):
         joint = joint * probs[:, i].gather(1, prefixes[:, i:i + 1])
@@ -168,15 +173,15 @@ def exact_joint(model, prompt, n, **sampling):
 
 
 def always_accept(probs, proposals, n_proposed, generator):
-    return n_proposed, common.sample(probs[torch.arange(len(probs)), n_proposed], generator)
+    return n_proposed, sample(probs[torch.arange(len(probs)), n_proposed], generator)
 
 
 def resample_with_the_rejected(probs, proposals, n_proposed, generator):
     """The classic slip: accept with p(x), but on rejection draw from p itself, x included."""
     p_proposed = probs[:, :-1].gather(-1, proposals[..., None])[..., 0]
     u = torch.rand(p_proposed.shape, generator=generator)
-    n = common.leading_true((u < p_proposed) & common.real_columns(proposals, n_proposed))
-    return n, common.sample(probs[torch.arange(len(probs)), n], generator)
+    n = leading_true((u < p_proposed) & real_columns(proposals, n_proposed))
+    return n, sample(probs[torch.arange(len(probs)), n], generator)
 
 
 SAMPLING = dict(temperature=0.9, top_p=0.7)
@@ -187,13 +192,13 @@ def sampled_tv(monkeypatch, accept=None):
     histogram over N rows of one speculative generate call (each row draws independently), and its bound. The
     first verify step proposes tokens 2 and 3 (the cycle 0 1 2 3 of the prompt), and adds token 4 or redraws."""
     if accept is not None:
-        monkeypatch.setattr(common, "accept_sampled", accept)
+        monkeypatch.setattr(sampling, "accept_sampled", accept)
     V, n = 4, 4
     model, perm = copying_model(V, sharpness=0.07, perm=[1, 2, 3, 0], width=16, context=1.0)
     prompt = chain(perm, 0, 8)
     exact = exact_joint(model, prompt, n, **SAMPLING).flatten()
     N, stats = 20_000, {}
-    out = torch.tensor(common.generate(model, [prompt] * N, n, lookup=2, seed=0, stats=stats, **SAMPLING))
+    out = torch.tensor(generate(model, [prompt] * N, n, lookup=2, seed=0, stats=stats, **SAMPLING))
     empirical = torch.bincount(out @ V ** torch.arange(n - 1, -1, -1), minlength=V ** n).float() / N
     # E|empirical - p| <= sqrt(p (1 - p) / N) for each sequence, so E[TV] <= 0.5 · Σ sqrt(p (1 - p) / N); 4x that.
     bound = 4 * 0.5 * (exact * (1 - exact) / N).sqrt().sum().item()
@@ -217,11 +222,11 @@ def test_sampled_distribution_test_catches_wrong_acceptance_rules(monkeypatch, w
 def test_sampled_lookup_same_seed_same_output():
     model, perm = copying_model(400, sharpness=0.2)
     prompts = copying_prompts(perm)
-    a = common.generate(model, prompts, 25, seed=3, lookup=4)
-    assert a == common.generate(model, prompts, 25, seed=3, lookup=4)
-    assert a != common.generate(model, prompts, 25, seed=4, lookup=4)
+    a = generate(model, prompts, 25, seed=3, lookup=4)
+    assert a == generate(model, prompts, 25, seed=3, lookup=4)
+    assert a != generate(model, prompts, 25, seed=4, lookup=4)
 
 
 def test_rejects_negative_lookup(tiny):
-    with pytest.raises(common.UsageError):
-        common.generate(tiny[0], [[1, 2]], 4, lookup=-1)
+    with pytest.raises(UsageError):
+        generate(tiny[0], [[1, 2]], 4, lookup=-1)

@@ -3,7 +3,12 @@ take the next prompt; the articles-per-second report and the evaluation batch si
 import pytest
 import torch
 
-import common
+from peftsum import generation
+from peftsum.errors import UsageError
+from peftsum.config import Config, check_config
+from peftsum.generation import generate, generate_stream, prefill
+from peftsum.interop import load_model
+from peftsum.evaluation import summary_batch_size
 from test_speculative import copying_model
 
 
@@ -13,7 +18,7 @@ def prompts_of(model, lengths, seed=0):
 
 
 def alone(model, prompts, n, eos_id=None):
-    return [common.generate(model, [p], n, greedy=True, eos_id=eos_id)[0] for p in prompts]
+    return [generate(model, [p], n, greedy=True, eos_id=eos_id)[0] for p in prompts]
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 8])
@@ -25,7 +30,7 @@ def test_stream_gives_each_prompt_the_tokens_it_gets_alone(batch_size):
     free = alone(model, prompts, 20)
     eos = max({t for o in free for t in o}, key=lambda t: len({o.index(t) if t in o else 20 for o in free}))
     stats = {}
-    out = common.generate_stream(model, prompts, 20, batch_size, greedy=True, eos_id=eos, stats=stats)
+    out = generate_stream(model, prompts, 20, batch_size, greedy=True, eos_id=eos, stats=stats)
     assert out == alone(model, prompts, 20, eos_id=eos)
     assert len({len(o) for o in out}) >= 4  # summaries of several lengths: rows were refilled mid-stream
     busy_rows = sum(min(len(o) + 1, 20) for o in out) - len(out)  # tokens after the first, one per busy row-step
@@ -38,7 +43,7 @@ def test_prefill_in_chunks_decodes_as_the_prefill_at_once(monkeypatch, llama_dir
     """Prompts longer than PREFILL_CHUNK run through the model a chunk at a time (with 16, each chunk takes the
     few-queries attention): the same last logits within float32 rounding, and the same greedy tokens, left-padded
     (`generate`) and right-padded into rows (`generate_stream`)."""
-    model, _ = common.load_model(str(llama_dir))
+    model, _ = load_model(str(llama_dir))
     prompts = prompts_of(model, (60, 3, 41, 17))
     T = max(map(len, prompts))
     idx = torch.tensor([[0] * (T - len(p)) + p for p in prompts])
@@ -47,41 +52,41 @@ def test_prefill_in_chunks_decodes_as_the_prefill_at_once(monkeypatch, llama_dir
         valid[i, T - len(p):] = True
     pos = (valid.cumsum(-1) - 1).clamp(min=0)
 
-    def prefill():
+    def prefill_at_once():
         model.setup_cache(4, T)
         with torch.no_grad():
-            return common.prefill(model, idx, pos, valid)
+            return prefill(model, idx, pos, valid)
 
-    whole, tokens = prefill(), alone(model, prompts, 12)
-    monkeypatch.setattr(common, "PREFILL_CHUNK", chunk)
-    torch.testing.assert_close(prefill(), whole, atol=1e-5, rtol=1e-5)
-    assert common.generate(model, prompts, 12, greedy=True) == tokens
-    assert common.generate_stream(model, prompts, 12, 2, greedy=True) == tokens
+    whole, tokens = prefill_at_once(), alone(model, prompts, 12)
+    monkeypatch.setattr(generation, "PREFILL_CHUNK", chunk)
+    torch.testing.assert_close(prefill_at_once(), whole, atol=1e-5, rtol=1e-5)
+    assert generate(model, prompts, 12, greedy=True) == tokens
+    assert generate_stream(model, prompts, 12, 2, greedy=True) == tokens
 
 
 def test_stream_with_a_llama_and_a_first_token_that_ends_the_summary(llama_dir):
-    model, _ = common.load_model(str(llama_dir))
+    model, _ = load_model(str(llama_dir))
     prompts = prompts_of(model, (9, 40, 4, 25, 12), seed=1)
     free = alone(model, prompts, 12)
     eos = free[2][0]  # the third prompt's summary ends at once: its row takes the next prompt before any step
-    out = common.generate_stream(model, prompts, 12, 2, greedy=True, eos_id=eos)
+    out = generate_stream(model, prompts, 12, 2, greedy=True, eos_id=eos)
     assert out == alone(model, prompts, 12, eos_id=eos) and out[2] == []
 
 
 def test_stream_exact_lengths_and_compiled_step(tiny):
     model, _ = tiny
     prompts = prompts_of(model, (7, 30, 2, 18))
-    eager = common.generate_stream(model, prompts, 9, 3, greedy=True)
+    eager = generate_stream(model, prompts, 9, 3, greedy=True)
     assert eager == alone(model, prompts, 9)
-    assert common.generate_stream(model, prompts, 9, 3, greedy=True, compile=True) == eager
-    sampled = common.generate_stream(model, prompts, 9, 3, seed=1)
-    assert [len(o) for o in sampled] == [9] * 4 and sampled == common.generate_stream(model, prompts, 9, 3, seed=1)
+    assert generate_stream(model, prompts, 9, 3, greedy=True, compile=True) == eager
+    sampled = generate_stream(model, prompts, 9, 3, seed=1)
+    assert [len(o) for o in sampled] == [9] * 4 and sampled == generate_stream(model, prompts, 9, 3, seed=1)
 
 
 def test_summary_batch_size(tiny):
     model, _ = tiny
-    assert common.summary_batch_size(model, common.Config(eval_batch_size=5), 100) == 5
-    assert common.summary_batch_size(model, common.Config(eval_batch_size=0), 100) == 16  # on a CPU
-    common.check_config(common.Config(eval_batch_size=0), type("hp", (), {})())
-    with pytest.raises(common.UsageError):
-        common.check_config(common.Config(eval_batch_size=-1), type("hp", (), {})())
+    assert summary_batch_size(model, Config(eval_batch_size=5), 100) == 5
+    assert summary_batch_size(model, Config(eval_batch_size=0), 100) == 16  # on a CPU
+    check_config(Config(eval_batch_size=0), type("hp", (), {})())
+    with pytest.raises(UsageError):
+        check_config(Config(eval_batch_size=-1), type("hp", (), {})())

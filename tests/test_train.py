@@ -4,7 +4,13 @@ import math
 import pytest
 import torch
 
-import common
+from peftsum import training
+from peftsum.config import Config
+from peftsum.model import IGNORE
+from peftsum.methods import apply_last_layer, apply_lora, apply_prompt_tuning, hard_prompt_ids, trainable_state
+from peftsum.data import collate, collate_features, length_batches
+from peftsum.interop import load_model
+from peftsum.training import cache_features, head_only, optimizer_step, run_length, train
 
 
 def token_examples(n, lengths=(30, 90), seed=0, vocab=300):
@@ -19,14 +25,14 @@ def token_examples(n, lengths=(30, 90), seed=0, vocab=300):
 
 def test_length_batches_cover_every_example_once_with_less_padding():
     lengths = [int(x) for x in torch.randint(20, 900, (400,), generator=torch.Generator().manual_seed(0))]
-    grouped = common.length_batches(lengths, 8, torch.Generator().manual_seed(1))
+    grouped = length_batches(lengths, 8, torch.Generator().manual_seed(1))
     assert sorted(i for b in grouped for i in b) == list(range(400))
     plain = [list(range(k, k + 8)) for k in range(0, 400, 8)]
 
     def padding(batches):
         return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches) / sum(lengths)
     assert padding(grouped) < 0.2 * padding(plain)
-    again = common.length_batches(lengths, 8, torch.Generator().manual_seed(1))
+    again = length_batches(lengths, 8, torch.Generator().manual_seed(1))
     assert again == grouped  # seeded: a resumed run rebuilds the same order
 
 
@@ -35,28 +41,28 @@ def test_gradient_accumulation_normalizes_per_target_token(tiny):
     loss is divided by the target tokens of the whole step, not averaged per micro-batch (which would weight the
     tokens of the short micro-batch more). The gradient stays below the clipping norm, so clipping hides nothing."""
     model, _ = tiny
-    common.apply_lora(model, 4, 8)
+    apply_lora(model, 4, 8)
     with torch.no_grad():
         for b in model.blocks:
             b.attn.c_attn.B.normal_(0, 0.1)
-    params = common.trainable_state(model)
+    params = trainable_state(model)
     start = {k: p.detach().clone() for k, p in params.items()}
     ex = token_examples(4)
-    whole = [common.collate(ex, 0)]
-    n = sum((y != common.IGNORE).sum() for _, y in whole)
+    whole = [collate(ex, 0)]
+    n = sum((y != IGNORE).sum() for _, y in whole)
     (sum(model(x, targets=y) for x, y in whole) / n).backward()
     assert torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0) < 1.0
     model.zero_grad(set_to_none=True)
     after = {}
-    for name, group, divisor in [("accumulated", [common.collate(ex[:1], 0), common.collate(ex[1:], 0)], n),
+    for name, group, divisor in [("accumulated", [collate(ex[:1], 0), collate(ex[1:], 0)], n),
                                  ("one batch", whole, n),
-                                 ("mean per micro-batch", [common.collate(ex[:1], 0)], n / 4)]:
+                                 ("mean per micro-batch", [collate(ex[:1], 0)], n / 4)]:
         with torch.no_grad():
             for k, p in params.items():
                 p.copy_(start[k])
         opt = torch.optim.SGD(params.values(), lr=0.5)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
-        common.optimizer_step(model, opt, scaler, group, divisor, torch.device("cpu"), torch.float32)
+        optimizer_step(model, opt, scaler, group, divisor, torch.device("cpu"), torch.float32)
         after[name] = {k: p.detach().clone() for k, p in params.items()}
     for k in start:
         torch.testing.assert_close(after["accumulated"][k], after["one batch"][k], atol=1e-6, rtol=1e-4)
@@ -67,16 +73,16 @@ def test_gradient_accumulation_normalizes_per_target_token(tiny):
 def test_train_accumulates_micro_batches_into_each_step(tiny, monkeypatch):
     """train() with --grad-accum 2 takes steps of two micro-batches, normalized by the targets of both."""
     model, _ = tiny
-    common.apply_lora(model, 4, 8)
+    apply_lora(model, 4, 8)
     steps = []
-    step = common.optimizer_step
+    step = optimizer_step
 
     def spy(net, opt, scaler, group, divisor, device, dtype):
-        steps.append((len(group), float(divisor), sum(int((y != common.IGNORE).sum()) for _, y in group)))
+        steps.append((len(group), float(divisor), sum(int((y != IGNORE).sum()) for _, y in group)))
         return step(net, opt, scaler, group, divisor, device, dtype)
-    monkeypatch.setattr(common, "optimizer_step", spy)
-    cfg = common.Config(epochs=1, batch_size=2, grad_accum=2, warmup_steps=0, eval_batch_size=4)
-    common.train(model, token_examples(12), token_examples(2, seed=1), cfg, 1e-3, torch.device("cpu"), torch.float32)
+    monkeypatch.setattr(training, "optimizer_step", spy)
+    cfg = Config(epochs=1, batch_size=2, grad_accum=2, warmup_steps=0, eval_batch_size=4)
+    train(model, token_examples(12), token_examples(2, seed=1), cfg, 1e-3, torch.device("cpu"), torch.float32)
     assert len(steps) == 3 and all(n == 2 and divisor == targets for n, divisor, targets in steps)
 
 
@@ -84,9 +90,9 @@ def test_train_accumulates_micro_batches_into_each_step(tiny, monkeypatch):
 def test_early_stopping_counts_epochs_without_improvement(tiny, patience, epochs):
     """--patience 0 stops after the first epoch; otherwise a run ends after --epochs (here the loss keeps falling)."""
     model, _ = tiny
-    common.apply_lora(model, 4, 8)
-    cfg = common.Config(epochs=3, patience=patience, batch_size=4, warmup_steps=0, eval_batch_size=4)
-    history = common.train(model, token_examples(8), token_examples(8), cfg, 1e-2, torch.device("cpu"),
+    apply_lora(model, 4, 8)
+    cfg = Config(epochs=3, patience=patience, batch_size=4, warmup_steps=0, eval_batch_size=4)
+    history = train(model, token_examples(8), token_examples(8), cfg, 1e-2, torch.device("cpu"),
                            torch.float32)
     assert len(history) == epochs
 
@@ -97,38 +103,38 @@ def test_early_stopping_counts_epochs_without_improvement(tiny, patience, epochs
 def test_run_length_respects_max_steps_and_shortens_a_warmup_longer_than_the_run(max_steps, epochs, expected):
     """The schedule (and the bar) ends where the run ends: at --max-steps or after --epochs, whichever is first; a
     warmup of 100 steps in a run of 11 would never reach the peak learning rate, so it becomes a tenth of the run."""
-    cfg = common.Config(max_steps=max_steps, epochs=epochs, batch_size=4, warmup_steps=100)
-    assert common.run_length(cfg, 24) == expected
+    cfg = Config(max_steps=max_steps, epochs=epochs, batch_size=4, warmup_steps=100)
+    assert run_length(cfg, 24) == expected
 
 
 def test_cached_features_give_the_loss_of_the_full_model(tiny):
     model, _ = tiny
-    common.apply_last_layer(model)
-    assert common.head_only(model)
+    apply_last_layer(model)
+    assert head_only(model)
     ex = token_examples(6)
-    cfg = common.Config(eval_batch_size=4)
-    cached = common.cache_features(model, ex, cfg, torch.device("cpu"), torch.float32)
-    x, y = common.collate(ex, 0)
-    hx, hy = common.collate_features(cached)
-    assert hy.shape[1] == (y != common.IGNORE).sum()  # exactly the target positions, no padding
+    cfg = Config(eval_batch_size=4)
+    cached = cache_features(model, ex, cfg, torch.device("cpu"), torch.float32)
+    x, y = collate(ex, 0)
+    hx, hy = collate_features(cached)
+    assert hy.shape[1] == (y != IGNORE).sum()  # exactly the target positions, no padding
     torch.testing.assert_close(model(hx, targets=hy), model(x, targets=y), atol=1e-3, rtol=1e-5)
 
 
 def test_only_the_last_layer_counts_as_head_only(tiny_dir):
-    fresh = lambda: common.load_model(str(tiny_dir))
+    fresh = lambda: load_model(str(tiny_dir))
     (m, tok), (l, _), (pt, _) = fresh(), fresh(), fresh()
-    assert common.head_only(common.apply_last_layer(m))
-    assert not common.head_only(common.apply_lora(l, 2, 4))
-    assert not common.head_only(common.apply_prompt_tuning(pt, common.hard_prompt_ids(tok, 3)))
+    assert head_only(apply_last_layer(m))
+    assert not head_only(apply_lora(l, 2, 4))
+    assert not head_only(apply_prompt_tuning(pt, hard_prompt_ids(tok, 3)))
 
 
 @pytest.mark.parametrize("method", ["prompt_tuning", "last_layer", "lora"])
 def test_training_step_compiles_without_graph_breaks(tiny, method):
     model, tok = tiny
-    {"prompt_tuning": lambda: common.apply_prompt_tuning(model, common.hard_prompt_ids(tok, 4)),
-     "last_layer": lambda: common.apply_last_layer(model),
-     "lora": lambda: common.apply_lora(model, 4, 8)}[method]()
-    x, y = common.collate([(model.prompt_ids + ids, n + len(model.prompt_ids)) for ids, n in token_examples(3)], 0)
+    {"prompt_tuning": lambda: apply_prompt_tuning(model, hard_prompt_ids(tok, 4)),
+     "last_layer": lambda: apply_last_layer(model),
+     "lora": lambda: apply_lora(model, 4, 8)}[method]()
+    x, y = collate([(model.prompt_ids + ids, n + len(model.prompt_ids)) for ids, n in token_examples(3)], 0)
     torch._dynamo.reset()
     with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
         explanation = torch._dynamo.explain(model)(x, targets=y)
@@ -145,14 +151,14 @@ def test_bf16_loss_curve_stays_close_to_fp32(tiny_dir):
     ex = token_examples(8, seed=3)
     curves = {}
     for dtype in (torch.float32, torch.bfloat16):
-        model, _ = common.load_model(str(tiny_dir))
+        model, _ = load_model(str(tiny_dir))
         torch.manual_seed(0)
-        common.apply_lora(model, 8, 32)
-        opt = torch.optim.AdamW(common.trainable_state(model).values(), lr=2e-2)
+        apply_lora(model, 8, 32)
+        opt = torch.optim.AdamW(trainable_state(model).values(), lr=2e-2)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
-        x, y = common.collate(ex, 0)
-        n = (y != common.IGNORE).sum().item()
-        curves[dtype] = [common.optimizer_step(model, opt, scaler, [(x, y)], n, torch.device("cpu"), dtype).item() / n
+        x, y = collate(ex, 0)
+        n = (y != IGNORE).sum().item()
+        curves[dtype] = [optimizer_step(model, opt, scaler, [(x, y)], n, torch.device("cpu"), dtype).item() / n
                          for _ in range(30)]
     fp32, bf16 = curves[torch.float32], curves[torch.bfloat16]
     assert fp32[-1] < 0.96 * fp32[0]  # it learns

@@ -1,0 +1,218 @@
+"""Files: every one written atomically (a unique temporary name in the same folder, then a rename), safetensors
+read and written with clear errors, one lock per weights file, and the trained weights with their run record."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import secrets
+import shlex
+import shutil
+import socket
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from peftsum.errors import UsageError, first_line
+from peftsum.model import GPT
+from peftsum.methods import trainable_state
+
+
+def save_weights(path: Path, tensors: dict[str, torch.Tensor], record: dict) -> None:
+    """The trained tensors with the run record as metadata. NaN or infinite values are refused: a diverged run is
+    never saved as a trained one."""
+    check_finite_weights(tensors, f"the trained weights for {path}")
+    write_safetensors(path, tensors, {"record": json.dumps(record)})
+
+
+def load_weights(path: Path, model: GPT, method: str) -> dict:
+    """Load trained tensors into `model` (already changed by the method); returns the file's run record."""
+    hint = "retrain with --train or pass --weights"
+    metadata, tensors = read_safetensors(path, hint)
+    if "record" not in metadata:
+        raise UsageError(f"{path} has no run record in its metadata, so it was not written by these scripts; "
+                         "pass a peft adapter as its folder, or retrain with --train")
+    record = json_object(metadata["record"], f"the run record in {path}", hint)
+    if record.get("method") != method:
+        raise UsageError(f"{path} holds weights of method '{record.get('method')}', not '{method}': "
+                         "use that method's script, or pass --weights")
+    expected = trainable_state(model)
+    if set(tensors) != set(expected) or any(tensors[k].shape != expected[k].shape for k in expected):
+        raise UsageError(f"{path} does not fit this model: trained on '{record.get('base_model')}' with other "
+                         f"hyperparameters; pass the same --model and method flags it was trained with")
+    check_finite_weights(tensors, str(path))
+    with torch.no_grad():
+        for k, p in expected.items():
+            p.copy_(tensors[k])
+    return record
+
+
+def check_finite_weights(tensors: dict[str, torch.Tensor], what: str) -> None:
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise UsageError(f"{what} hold NaN or infinite values (in {bad[0]}): a diverged run; retrain, e.g. with a "
+                         "lower --lr")
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+
+
+def read_safetensors(path: Path, hint: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a safetensors file; an unreadable one (empty, truncated, not safetensors) is a
+    UsageError that ends in `hint`."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise UsageError(f"{path} is not a readable safetensors file ({type(e).__name__}): {hint}") from None
+
+
+def json_object(text: str | None, what: str, hint: str) -> dict:
+    """The JSON object in `text`; anything else (no text, bad JSON, a list, a number) is a UsageError."""
+    try:
+        value = json.loads(text) if text is not None else None
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise UsageError(f"{what} is missing or not a JSON object: {hint}")
+    return value
+
+
+def write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+@contextmanager
+def atomic_path(path: Path):
+    """A temporary path beside `path` to write a file or a folder to, renamed to `path` when the block succeeds: a
+    reader, or a run killed at any moment, only ever sees the old or the new one whole. Its name is unique (process
+    id + random), so concurrent writers never collide, and `remove_orphans` knows a killed writer's leftovers. A
+    failed write (disk full, read-only folder) is a UsageError naming the path, and leaves no temporary file."""
+    from safetensors import SafetensorError
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        yield tmp
+        os.replace(tmp, path)
+    except (OSError, SafetensorError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e, 100)
+        raise UsageError(f"cannot write {path}: {reason}") from None
+    finally:
+        remove_path(tmp)
+
+
+def remove_path(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def remove_orphans(path: Path) -> None:
+    """Remove the temporary files that killed runs left beside `path` (those whose process is gone, on this
+    machine), and say so; where processes cannot be checked (not POSIX), only report them."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)-[0-9a-f]+\.tmp")
+    found = [(p, int(m[1])) for p in path.parent.glob(f".{glob.escape(path.name)}.*.tmp")
+             if (m := pattern.fullmatch(p.name))]
+    if os.name != "posix":
+        if found:
+            print(f"found {len(found)} temporary file(s) beside {path} that a killed run may have left: remove them "
+                  "if no run is writing there")
+        return
+    orphans = [p for p, pid in found if not process_alive(pid)]
+    for p in orphans:
+        remove_path(p)
+    if orphans:
+        print(f"removed {len(orphans)} temporary file(s) that a killed run left beside {path}")
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists (POSIX)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's
+        return True
+    return True
+
+
+@contextmanager
+def weights_lock(path: Path):
+    """Hold `<path>.lock` while a run trains into `path`; a second run gets a UsageError that names the holder
+    (process, host, start, command). An OS lock (flock), so that a run killed in any way releases it; on Windows
+    there is none."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    lock = path.with_name(path.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        f = open(lock, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "a process that has not written its name yet"
+            f.close()
+            raise UsageError(f"{path} is locked by another run training into it ({holder}): wait for it to finish, "
+                             "or pass another --weights") from None
+        try:  # the holder before us removes the file when it ends: lock the file that is there now
+            if os.path.samestat(os.fstat(f.fileno()), os.stat(lock)):
+                break
+        except FileNotFoundError:
+            pass
+        f.close()
+    try:
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                    f"{shlex.join(sys.argv)}")
+            f.flush()
+        except OSError as e:  # a full disk: the lock is held all the same, but say it now, not after an epoch
+            raise UsageError(f"cannot write {lock}: {e.strerror or e}") from None
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        f.close()  # releases the lock
+
+
+def nearest_existing(folder: Path) -> Path:
+    """`folder`, or while it does not exist the nearest folder above it: where its files will be created."""
+    existing = folder.resolve()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    return existing
+
+
+def check_writable(folder: Path) -> None:
+    """Whether files can be created in `folder` (or where it will be created): an output that cannot be written
+    fails before the work, not after it. Leaves nothing."""
+    existing = nearest_existing(folder)
+    if not existing.is_dir():
+        raise UsageError(f"cannot write to {folder}: {existing} is a file, not a folder")
+    probe = existing / f".write-probe.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"cannot write to {folder}: {e.strerror or e}") from None
+
+
+def check_free_space(folder: Path, n_bytes: int, what: str, flag: str) -> None:
+    """Room for `what` (about n_bytes) in `folder` (or where it will be created)."""
+    free = shutil.disk_usage(nearest_existing(folder)).free
+    if free < n_bytes:
+        raise UsageError(f"{folder} has {free / 2**20:.1f} MiB free, and this run needs about "
+                         f"{max(n_bytes / 2**20, 0.1):.1f} MiB there for {what}: free some space or pass another {flag}")

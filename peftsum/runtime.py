@@ -1,0 +1,120 @@
+"""Where and how a run computes: device and precision (decided once), torchrun ranks, the machine's name, peak
+memory, and whether the Hugging Face hub can be reached."""
+from __future__ import annotations
+
+import functools
+import math
+import os
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from peftsum.errors import UsageError
+from peftsum.config import Config
+
+
+def hub_access(name: str) -> dict:
+    """`from_pretrained` arguments for `name`: none for a local folder; local_files_only for a hub name already in
+    the cache. A hub name that is neither cached nor reachable is a UsageError at once, instead of a minute of
+    huggingface_hub's retries."""
+    if Path(name).is_dir():
+        return {}
+    from huggingface_hub import try_to_load_from_cache
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return {"local_files_only": True}
+    if not hub_reachable():
+        raise UsageError(f"cannot download '{name}': the Hugging Face hub is not reachable from this machine; "
+                         "pass --model with a checkpoint folder or a .gguf file")
+    return {}
+
+
+@functools.cache
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection within `timeout` seconds (HF_HUB_OFFLINE=1: no)."""
+    import socket
+    from urllib.parse import urlparse
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def resolve_device(cfg: Config) -> tuple[torch.device, torch.dtype]:
+    """Device, and the autocast dtype (float32: no autocast), decided once. A device this machine lacks is a
+    UsageError."""
+    try:
+        device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                              "cpu" if cfg.device == "auto" else cfg.device)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UsageError(f"unknown --device '{cfg.device}': use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {cfg.device}, but torch finds no CUDA GPU on this machine: use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {cfg.device}, but this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    if cfg.dtype == "auto":
+        if device.type == "cuda":
+            return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return device, torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    return device, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.dtype]
+
+
+def machine(device: torch.device) -> str:
+    """What a speed number was measured on: the GPU's name, or the CPU's model, threads and bf16 support."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+    try:
+        name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or platform.machine()
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    bf16 = "AMX" if amx else "AVX-512 BF16" if cpu_has_native_bf16() else "no"
+    return f"{name}, {torch.get_num_threads()} threads, native bf16: {bf16}"
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AMX or AVX-512 BF16). Elsewhere bf16 is emulated and about 3x
+    slower than fp32, so --dtype auto picks fp32 there."""
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_amx_tile_supported",
+                                                                        "_is_avx512_bf16_supported"))
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    return nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+    except ImportError:  # Windows has no getrusage
+        return math.nan
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of a torchrun job; (0, 1) otherwise."""
+    import torch.distributed as dist
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def init_distributed(cfg: Config) -> None:
+    """Join the torchrun job: one process per GPU (gloo on CPUs); only rank 0 logs."""
+    import torch.distributed as dist
+    cuda = torch.cuda.is_available() and cfg.device != "cpu"
+    if cuda:
+        cfg.device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(cfg.device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    if dist.get_rank() != 0:
+        sys.stdout = open(os.devnull, "w")
