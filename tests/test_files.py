@@ -52,7 +52,7 @@ def test_a_failed_write_is_one_line_and_keeps_the_previous_file(base, tmp_path, 
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         replace(src, dst)
     monkeypatch.setattr(os, "replace", disk_full)
-    p = cli("main2.py", *base, "--out", runs, "--baseline")
+    p = cli("main2.py", *base, "--out", runs, "--baseline", "--overwrite")
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert p.stderr.strip() == f"error: cannot write {runs / 'hard_prompt-24.json'}: No space left on device"
     assert json.loads((runs / "hard_prompt-24.json").read_text()) == {"old": True}

@@ -112,8 +112,7 @@ def test_cached_features_give_the_loss_of_the_full_model(tiny):
     apply_last_layer(model)
     assert head_only(model)
     ex = token_examples(6)
-    cfg = Config(eval_batch_size=4)
-    cached = cache_features(model, ex, cfg, torch.device("cpu"), torch.float32)
+    cached = cache_features(model, ex, 4, torch.device("cpu"), torch.float32)
     x, y = collate(ex, 0)
     hx, hy = collate_features(cached)
     assert hy.shape[1] == (y != IGNORE).sum()  # exactly the target positions, no padding

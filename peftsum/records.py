@@ -1,0 +1,97 @@
+"""Run records and run names: what a run writes about itself (into <out>/<name>.json and into the metadata of the
+weights it trained), and the names its record gets. The CLI, `sweep.py` and `report.py` all read these rules from
+here. Imports no torch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from peftsum.config import ROOT
+
+METHODS = {"prompt_tuning": "prompt tuning", "last_layer": "last layer", "lora": "LoRA"}
+BASELINES = {"lead_3": "lead-3", "zero_shot": "zero-shot TL;DR", "hard_prompt-24": "hard prompt",
+             "chat": "chat template"}
+VARIANTS = ("lr", "prompt_tokens", "lora_rank", "temperature", "greedy")  # families of runs that vary one setting
+
+
+@dataclass
+class RunRecord:
+    """What a run did. `config` and `hparams` are the settings it ran with, after the defaults were resolved (an
+    evaluation's include those it took from the weights' record); `data` is a folder relative to the repository
+    when it lies inside it, else as given (a hub name, or a path elsewhere)."""
+    method: str  # prompt_tuning, last_layer, lora, baseline or lead_3
+    base_model: str | None
+    config: dict
+    hparams: dict = field(default_factory=dict)  # the method's hyperparameters; none for a baseline
+    data: str = ""
+    n_examples: dict = field(default_factory=dict)  # {split: examples the run actually used}
+    trainable_parameters: int = 0
+    total_parameters: int = 0
+    history: list[dict] = field(default_factory=list)  # one entry per training epoch
+    best_epoch: int | None = None  # the epoch whose weights were kept (best validation loss)
+    test: dict | None = None  # mean ROUGE F1 (%) over the test articles
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def set_history(self, history: list[dict]) -> None:
+        self.history = history
+        losses = [e["val_loss"] for e in history]
+        self.best_epoch = history[losses.index(min(losses))]["epoch"] if losses and not math.isnan(min(losses)) \
+            else None
+
+
+def portable_path(name: str) -> str:
+    """A data folder or weights path as a record states it: relative to the repository when it lies inside it (so
+    that the record holds in any clone), else unchanged (a hub name, or a folder elsewhere)."""
+    path = Path(name).expanduser()
+    if not path.exists():
+        return name
+    try:
+        return path.resolve().relative_to(ROOT).as_posix()
+    except ValueError:
+        return name
+
+
+def local_path(name: str) -> str:
+    """What a recorded folder names on this machine: a path relative to the repository, else unchanged."""
+    return str(ROOT / name) if name and not Path(name).is_absolute() and (ROOT / name).exists() else name
+
+
+def run_name(method: str, *, baseline: bool, chat: bool, baseline_prompt_tokens: int) -> str:
+    """The default name of a run's record: the method's, or the baseline's prompt."""
+    if not baseline:
+        return method
+    return "chat" if chat else f"hard_prompt-{baseline_prompt_tokens}" if baseline_prompt_tokens else "zero_shot"
+
+
+def variant_name(family: str, *parts) -> str:
+    """The name of a run in one of the VARIANTS families, e.g. lr-lora-0.001, lora_rank-8, greedy-lora."""
+    return "-".join([family, *map(str, parts)])
+
+
+def variant_of(name: str) -> tuple[str, str]:
+    """(family, the rest) of a variant's name, e.g. ("greedy", "lora"); ("", name) for any other run."""
+    family, _, rest = name.partition("-")
+    return (family, rest) if family in VARIANTS and rest else ("", name)
+
+
+def label(name: str, record: dict) -> str:
+    """A table label for a run: the method or baseline, and what differs from its defaults."""
+    labels = {**BASELINES, **METHODS}
+    if name in labels:
+        return labels[name]
+    family, rest = variant_of(name)
+    method = labels.get(record.get("method"), record.get("method"))
+    if family == "lr":
+        return f"{method}, lr {record['hparams']['lr']:g}"
+    if family == "greedy":
+        return f"{labels.get(rest, rest)}, greedy"
+    if family in ("prompt_tokens", "lora_rank"):
+        return f"{method}, {family.replace('_', ' ')} {rest}"
+    if name.startswith("hard_prompt-"):
+        return f"hard prompt x {name.removeprefix('hard_prompt-')}"
+    return name
