@@ -55,7 +55,8 @@ def family_runs(family: str, weights_dir: Path | None = None) -> list[tuple[str,
                 for m, s in SCRIPTS.items() for t in ("0.3", "0.5", "0.7", "0.9", "1.1", "1.3", "1.5")]
     if family == "decoding":
         return [(variant_name("greedy", m), s, ["--greedy", *method_weights(m)]) for m, s in SCRIPTS.items()] + [
-            (variant_name("greedy", "zero_shot"), "main2.py", ["--greedy", "--baseline", "--baseline-prompt-tokens", "0"])]
+            (variant_name("greedy", "zero_shot"), "main2.py",
+             ["--greedy", "--baseline", "--baseline-prompt-tokens", "0"])]
     raise common.UsageError(f"unknown family '{family}': one of {', '.join(FAMILIES)}")
 
 

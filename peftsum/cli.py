@@ -20,7 +20,8 @@ from safetensors import safe_open
 
 from peftsum import evaluation, interop, runtime, training
 from peftsum.config import MODES, ROOT, Args, Config, check_config, fields_where, flag
-from peftsum.data import data_files, data_folder, encode_examples, hub_dataset_cached, load_splits, offline_dataset_error
+from peftsum.data import (data_files, data_folder, encode_examples, hub_dataset_cached, load_splits,
+                          offline_dataset_error)
 from peftsum.errors import Interrupted, UsageError, first_line
 from peftsum.files import check_free_space, check_writable, load_weights, remove_orphans, save_weights, weights_lock
 from peftsum.generation import prepare_inference

