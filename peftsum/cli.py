@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from peftsum import runtime, interop, training, evaluation
+from peftsum import runtime, interop, gguf_export, training, evaluation
 from peftsum.errors import Interrupted, UsageError, first_line
 from peftsum.config import Config, MODES, ROOT, out_folder, resolve_mode, run_name
 from peftsum.runtime import init_distributed, resolve_device, world
@@ -47,6 +47,7 @@ def setup(cfg: Config, method: str):
 def preflight(cfg: Config, mode: str, method: str, path: Path) -> None:
     """Every input this run reads exists, every output can be written, and a training neither races another run
     for the same weights nor discards (or silently skips) a checkpoint: a mistake costs seconds, not an epoch."""
+    gguf_export.check_flags(cfg, method)
     if mode == "article" and cfg.article != "-" and not Path(cfg.article).is_file():
         raise UsageError(f"cannot read the article at {cfg.article}: no such file")
     if mode != "train" and not cfg.baseline and not path.exists():
@@ -57,9 +58,9 @@ def preflight(cfg: Config, mode: str, method: str, path: Path) -> None:
         data_files(folder, MODES[mode])
     elif MODES[mode] and not hub_dataset_cached(cfg.data) and not runtime.hub_reachable():
         raise offline_dataset_error(cfg.data)  # now, not after loading the model
-    for target in filter(None, (cfg.export_peft, cfg.export_merged)):
+    for target in filter(None, (cfg.export_peft, cfg.export_merged, cfg.export_gguf)):
         if Path(target).exists():
-            raise UsageError(f"{target} exists: an export never overwrites; remove it or pass another folder")
+            raise UsageError(f"{target} exists: an export never overwrites; remove it or pass another path")
         check_writable(Path(target).resolve().parent)
     if world()[0] != 0:
         return
@@ -233,6 +234,8 @@ def export_weights(method, model: GPT, tokenizer, cfg: Config, hp, dtype, record
     if cfg.export_peft:
         export_peft(model, Path(cfg.export_peft))
         print(f"wrote the peft adapter {cfg.export_peft}")
+    if cfg.export_gguf:  # after the peft adapter, which needs the LoRA layers a merged GGUF folds away
+        print(gguf_export.export_for_cli(method, model, tokenizer, cfg))
     if cfg.export_merged:
         export_merged(model, tokenizer, Path(cfg.export_merged))
         print(f"wrote the transformers checkpoint {cfg.export_merged}")

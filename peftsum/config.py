@@ -82,6 +82,12 @@ class Config:
     article: str = arg("", "summarize this text file ('-': standard input) instead of the test set")
     export_peft: str = arg("", "write the trained soft prompt or LoRA as a peft adapter folder, then exit")
     export_merged: str = arg("", "write a complete transformers checkpoint folder (LoRA merged), then exit")
+    export_gguf: str = arg("", "write the trained weights as a GGUF file for llama.cpp, Ollama and LM Studio, then "
+                               "exit: LoRA as an adapter for the base model's GGUF (llama.cpp --lora), the last layer "
+                               "as a complete model (docs/gguf.md)")
+    gguf_merge: bool = arg(False, "with --export-gguf and LoRA: a complete model file with the update merged, "
+                                  "instead of an adapter")
+    gguf_type: str = arg("f16", "tensor type of --export-gguf: f32, f16, bf16 or q8_0 (norms and biases stay f32)")
 
 
 # Settings that say how a run executes or what it does afterwards, not what it trains: a checkpoint may be resumed
@@ -89,7 +95,8 @@ class Config:
 RUNTIME_FIELDS = ("model", "data", "data_config", "test_size", "save_every", "resume", "cache_features", "compile",
                   "device", "eval_batch_size", "max_new_tokens", "temperature", "top_p", "top_k", "greedy", "weights",
                   "out", "train", "baseline", "baseline_prompt_tokens", "run_name", "inspect", "article",
-                  "export_peft", "export_merged")  # model and data are compared by fingerprints instead
+                  "export_peft", "export_merged",
+                  "export_gguf", "gguf_merge", "gguf_type")  # model and data are compared by fingerprints instead
 
 
 # What each mode does, and the data splits it reads (and nothing else).
@@ -97,7 +104,7 @@ MODES = {"train": ("train", "validation", "test"),  # train, save, then evaluate
          "evaluate": ("test",),  # summarize the test set with saved weights (or --baseline), score, write the record
          "inspect": ("test",),  # the next-token table of one test example
          "article": (),  # summarize one text
-         "export": ()}  # write the trained weights as a peft adapter and/or a transformers checkpoint
+         "export": ()}  # write the trained weights as a peft adapter, a transformers checkpoint and/or a GGUF file
 
 
 def parse_args(method_cls: type, description: str, argv: list[str] | None = None):
@@ -160,8 +167,9 @@ def resolve_mode(cfg: Config) -> str:
     """The one thing these flags ask for, a key of MODES. Flags that ask for two things, or that need a mode they
     are not given, are a UsageError, never silently dropped."""
     asked = [f for f, on in (("--train", cfg.train), ("--inspect", cfg.inspect), ("--article", cfg.article),
-                             ("--export-peft", cfg.export_peft), ("--export-merged", cfg.export_merged)) if on]
-    if len(asked) > 1 and asked != ["--export-peft", "--export-merged"]:
+                             ("--export-peft", cfg.export_peft), ("--export-merged", cfg.export_merged),
+                             ("--export-gguf", cfg.export_gguf)) if on]
+    if len(asked) > 1 and not all(f.startswith("--export") for f in asked):  # exports combine: one run writes all
         hint = f"train first, then run {asked[1]} on the saved weights" if asked[0] == "--train" else "one per run"
         raise UsageError(f"{' and '.join(asked)} ask for different runs: {hint}")
     mode = {"--train": "train", "--inspect": "inspect", "--article": "article"}.get(asked[0], "export") \
