@@ -12,6 +12,7 @@ concern. Each module imports only modules above it in this list; none does work 
   sampling    temperature, top-k, top-p and the draw, as pure functions; speculative acceptance rules
   generation  prefill and decode over the KV cache: batched, streamed, speculative (prompt lookup)
   interop     transformers checkpoints and GGUF files in; peft adapters in and out; transformers checkpoints out
+  gguf_export GGUF files out, for llama.cpp, Ollama and LM Studio: a LoRA adapter, or a complete model
   training    the training loop, its resumable state, checkpoints and run identity
   evaluation  summaries of the test set, ROUGE, the run record and predictions
   cli         setup before the slow work, one mode per run, one-line errors
@@ -33,6 +34,7 @@ from peftsum.generation import (cut_at_eos, decode_step, generate, generate_stre
                                 verify_step)
 from peftsum.interop import (config_from_hf, export_merged, export_peft, from_hf, hf_config, load_model,
                              load_peft_lora, model_source)
+from peftsum.gguf_export import export_gguf
 from peftsum.training import TrainState, optimizer_step, train
 from peftsum.evaluation import lead_3, rouge, rouge_scores, score_and_write, split_sentences, summarize
 from peftsum.cli import Job, cli_errors, run, setup
@@ -51,6 +53,7 @@ __all__ = [
     "cut_at_eos", "decode_step", "generate", "generate_stream", "prefill", "prepare_inference", "verify_step",
     "config_from_hf", "export_merged", "export_peft", "from_hf", "hf_config", "load_model", "load_peft_lora",
     "model_source",
+    "export_gguf",
     "TrainState", "optimizer_step", "train",
     "lead_3", "rouge", "rouge_scores", "score_and_write", "split_sentences", "summarize",
     "Job", "cli_errors", "run", "setup",

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from peftsum import evaluation, interop, runtime, training
+from peftsum import evaluation, gguf_export, interop, runtime, training
 from peftsum.config import MODES, ROOT, Args, Config, check_config, fields_where, flag
 from peftsum.data import (data_files, data_folder, encode_examples, hub_dataset_cached, load_splits,
                           offline_dataset_error)
@@ -133,6 +133,7 @@ def preflight(job: Job) -> None:
     for the same weights nor replaces finished ones, nor discards (or silently skips) a checkpoint: a mistake costs
     seconds, not an epoch."""
     cfg, mode, path = job.cfg, job.mode, job.weights
+    gguf_export.check_flags(cfg, job.method)
     if mode == "article" and cfg.article != "-" and not Path(cfg.article).is_file():
         raise UsageError(f"cannot read the article at {cfg.article}: no such file")
     folder = data_folder(cfg.data) if MODES[mode] else None
@@ -140,9 +141,9 @@ def preflight(job: Job) -> None:
         data_files(folder, MODES[mode])
     elif MODES[mode] and not hub_dataset_cached(cfg.data) and not runtime.hub_reachable():
         raise offline_dataset_error(cfg.data)  # now, not after loading the model
-    for target in filter(None, (cfg.export_peft, cfg.export_merged)):
+    for target in filter(None, (cfg.export_peft, cfg.export_merged, cfg.export_gguf)):
         if Path(target).exists():
-            raise UsageError(f"{target} exists: an export never overwrites; remove it or pass another folder")
+            raise UsageError(f"{target} exists: an export never overwrites; remove it or pass another path")
         check_writable(Path(target).resolve().parent)
     if world()[0] != 0:
         return
@@ -329,6 +330,8 @@ def export_weights(job: Job, record: RunRecord, splits: dict) -> RunRecord:
     if job.cfg.export_peft:
         export_peft(job.model, Path(job.cfg.export_peft))
         print(f"wrote the peft adapter {job.cfg.export_peft}")
+    if job.cfg.export_gguf:  # after the peft adapter, which needs the LoRA layers a merged GGUF folds away
+        print(gguf_export.export_for_cli(job.method, job.model, job.tokenizer, job.cfg))
     if job.cfg.export_merged:
         export_merged(job.model, job.tokenizer, Path(job.cfg.export_merged))
         print(f"wrote the transformers checkpoint {job.cfg.export_merged}")

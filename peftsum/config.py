@@ -99,6 +99,13 @@ class Config:
                            runtime=True)
     export_merged: str = arg("", "write a complete transformers checkpoint folder (LoRA merged), then exit",
                              runtime=True)
+    export_gguf: str = arg("", "write the trained weights as a GGUF file for llama.cpp, Ollama and LM Studio, then "
+                               "exit: LoRA as an adapter for the base model's GGUF (llama.cpp --lora), the last layer "
+                               "as a complete model (docs/gguf.md)", runtime=True)
+    gguf_merge: bool = arg(False, "with --export-gguf and LoRA: a complete model file with the update merged, "
+                                  "instead of an adapter", runtime=True)
+    gguf_type: str = arg("f16", "tensor type of --export-gguf: f32, f16, bf16 or q8_0 (norms and biases stay f32)",
+                         runtime=True)
 
 
 def fields_where(cls: type, key: str) -> tuple[str, ...]:
@@ -116,7 +123,7 @@ MODES = {"train": ("train", "validation", "test"),  # train, save, then evaluate
          "evaluate": ("test",),  # summarize the test set with saved weights (or --baseline), score, write the record
          "inspect": ("test",),  # the next-token table of one test example
          "article": (),  # summarize one text
-         "export": ()}  # write the trained weights as a peft adapter and/or a transformers checkpoint
+         "export": ()}  # write the trained weights as a peft adapter, a transformers checkpoint and/or a GGUF file
 
 
 @dataclass(frozen=True)
@@ -191,8 +198,9 @@ def resolve_mode(cfg: Config) -> str:
     """The one thing these flags ask for, a key of MODES. Flags that ask for two things, or that need a mode they
     are not given, are a UsageError, never silently dropped."""
     asked = [f for f, on in (("--train", cfg.train), ("--inspect", cfg.inspect), ("--article", cfg.article),
-                             ("--export-peft", cfg.export_peft), ("--export-merged", cfg.export_merged)) if on]
-    if len(asked) > 1 and asked != ["--export-peft", "--export-merged"]:
+                             ("--export-peft", cfg.export_peft), ("--export-merged", cfg.export_merged),
+                             ("--export-gguf", cfg.export_gguf)) if on]
+    if len(asked) > 1 and not all(f.startswith("--export") for f in asked):  # exports combine: one run writes all
         hint = f"train first, then run {asked[1]} on the saved weights" if asked[0] == "--train" else "one per run"
         raise UsageError(f"{' and '.join(asked)} ask for different runs: {hint}")
     mode = {"--train": "train", "--inspect": "inspect", "--article": "article"}.get(asked[0], "export") \
