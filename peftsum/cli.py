@@ -72,10 +72,10 @@ def setup(args: Args, method: str) -> Job:
         cfg = dataclasses.replace(cfg, device=init_distributed(cfg.device))
     device, dtype = resolve_device(cfg.device, cfg.dtype)
     path = weights_path(cfg.weights, method)
-    if mode != "train" and not cfg.baseline:
-        if not path.exists():
-            raise UsageError(f"no weights at {portable_path(str(path))}: train them with --train, or evaluate the "
-                             "untrained model with --baseline")
+    if mode != "train" and not cfg.baseline and not path.exists():
+        raise UsageError(f"no weights at {portable_path(str(path))}: train them with --train, or evaluate the "
+                         "untrained model with --baseline")
+    if mode != "train" and path.exists():  # a baseline is measured on the same model, data and prompt format
         cfg, hp = follow_record(path, cfg, hp, args.given)
     cfg = dataclasses.replace(cfg, compile=device.type == "cuda" if cfg.compile is None else cfg.compile)
     cfg = dataclasses.replace(cfg, model=cfg.model or default_base_model(cfg, mode, path))
@@ -106,6 +106,9 @@ def follow_record(path: Path, cfg: Config, hp, given: frozenset[str]) -> tuple[C
             value = local_path(value) if name == "data" else value
             if name not in given:
                 taken[id(obj), name] = value
+            elif value != default and name in fields_where(type(obj), "shapes"):
+                raise UsageError(f"{flag(name)} {default!r}, but {path.name} was trained with {value!r}: drop the "
+                                 "flag, or pass other --weights")
             elif value != default and name not in DATA_FIELDS:
                 notes.append(f"warning: {flag(name)} {default!r} overrides the {value!r} that {path.name} was trained "
                              "with: its summaries will differ from what training made")
@@ -183,11 +186,11 @@ def checkpoint_path(weights: Path) -> Path:
 
 
 def default_base_model(cfg: Config, mode: str, path: Path) -> str:
-    """--model when it is not given: the base model recorded in the weights to load, or in the checkpoint to resume;
-    else gpt2."""
+    """--model when it is not given: the base model recorded in the weights to load (for --baseline too: the
+    baseline of the same model), or in the checkpoint to resume; else gpt2."""
     if mode == "train":
         return cfg.resume and recorded_base_model(checkpoint_path(path), "state") or "gpt2"
-    return (not cfg.baseline and recorded_base_model(path, "record")) or "gpt2"
+    return recorded_base_model(path, "record") or "gpt2"
 
 
 def recorded_base_model(path: Path, key: str) -> str | None:

@@ -17,12 +17,15 @@ ROOT = Path(__file__).resolve().parent.parent  # the repository: models/, runs/,
 HARD_PROMPT = "Summarize"  # the seed's baseline prompt, and the soft prompt's initialization
 
 
-def arg(default, help: str, *, low: float | None = None, runtime: bool = False, recorded: bool = False):
+def arg(default, help: str, *, low: float | None = None, runtime: bool = False, recorded: bool = False,
+        shapes: bool = False):
     """A field of a settings dataclass: its default and --help, the least value it takes (`low`, checked with all
     others before any slow work), whether it is `runtime` (how a run executes, not what it trains: a checkpoint may
-    be resumed with another value) and whether it is `recorded` (evaluation takes it from the trained weights' run
-    record unless its flag is given: what the weights expect)."""
-    return field(default=default, metadata=dict(help=help, low=low, runtime=runtime, recorded=recorded))
+    be resumed with another value), whether it is `recorded` (evaluation takes it from the trained weights' run
+    record unless its flag is given: what the weights expect), and whether it `shapes` the trained tensors (weights
+    trained with another value cannot load)."""
+    return field(default=default, metadata=dict(help=help, low=low, runtime=runtime, recorded=recorded or shapes,
+                                                shapes=shapes))
 
 
 @dataclass(frozen=True)

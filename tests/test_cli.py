@@ -40,8 +40,9 @@ def test_train_save_reload_evaluate(script, common_args, tmp_path):
     loaded = run(script, *common_args, "--weights", weights)
     assert f"loaded {weights}" in loaded.stdout
     assert "rougeLsum" in loaded.stdout
-    # same weights, same seed: the same summaries as right after training
-    assert json.loads((tmp_path / "runs" / f"{method}.json").read_text())["test"] == record["test"]
+    # same weights, same seed: the same summaries as right after training, in a record beside the first (kept)
+    assert f"{method}.json exists: --overwrite replaces it" in loaded.stdout
+    assert json.loads((tmp_path / "runs" / f"{method}-2.json").read_text())["test"] == record["test"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs", "w.safetensors"]  # no checkpoint, lock or temp left
 
 
