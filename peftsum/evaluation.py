@@ -12,7 +12,7 @@ from peftsum.config import Config, out_folder
 from peftsum.model import GPT
 from peftsum.files import write_text
 from peftsum.data import encode_examples, encode_prompts, length_batches
-from peftsum.generation import generate, generate_stream
+from peftsum.generation import generate_batch, generate_stream
 
 
 # Words that end in a period without ending a sentence (news text: titles, months, places, times).
@@ -92,25 +92,26 @@ def summarize(model: GPT, tokenizer, rows: list[dict], cfg: Config) -> list[str]
     sampling = dict(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, greedy=cfg.greedy,
                     eos_id=tokenizer.eos_token_id, compile=cfg.compile)
     new: list[list[int]] = [[] for _ in prompts]
-    stats, start = {}, time.perf_counter()
+    busy, start = "", time.perf_counter()
     from tqdm import tqdm
     with tqdm(total=len(prompts), desc="summarizing", unit="article", file=sys.stdout, mininterval=1.0,
               disable=len(prompts) == 1) as bar:
         if cfg.lookup:
             for b, chunk in enumerate(length_batches([len(p) for p in prompts], batch)):
-                out = generate(model, [prompts[i] for i in chunk], cfg.max_new_tokens, seed=cfg.seed + b * batch,
-                               lookup=cfg.lookup, **sampling)
+                out, _ = generate_batch(model, [prompts[i] for i in chunk], cfg.max_new_tokens,
+                                        seed=cfg.seed + b * batch, lookup=cfg.lookup, **sampling)
                 for i, ids in zip(chunk, out):
                     new[i] = ids
                 bar.update(len(chunk))
         else:
             order = length_batches([len(p) for p in prompts], len(prompts))[0]  # longest first
-            out = generate_stream(model, [prompts[i] for i in order], cfg.max_new_tokens, batch, seed=cfg.seed,
-                                  stats=stats, progress=bar, **sampling)
+            out, stats = generate_stream(model, [prompts[i] for i in order], cfg.max_new_tokens, batch,
+                                         seed=cfg.seed, on_finished=bar.update, **sampling)
             for i, ids in zip(order, out):
                 new[i] = ids
+            if stats.busy_share is not None:
+                busy = f"; {stats.busy_share:.0%} of the decoding row-steps were busy"
     seconds = time.perf_counter() - start
-    busy = f"; {stats['busy'] / (stats['steps'] * batch):.0%} of the decoding row-steps were busy" if stats else ""
     print(f"summarized {len(prompts)} article{'s' * (len(prompts) != 1)} in {seconds:.1f} s, {len(prompts) / seconds:.2f} articles/s "
           f"(batch {batch}, {sum(map(len, new)) / seconds:.1f} new tokens/s{busy})")
     return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in new]
