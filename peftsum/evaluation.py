@@ -79,10 +79,19 @@ def summary_batch_size(model: GPT, cfg: Config, n_slots: int) -> int:
     return int(max(1, min(512, 0.75 * free // (cache + prefill))))
 
 
+def show_prefill(bar):
+    """on_prefill for a bar that counts articles: a prefill ends no article, and the first (a batch of the longest
+    articles) can take minutes on a CPU, so the bar's postfix shows its prompt tokens done while it runs."""
+    def show(done: int, total: int) -> None:
+        bar.set_postfix_str(f"prefilling {done:,}/{total:,} tokens" if done < total else "")
+    return show
+
+
 def summarize(model: GPT, tokenizer, rows: list[dict], cfg: Config) -> list[str]:
     """Generated summaries (the new tokens only, never the article), in the order of `rows`. Without lookup, one
     stream (`generate_stream`): a row whose summary ends takes the next article, longest articles first; with
-    lookup, batches of articles of similar length. Prints the articles per second."""
+    lookup, batches of articles of similar length. A progress bar counts the articles done, and while a prefill
+    runs, its prompt tokens done. Prints the articles per second."""
     prompts, n_cut = encode_prompts(rows, tokenizer, model.prompt_ids, cfg, model.config.n_positions)
     if n_cut:
         room = f"the {model.config.n_positions}-token context with {cfg.max_new_tokens} tokens left for the summary"
@@ -99,14 +108,16 @@ def summarize(model: GPT, tokenizer, rows: list[dict], cfg: Config) -> list[str]
         if cfg.lookup:
             for b, chunk in enumerate(length_batches([len(p) for p in prompts], batch)):
                 out, _ = generate_batch(model, [prompts[i] for i in chunk], cfg.max_new_tokens,
-                                        seed=cfg.seed + b * batch, lookup=cfg.lookup, **sampling)
+                                        seed=cfg.seed + b * batch, lookup=cfg.lookup,
+                                        on_prefill=show_prefill(bar), **sampling)
                 for i, ids in zip(chunk, out):
                     new[i] = ids
                 bar.update(len(chunk))
         else:
             order = length_batches([len(p) for p in prompts], len(prompts))[0]  # longest first
             out, stats = generate_stream(model, [prompts[i] for i in order], cfg.max_new_tokens, batch,
-                                         seed=cfg.seed, on_finished=bar.update, **sampling)
+                                         seed=cfg.seed, on_finished=bar.update, on_prefill=show_prefill(bar),
+                                         **sampling)
             for i, ids in zip(order, out):
                 new[i] = ids
             if stats.busy_share is not None:

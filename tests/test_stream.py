@@ -1,6 +1,8 @@
 """Continuous batching (generate_stream): each row decodes as it would alone while rows end at different steps and
 take the next prompt; the decoding statistics, the prefill's progress and the evaluation batch size."""
 import inspect
+import json
+import re
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ from peftsum.errors import UsageError
 from peftsum.config import Config, check_config
 from peftsum.generation import DecodeStats, generate, generate_batch, generate_stream, prefill
 from peftsum.interop import load_model
+from peftsum import evaluation
 from peftsum.evaluation import summary_batch_size
 from test_speculative import copying_model
 
@@ -153,6 +156,29 @@ def test_prefill_reports_its_progress_in_prompt_tokens(monkeypatch, stream):
     else:  # the first three prompts together, 60 positions in 4 chunks; then the next as rows end
         assert prefills[0] == [(0, 80), (3 + 16 + 16, 80), (3 + 32 + 17, 80), (3 + 48 + 17, 80), (80, 80)]
         assert len(prefills) > 2
+
+
+@pytest.mark.parametrize("lookup", [0, 2])
+def test_summarize_shows_the_prefill_on_its_progress_bar(monkeypatch, capsys, tiny, data_dir, lookup):
+    """While a prefill runs, the bar's postfix counts its prompt tokens (from 0, up to below the total: at the total
+    the postfix goes); the summaries are those of a run without the bar. One new token each: no decode step, and
+    the report says nothing of busy row-steps."""
+    model, tok = tiny
+    rows = [json.loads(line) for line in (data_dir / "test.jsonl").read_text().splitlines()]
+    monkeypatch.setattr(generation, "PREFILL_CHUNK", 8)
+    cfg = Config(max_new_tokens=6, eval_batch_size=4, seed=1, lookup=lookup)
+    summaries = evaluation.summarize(model, tok, rows, cfg)
+    printed = capsys.readouterr().out
+    shown = [(int(d.replace(",", "")), int(t.replace(",", "")))
+             for d, t in re.findall(r"prefilling ([\d,]+)/([\d,]+) tokens", printed)]
+    assert shown[0][0] == 0 and len({t for _, t in shown}) >= 2  # the first prefill, then another
+    assert all(d < t for d, t in shown) and any(0 < d for d, _ in shown)
+    assert "summarized 6 articles" in printed
+    monkeypatch.setattr(evaluation, "show_prefill", lambda bar: None)
+    assert evaluation.summarize(model, tok, rows, cfg) == summaries
+    evaluation.summarize(model, tok, rows, Config(max_new_tokens=1, eval_batch_size=4))
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.startswith("summarized 6 articles") and "busy" not in last
 
 
 def test_summary_batch_size(tiny):
