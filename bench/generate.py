@@ -21,7 +21,7 @@ command that installs them (benchmark-only dependencies: the scripts never impor
       --engines ours transformers
 
 Ours also runs as the scripts summarize (`generate_stream`: a row whose summary ends takes the next article) and
-transformers as its own continuous batching (`generate_batch`) when there are more articles than rows.
+transformers as its own continuous batching (its model's `generate_batch`) when there are more articles than rows.
 Runs alternate engine by engine after a warm-up; medians of --runs. Each run also prints its "cores busy": the
 process's CPU time over the wall time; fewer than the threads an engine runs means it waited for a core (on a shared
 machine, another job had it). The last line is `speedup: X.XX`:
