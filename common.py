@@ -30,8 +30,8 @@ from peftsum.methods import (LoRALinear, PromptEmbedding, apply_last_layer, appl
 from peftsum.files import atomic_path, load_weights, save_weights, weights_lock
 from peftsum.data import collate, encode_examples, encode_prompts, length_batches, load_splits
 from peftsum.sampling import logits_to_probs, nucleus, sample, sample_logits
-from peftsum.generation import (cut_at_eos, decode_step, generate, generate_stream, prefill, prepare_inference,
-                                verify_step)
+from peftsum.generation import (DecodeStats, cut_at_eos, decode_step, generate, generate_batch, generate_stream,
+                                prefill, prepare_inference, verify_step)
 from peftsum.interop import (config_from_hf, export_merged, export_peft, from_hf, hf_config, load_model,
                              load_peft_lora, model_source)
 from peftsum.gguf_export import export_gguf
@@ -50,7 +50,8 @@ __all__ = [
     "atomic_path", "load_weights", "save_weights", "weights_lock",
     "collate", "encode_examples", "encode_prompts", "length_batches", "load_splits",
     "logits_to_probs", "nucleus", "sample", "sample_logits",
-    "cut_at_eos", "decode_step", "generate", "generate_stream", "prefill", "prepare_inference", "verify_step",
+    "DecodeStats", "cut_at_eos", "decode_step", "generate", "generate_batch", "generate_stream", "prefill",
+    "prepare_inference", "verify_step",
     "config_from_hf", "export_merged", "export_peft", "from_hf", "hf_config", "load_model", "load_peft_lora",
     "model_source",
     "export_gguf",

@@ -21,7 +21,7 @@ command that installs them (benchmark-only dependencies: the scripts never impor
       --engines ours transformers
 
 Ours also runs as the scripts summarize (`generate_stream`: a row whose summary ends takes the next article) and
-transformers as its own continuous batching (`generate_batch`) when there are more articles than rows.
+transformers as its own continuous batching (its model's `generate_batch`) when there are more articles than rows.
 Runs alternate engine by engine after a warm-up; medians of --runs. Each run also prints its "cores busy": the
 process's CPU time over the wall time; fewer than the threads an engine runs means it waited for a core (on a shared
 machine, another job had it). The last line is `speedup: X.XX`:
@@ -59,9 +59,9 @@ def synchronize(device):
 # Engines. Each maker returns {row label: (precision, run, continuous)}: run(prompts, seed) -> the new tokens of
 # each prompt of one batch; a continuous engine's run(prompts, batch) takes all prompts at once, `batch` rows busy.
 
-def ours_engines(hf, args, device, main_dtype, eos_id, lookup_stats: dict):
+def ours_engines(hf, args, device, main_dtype, eos_id, lookup_stats: list):
     """Our model in each of --dtypes, prepared as the scripts prepare it; with lookup in the main precision,
-    counting proposed and accepted tokens into lookup_stats."""
+    appending each call's statistics (`DecodeStats`: proposed and accepted tokens) to lookup_stats."""
     model = common.from_hf(hf)
     out = {}
     for name in args.dtypes:
@@ -69,12 +69,15 @@ def ours_engines(hf, args, device, main_dtype, eos_id, lookup_stats: dict):
         common.prepare_inference(m, DTYPES[name], args.compile)
 
         def run(prompts, seed, m=m, lookup=0):
-            return common.generate(m, prompts, args.new_tokens, seed=seed, eos_id=eos_id, compile=args.compile,
-                                   lookup=lookup, stats=lookup_stats if lookup else None, **sampling(args))
+            new, stats = common.generate_batch(m, prompts, args.new_tokens, seed=seed, eos_id=eos_id,
+                                               compile=args.compile, lookup=lookup, **sampling(args))
+            if lookup:
+                lookup_stats.append(stats)
+            return new
         def stream(prompts, batch, m=m):  # as `summarize` runs it: longest first, a finished row takes the next
             order = common.length_batches([len(p) for p in prompts], len(prompts))[0]
-            new = common.generate_stream(m, [prompts[i] for i in order], args.new_tokens, batch, eos_id=eos_id,
-                                         compile=args.compile, **sampling(args))
+            new, _ = common.generate_stream(m, [prompts[i] for i in order], args.new_tokens, batch, eos_id=eos_id,
+                                            compile=args.compile, **sampling(args))
             return [new[order.index(i)] for i in range(len(prompts))]
         precision = f"{name} weights and KV cache"
         out[f"ours {name}"] = (precision, run, False)
@@ -341,7 +344,7 @@ def main():
     gguf = args.gguf or (args.model if "gguf_file" in common.model_source(args.model)[1] else "")
     load = os.getloadavg()[0]
 
-    lookup_stats, scratch = {}, tempfile.TemporaryDirectory()
+    lookup_stats, scratch = [], tempfile.TemporaryDirectory()
     engines = {}
     if "ours" in args.engines:
         engines |= ours_engines(hf, args, device, main_dtype, eos_id, lookup_stats)
@@ -386,10 +389,11 @@ def main():
                                 times=times[name], tokens=statistics.median(tokens[name]), articles=len(prompts)))
             print(f"batch {batch}: {name}: {[round(x, 2) for x in times[name]]} s, {tokens[name]} new tokens, "
                   f"cores busy {[round(x, 2) for x in busy[name]]}", flush=True)
-        if lookup_stats.get("row_steps"):
-            print(f"batch {batch}: lookup accepted {lookup_stats['accepted'] / lookup_stats['row_steps']:.2f} "
-                  f"tokens per row and verify step ({lookup_stats['accepted']} of {lookup_stats['proposed']} "
-                  "proposed)")
+        row_steps, accepted, proposed = (sum(getattr(s, k) for s in lookup_stats)
+                                         for k in ("busy", "accepted", "proposed"))
+        if row_steps:
+            print(f"batch {batch}: lookup accepted {accepted / row_steps:.2f} tokens per row and verify step "
+                  f"({accepted} of {proposed} proposed)")
 
     n = f"{args.articles} " if args.articles else "a batch of "
     print(f"\n{common.machine(device)}; load average {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end; "

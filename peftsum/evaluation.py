@@ -14,7 +14,7 @@ from peftsum.config import Config
 from peftsum.model import GPT
 from peftsum.files import write_text
 from peftsum.data import encode_examples, encode_prompts, length_batches
-from peftsum.generation import generate, generate_stream
+from peftsum.generation import generate_batch, generate_stream
 from peftsum.records import RunRecord
 
 
@@ -82,10 +82,19 @@ def summary_batch_size(model: GPT, cfg: Config, n_slots: int) -> int:
     return int(max(1, min(512, 0.75 * free // (cache + prefill))))
 
 
+def show_prefill(bar):
+    """on_prefill for a bar that counts articles: a prefill ends no article, and the first (a batch of the longest
+    articles) can take minutes on a CPU, so the bar's postfix shows its prompt tokens done while it runs."""
+    def show(done: int, total: int) -> None:
+        bar.set_postfix_str(f"prefilling {done:,}/{total:,} tokens" if done < total else "")
+    return show
+
+
 def summarize(model: GPT, tokenizer, rows: list[dict], cfg: Config) -> list[str]:
     """Generated summaries (the new tokens only, never the article), in the order of `rows`. Without lookup, one
     stream (`generate_stream`): a row whose summary ends takes the next article, longest articles first; with
-    lookup, batches of articles of similar length. Prints the articles per second."""
+    lookup, batches of articles of similar length. A progress bar counts the articles done, and while a prefill
+    runs, its prompt tokens done. Prints the articles per second."""
     prompts, n_cut = encode_prompts(rows, tokenizer, model.prompt_ids, cfg, model.config.n_positions)
     if n_cut:
         room = f"the {model.config.n_positions}-token context with {cfg.max_new_tokens} tokens left for the summary"
@@ -95,25 +104,28 @@ def summarize(model: GPT, tokenizer, rows: list[dict], cfg: Config) -> list[str]
     sampling = dict(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, greedy=cfg.greedy,
                     eos_id=tokenizer.eos_token_id, compile=cfg.compile)
     new: list[list[int]] = [[] for _ in prompts]
-    stats, start = {}, time.perf_counter()
+    busy, start = "", time.perf_counter()
     from tqdm import tqdm
     with tqdm(total=len(prompts), desc="summarizing", unit="article", file=sys.stdout, mininterval=1.0,
               disable=len(prompts) == 1) as bar:
         if cfg.lookup:
             for b, chunk in enumerate(length_batches([len(p) for p in prompts], batch)):
-                out = generate(model, [prompts[i] for i in chunk], cfg.max_new_tokens, seed=cfg.seed + b * batch,
-                               lookup=cfg.lookup, **sampling)
+                out, _ = generate_batch(model, [prompts[i] for i in chunk], cfg.max_new_tokens,
+                                        seed=cfg.seed + b * batch, lookup=cfg.lookup,
+                                        on_prefill=show_prefill(bar), **sampling)
                 for i, ids in zip(chunk, out):
                     new[i] = ids
                 bar.update(len(chunk))
         else:
             order = length_batches([len(p) for p in prompts], len(prompts))[0]  # longest first
-            out = generate_stream(model, [prompts[i] for i in order], cfg.max_new_tokens, batch, seed=cfg.seed,
-                                  stats=stats, progress=bar, **sampling)
+            out, stats = generate_stream(model, [prompts[i] for i in order], cfg.max_new_tokens, batch,
+                                         seed=cfg.seed, on_finished=bar.update, on_prefill=show_prefill(bar),
+                                         **sampling)
             for i, ids in zip(order, out):
                 new[i] = ids
+            if stats.busy_share is not None:
+                busy = f"; {stats.busy_share:.0%} of the decoding row-steps were busy"
     seconds = time.perf_counter() - start
-    busy = f"; {stats['busy'] / (stats['steps'] * batch):.0%} of the decoding row-steps were busy" if stats else ""
     print(f"summarized {len(prompts)} article{'s' * (len(prompts) != 1)} in {seconds:.1f} s, {len(prompts) / seconds:.2f} articles/s "
           f"(batch {batch}, {sum(map(len, new)) / seconds:.1f} new tokens/s{busy})")
     return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in new]

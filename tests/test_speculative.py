@@ -10,7 +10,7 @@ from peftsum.errors import UsageError
 from peftsum.model import GPT, GPTConfig, KVCache
 from peftsum.methods import apply_prompt_tuning
 from peftsum.sampling import leading_true, logits_to_probs, real_columns, sample
-from peftsum.generation import add_ngrams, generate, prefill, propose, verify_step
+from peftsum.generation import add_ngrams, generate, generate_batch, prefill, propose, verify_step
 
 
 def copying_model(V: int, sharpness: float, perm=None, seed: int = 0, width: int = 32, context: float = 5.0):
@@ -115,13 +115,16 @@ def copying_prompts(perm):
 def test_greedy_lookup_gives_the_tokens_of_plain_greedy():
     model, perm = copying_model(400, sharpness=1.0)
     prompts = copying_prompts(perm)
-    stats = {}
     plain = generate(model, prompts, 40, greedy=True)
-    assert generate(model, prompts, 40, greedy=True, lookup=4, stats=stats) == plain
-    assert 0 < stats["accepted"] < stats["proposed"]  # proposals were accepted, and some rejected
-    alone = {}
-    assert generate(model, prompts[:1], 40, greedy=True, lookup=4, stats=alone) == plain[:1]
-    assert alone["steps"] < 30  # 39 without lookup: it copies its chain, then has no match
+    out, stats = generate_batch(model, prompts, 40, greedy=True, lookup=4)
+    assert out == plain
+    assert 0 < stats.accepted < stats.proposed  # proposals were accepted, and some rejected
+    # each busy row-step gains its accepted proposals and one token more; the first token came with the prefill
+    assert sum(len(o) - 1 for o in out) == stats.accepted + stats.busy and stats.rows == 4
+    assert stats.busy < 4 * stats.steps  # rows with nothing to copy end later, and the others were not counted
+    out, alone = generate_batch(model, prompts[:1], 40, greedy=True, lookup=4)
+    assert out == plain[:1]
+    assert alone.steps == alone.busy < 30  # 39 without lookup: it copies its chain, then has no match
 
 
 def test_greedy_lookup_stops_each_row_at_eos():
@@ -152,10 +155,9 @@ def test_greedy_lookup_with_a_soft_prompt(tiny):
     apply_prompt_tuning(model, [1, 2, 3, 4])
     words = tok.encode(" the police said a man was arrested on monday after the fire in the city center .")
     prompts = [model.prompt_ids + words * 2, model.prompt_ids + words[:5]]
-    stats = {}
-    out = generate(model, prompts, 20, greedy=True, lookup=3, stats=stats)
+    out, stats = generate_batch(model, prompts, 20, greedy=True, lookup=3)
     assert out == generate(model, prompts, 20, greedy=True)
-    assert stats["proposed"] > 0
+    assert stats.proposed > 0
 
 
 def exact_joint(model, prompt, n, **sampling):
@@ -197,8 +199,9 @@ def sampled_tv(monkeypatch, accept=None):
     model, perm = copying_model(V, sharpness=0.07, perm=[1, 2, 3, 0], width=16, context=1.0)
     prompt = chain(perm, 0, 8)
     exact = exact_joint(model, prompt, n, **SAMPLING).flatten()
-    N, stats = 20_000, {}
-    out = torch.tensor(generate(model, [prompt] * N, n, lookup=2, seed=0, stats=stats, **SAMPLING))
+    N = 20_000
+    out, stats = generate_batch(model, [prompt] * N, n, lookup=2, seed=0, **SAMPLING)
+    out = torch.tensor(out)
     empirical = torch.bincount(out @ V ** torch.arange(n - 1, -1, -1), minlength=V ** n).float() / N
     # E|empirical - p| <= sqrt(p (1 - p) / N) for each sequence, so E[TV] <= 0.5 · Σ sqrt(p (1 - p) / N); 4x that.
     bound = 4 * 0.5 * (exact * (1 - exact) / N).sqrt().sum().item()
@@ -210,7 +213,7 @@ def test_sampled_lookup_matches_the_exact_distribution(monkeypatch):
     tv, bound, stats = sampled_tv(monkeypatch)
     assert bound < 0.08
     assert tv < bound
-    assert 0.3 < stats["accepted"] / stats["proposed"] < 0.7  # both branches ran, often
+    assert 0.3 < stats.accepted / stats.proposed < 0.7  # both branches ran, often
 
 
 @pytest.mark.parametrize("wrong", [always_accept, resample_with_the_rejected])
