@@ -141,6 +141,14 @@ def format_rouge(scores: dict[str, float]) -> str:
     return "  ".join(f"{k:>9}" for k in keys) + "\n" + "  ".join(f"{scores[k]:9.2f}" for k in keys)
 
 
+def record_path(out: Path, name: str, overwrite: bool = False) -> Path:
+    """Where the run record of `name` goes: <out>/<name>.json, or with `overwrite` off, if that exists, the first
+    free one of <name>-2.json, <name>-3.json, ..."""
+    if overwrite:
+        return out / f"{name}.json"
+    return next(p for k in itertools.count(1) if not (p := out / f"{name}{f'-{k}' if k > 1 else ''}.json").exists())
+
+
 def score_and_write(out: Path, name: str, record: RunRecord, rows: list[dict], predictions: list[str],
                     overwrite: bool = False) -> Path:
     """Score predictions against the references, print the ROUGE table, and write each prediction with its
@@ -150,9 +158,7 @@ def score_and_write(out: Path, name: str, record: RunRecord, rows: list[dict], p
     scores = rouge_scores(predictions, [r["highlights"] for r in rows])
     record.test = {k: sum(s[k] for s in scores) / max(1, len(scores)) for k in ROUGE_KEYS}
     print(format_rouge(record.test))
-    path = out / f"{name}.json"
-    if not overwrite:
-        path = next(p for k in itertools.count(1) if not (p := out / f"{name}{f'-{k}' if k > 1 else ''}.json").exists())
+    path = record_path(out, name, overwrite)
     write_text(path.with_suffix(".predictions.jsonl"), "".join(
         json.dumps({"id": r["id"], "reference": r["highlights"], "prediction": p} | sc) + "\n"
         for r, p, sc in zip(rows, predictions, scores)))

@@ -1,0 +1,182 @@
+"""Nothing lost, nothing silent (issue 22): inputs that used to cost an epoch, an evaluation or a traceback end in one
+line and exit code 2 before the slow work, writing nothing; a killed write's leftovers are cleaned by a later run
+when they are its own, never when a live process still writes them; articles keep one id each, so paired statistics
+cover every one. In-process (conftest.cli), with the tiny checkpoint and data."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save, save_file
+
+from peftsum import cli as cli_module, evaluation, files, interop, training
+from peftsum.config import parse_args
+from peftsum.data import draw_rows
+from peftsum.errors import UsageError
+from peftsum.generation import generate
+from conftest import cli, train_args
+from test_errors import assert_usage_error, files as listing
+
+import main2
+
+SLOW_WORK = {"load_splits": (cli_module, "load_splits"), "train": (training, "train"),
+             "summarize": (evaluation, "summarize"), "training_examples": (training, "training_examples")}
+
+
+@pytest.fixture
+def base(tiny_dir, data_dir, tmp_path):
+    return ["--model", tiny_dir, "--data", data_dir, "--out", tmp_path / "runs", "--max-new-tokens", 4,
+            "--test-size", 2, "--eval-batch-size", 2, "--batch-size", 4, "--max-steps", 2]
+
+
+def no_slow_work(monkeypatch, *names):
+    """Make each slow step fail the test if it is reached: the refusal must come before it."""
+    for name in names:
+        module, attr = SLOW_WORK[name]
+        monkeypatch.setattr(module, attr, lambda *a, _n=name, **k: pytest.fail(f"reached {_n} before refusing"))
+
+
+def refused(p, tmp_path, before, *needles):
+    assert_usage_error(p, *needles)
+    assert listing(tmp_path) == before  # nothing written, nothing removed
+
+
+# items 4, 5, 8 and 11: what a run writes, what a killed write leaves, and what --weights is
+
+def test_a_weights_name_too_long_for_its_temporary_file_is_refused_before_training(base, tmp_path, monkeypatch):
+    """A 240-character name fits, but the checkpoint's temporary name (~27 more) does not: it trained a whole epoch
+    and died at the first checkpoint."""
+    no_slow_work(monkeypatch, "load_splits", "train")
+    before = listing(tmp_path)
+    weights = tmp_path / ("w" * 228 + ".safetensors")
+    refused(cli("main2.py", *base, "--train", "--weights", weights), tmp_path, before,
+            "--weights makes a name too long", "at most 255", "pass a shorter --weights")
+
+
+def test_a_run_name_too_long_for_its_predictions_is_refused_before_the_evaluation(base, tmp_path, monkeypatch):
+    """The record's predictions file and its temporary name are ~40 characters longer than --run-name."""
+    no_slow_work(monkeypatch, "load_splits", "summarize")
+    before = listing(tmp_path)
+    refused(cli("main2.py", *base, "--baseline", "--run-name", "r" * 220), tmp_path, before,
+            "--run-name makes a name too long", "pass a shorter --run-name")
+
+
+def test_a_name_that_fits_still_runs(base, tmp_path):
+    """The limit is the file system's, not a guess: the longest name whose temporary name fits trains and saves."""
+    weights = tmp_path / ("w" * (255 - len(files.temporary_name("x.ckpt.safetensors")) + 1) + ".safetensors")
+    p = cli("main2.py", *base, "--train", "--weights", weights)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert weights.is_file()
+
+
+def test_a_failed_write_of_a_long_name_is_its_own_error_not_the_cleanups(tmp_path):
+    """The cleanup after a failed write must not raise (is_dir() on a name too long did), hiding the real error."""
+    files.remove_path(tmp_path / ("x" * 300))  # no OSError
+    with pytest.raises(UsageError, match="cannot write .*: File name too long"):
+        files.write_text(tmp_path / ("x" * 250), "text")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_train_into_a_folder_is_refused_before_training(base, tmp_path, monkeypatch, resume):
+    """A peft adapter folder is a valid --weights to evaluate, never one to train into: it trained to the end and
+    failed "Is a directory"."""
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text("{}")
+    no_slow_work(monkeypatch, "load_splits", "train")
+    before = listing(tmp_path)
+    refused(cli("main2.py", *base, "--train", "--weights", folder, *["--resume"] * resume), tmp_path, before,
+            "is a folder", "--train writes one weights file")
+
+
+def test_safetensors_writes_its_own_temporary_file_inside_ours(tmp_path, monkeypatch):
+    """safetensors' save_file writes `.tmpXXXXXX` beside the file it is given and renames it: given a file inside
+    our temporary folder, a write killed at any moment leaves nothing beside the weights but that folder."""
+    import peftsum.files
+    seen = []
+    real = peftsum.files.save_file
+
+    def watched(tensors, filename, metadata=None):
+        seen.append(sorted(p.name for p in tmp_path.iterdir()))
+        real(tensors, filename, metadata=metadata)
+        seen.append(sorted(p.name for p in tmp_path.iterdir()))
+    monkeypatch.setattr(peftsum.files, "save_file", watched)
+    files.write_safetensors(tmp_path / "w.safetensors", {"x": torch.zeros(4)}, {"state": "{}"})
+    assert all(len(names) == 1 and names[0].startswith(f".w.safetensors.{os.getpid()}-") for names in seen), seen
+    assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]
+
+
+def partial_checkpoint(path, metadata=None):
+    """What a write killed mid-way leaves: a safetensors header (ours: a training state), data cut short."""
+    data = save({"x": torch.zeros(1000)}, metadata=metadata or {"state": "{}"})
+    path.write_bytes(data[:len(data) // 2])
+    return path
+
+
+def test_a_later_run_removes_its_own_leftovers_and_no_live_writers_file(tmp_path):
+    weights = tmp_path / "w.safetensors"
+    killed = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(killed.stdout)  # a process that has ended
+    ours_dead = tmp_path / f".w.ckpt.safetensors.{dead_pid}-0123abcd.tmp"  # this version's: a folder
+    ours_dead.mkdir()
+    partial_checkpoint(ours_dead / ".tmpAb12Cd")
+    partial_checkpoint(tmp_path / ".tmpQw34Er")  # an earlier version's, left by safetensors itself
+    foreign = tmp_path / ".tmpZx56Cv"  # someone else's temporary file: not a header of ours
+    foreign.write_bytes(os.urandom(64))
+    live = partial_checkpoint(tmp_path / ".tmpLv78Ik")  # ours, but a live process still writes it
+    holder = subprocess.Popen([sys.executable, "-c", f"f = open({str(live)!r}, 'ab'); import time; time.sleep(60)"])
+    try:
+        deadline = time.time() + 30
+        while (live.stat().st_dev, live.stat().st_ino) not in files.open_files() and time.time() < deadline:
+            time.sleep(0.05)
+        for p in (weights, weights.with_name("w.ckpt.safetensors")):
+            files.remove_orphans(p)
+        left = sorted(p.name for p in tmp_path.iterdir())
+    finally:
+        holder.kill()
+        holder.wait()
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("no /proc: safetensors' leftovers are only reported here")
+    assert left == sorted([foreign.name, live.name])
+
+
+def test_a_training_cleans_its_folder_before_it_starts(base, tmp_path):
+    legacy = partial_checkpoint(tmp_path / ".tmpQw34Er")
+    p = cli("main2.py", *base, "--train", "--weights", tmp_path / "w.safetensors")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "removed 1 temporary file(s) that a killed run left beside" in p.stdout
+    assert not legacy.exists()
+
+
+def test_broken_weights_without_model_say_the_weights_are_unreadable(base, tmp_path, monkeypatch):
+    """The base model fell back to gpt2 and the message was "cannot download 'gpt2'"."""
+    monkeypatch.setattr(interop, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    bad = tmp_path / "w.safetensors"
+    bad.write_bytes(b"\x00" * 100)
+    assert_usage_error(cli("main2.py", *base[2:], "--weights", bad), "is not a readable safetensors file")
+
+
+@pytest.mark.parametrize("with_model", [False, True])
+def test_a_checkpoint_as_weights_says_it_is_a_checkpoint(base, interrupted, monkeypatch, with_model):
+    checkpoint = interrupted / "w.ckpt.safetensors"
+    p = cli("main2.py", *(base if with_model else base[2:]), "--weights", checkpoint)
+    assert_usage_error(p, "is a training checkpoint, not finished weights", "--train --resume --weights",
+                       str(interrupted / "w.safetensors"))
+
+
+def test_a_record_whose_base_model_is_not_a_string_is_one_line(base, tmp_path, lora_weights, monkeypatch):
+    with safe_open(str(lora_weights), framework="pt") as f:
+        record = json.loads(f.metadata()["record"])
+    save_file(load_file(lora_weights), str(tmp_path / "w.safetensors"),
+              metadata={"record": json.dumps(record | {"base_model": ["gpt2"]})})
+    monkeypatch.setattr(interop, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    args = base[2:]  # no --model: the record must say which
+    before = listing(tmp_path)
+    refused(cli("main2.py", *args, "--weights", tmp_path / "w.safetensors"), tmp_path, before,
+            "names no base model", "--model")
