@@ -142,6 +142,7 @@ def model_source(name: str) -> tuple[str, dict]:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise UsageError(f"no GGUF file at {path}")
+        check_gguf(path)
         return str(path.parent), {"gguf_file": path.name}
     if path.is_dir():
         return str(path), {}
@@ -156,6 +157,32 @@ def model_source(name: str) -> tuple[str, dict]:
     if name in MODEL_PACKAGES:
         raise UsageError(f"the model package '{name}' is not installed: {MODEL_PACKAGES[name]}")
     return name, {}
+
+
+def check_gguf(path: Path) -> None:
+    """A GGUF file whose header, metadata and tensor table read, and whose tensors' data all lie inside the file: a
+    truncated one (an interrupted download) is one line, not the loader's struct.error or reshape error."""
+    import gguf  # only a GGUF file needs it
+    try:
+        reader = gguf.GGUFReader(path)
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    except Exception as e:  # noqa: BLE001 (a foreign file's parser: struct.error, ValueError, IndexError, ...)
+        problem = f"{type(e).__name__}: {first_line(e, 80)}"
+    else:
+        size = path.stat().st_size
+        problem = f"its tensors end at byte {end:,}, the file at {size:,}" if end > size else None
+    if problem:
+        raise UsageError(f"{path} is not a complete GGUF file ({problem}): it was cut short, e.g. by an interrupted "
+                         "download, or damaged; download it again")
+
+
+def check_tokenizer(tokenizer, name: str) -> None:
+    """A tokenizer that turns a word into ids and has an end-of-text token. A model folder without tokenizer files
+    (model.save_pretrained alone) gets an empty one from transformers, which would train on zero tokens."""
+    if not tokenizer.encode("The news", add_special_tokens=False) or tokenizer.eos_token_id is None:
+        raise UsageError(f"the tokenizer of '{name}' is empty or has no end-of-text token (a folder written by "
+                         "model.save_pretrained alone has no tokenizer files): add them, e.g. with "
+                         "tokenizer.save_pretrained(folder), or pass a --model that has them")
 
 
 def load_model(name: str, device: str | torch.device = "cpu"):
@@ -173,10 +200,11 @@ def load_model(name: str, device: str | torch.device = "cpu"):
                   flush=True)
         else:  # refuse another architecture before loading (or downloading) its weights
             config_from_hf(AutoConfig.from_pretrained(folder, **hub_kw))
+        tokenizer = AutoTokenizer.from_pretrained(folder, **extra, **hub_kw)
+        check_tokenizer(tokenizer, name)  # before the weights load
         with redirect_stderr(io.StringIO()):  # the GGUF loader draws its own progress bar
             hf, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, output_loading_info=True,
                                                             **extra, **hub_kw)
-        tokenizer = AutoTokenizer.from_pretrained(folder, **extra, **hub_kw)
     except (OSError, ValueError) as e:
         hint = "the folder is not a transformers checkpoint" if Path(folder).is_dir() else \
             "pass --model with a checkpoint folder, a .gguf file or a hub name"

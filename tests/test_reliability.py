@@ -180,3 +180,34 @@ def test_a_record_whose_base_model_is_not_a_string_is_one_line(base, tmp_path, l
     before = listing(tmp_path)
     refused(cli("main2.py", *args, "--weights", tmp_path / "w.safetensors"), tmp_path, before,
             "names no base model", "--model")
+
+
+# items 1 and 7: a model folder without tokenizer files, a truncated GGUF file
+
+def test_a_model_folder_without_tokenizer_files_is_one_line_before_training(tiny_dir, base, tmp_path, monkeypatch):
+    """model.save_pretrained alone: transformers gives an empty tokenizer, which trained on zero tokens, saved,
+    then died in a traceback."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors", "generation_config.json"):
+        if (tiny_dir / name).exists():
+            shutil.copy(tiny_dir / name, bare / name)
+    no_slow_work(monkeypatch, "load_splits", "train")
+    before = listing(tmp_path)
+    args = [a if a != tiny_dir else bare for a in base]
+    refused(cli("main2.py", *args, "--train", "--weights", tmp_path / "w.safetensors"), tmp_path, before,
+            "tokenizer of", "no tokenizer files")
+
+
+@pytest.mark.parametrize("keep", [10, 2000, 0.5, -10])
+def test_a_truncated_gguf_is_one_line(llama_dirs, base, tmp_path, keep):
+    pytest.importorskip("gguf", reason="gguf is a dependency: pip install -r requirements.txt")
+    from peftsum.gguf_export import export_gguf
+    model, tok = interop.load_model(str(llama_dirs["gqa-tied"]))
+    export_gguf(model, tok, tmp_path / "full.gguf", "f32")
+    data = (tmp_path / "full.gguf").read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[:int(keep * len(data)) if isinstance(keep, float) else keep])
+    before = listing(tmp_path)
+    args = [a if a != base[1] else cut for a in base]
+    refused(cli("main2.py", *args, "--baseline"), tmp_path, before, "is not a complete GGUF file", "download it again")
