@@ -211,3 +211,21 @@ def test_a_truncated_gguf_is_one_line(llama_dirs, base, tmp_path, keep):
     before = listing(tmp_path)
     args = [a if a != base[1] else cut for a in base]
     refused(cli("main2.py", *args, "--baseline"), tmp_path, before, "is not a complete GGUF file", "download it again")
+
+
+# items 6 and 10: peft adapters with ranks or options ours cannot load
+
+@pytest.mark.parametrize("config,needle", [
+    ({"r": 0, "lora_alpha": 8}, "gives rank 0 and alpha 8"),
+    ({"r": 16, "lora_alpha": 32, "rank_pattern": {"c_attn": -1}}, "gives rank -1 and alpha 32 for transformer.h.0"),
+    ({"r": 16, "lora_alpha": 32, "rank_pattern": {"c_attn": 10**9}}, "gives rank 1000000000 and alpha 32 for"),
+    ({"r": 16, "lora_alpha": 32, "alpha_pattern": {"(": 2}}, "not a readable peft adapter (error"),
+    ({"r": 16, "lora_alpha": 32, "use_dora": True}, "with use_dora, which our LoRA does not compute"),
+])
+def test_an_adapter_with_absurd_ranks_or_options_is_one_line(base, tmp_path, config, needle):
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"} | config))
+    save_file({"x": torch.zeros(1)}, str(folder / "adapter_model.safetensors"))
+    before = listing(tmp_path)
+    refused(cli("main2.py", *base, "--weights", folder), tmp_path, before, needle)
