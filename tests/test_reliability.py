@@ -229,3 +229,40 @@ def test_an_adapter_with_absurd_ranks_or_options_is_one_line(base, tmp_path, con
     save_file({"x": torch.zeros(1)}, str(folder / "adapter_model.safetensors"))
     before = listing(tmp_path)
     refused(cli("main2.py", *base, "--weights", folder), tmp_path, before, needle)
+
+
+# item 10: hand-edited checkpoints
+
+def write_checkpoint(source, target, state=None, tensors=None):
+    with safe_open(str(source), framework="pt") as f:
+        meta = json.loads(f.metadata()["state"])
+    save_file(tensors or load_file(source), str(target), metadata={"state": json.dumps(state(meta) if state else meta)})
+
+
+def without(d, key):
+    return {k: v for k, v in d.items() if k != key}
+
+
+def wrong_moment(tensors):
+    key = next(k for k in tensors if k.endswith(".exp_avg"))
+    return tensors | {key: torch.zeros(3)}
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (dict(state=lambda m: without(m, "step")), "'step' is null, not a count"),
+    (dict(state=lambda m: m | {"step": "5"}), "'step' is \"5\", not a count"),
+    (dict(state=lambda m: m | {"history": [{"epoch": 1}]}), "'history' is not a list of epochs"),
+    (dict(state=lambda m: m | {"sums": {"loss": 1}}), "'sums' is not the epoch's running sums"),
+    (dict(state=lambda m: m | {"run": [1]}), "'run' is [1], not an object"),
+    (dict(tensors=lambda t: wrong_moment(t)), "optimizer moments of"),
+    (dict(tensors=lambda t: without(t, "order")), "'order' is not a generator state"),
+])
+def test_a_hand_edited_checkpoint_is_one_line_before_training(tiny_dir, data_dir, tmp_path, interrupted, monkeypatch,
+                                                              edit, needle):
+    source = interrupted / "w.ckpt.safetensors"
+    tensors = edit["tensors"](load_file(source)) if "tensors" in edit else None
+    write_checkpoint(source, tmp_path / "w.ckpt.safetensors", edit.get("state"), tensors)
+    no_slow_work(monkeypatch, "training_examples")
+    before = listing(tmp_path)
+    refused(cli("main2.py", *train_args(tiny_dir, data_dir, tmp_path), "--resume"), tmp_path, before,
+            "is damaged or was edited", needle, "remove it to train from the start")
