@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 
 from peftsum import evaluation, gguf_export, interop, runtime, training
-from peftsum.config import MODES, ROOT, Args, Config, check_config, fields_where, flag
+from peftsum.config import MODES, ROOT, Args, Config, check_config, check_context, fields_where, flag
 from peftsum.data import (data_files, data_folder, encode_examples, hub_dataset_cached, load_splits,
                           offline_dataset_error)
 from peftsum.errors import Interrupted, UsageError, first_line
@@ -84,6 +84,7 @@ def setup(args: Args, method: str) -> Job:
     preflight(job)
     torch.manual_seed(cfg.seed)
     job.model, job.tokenizer = interop.load_model(cfg.model, device)
+    check_context(cfg, hp, job.model.config.n_positions)
     return job
 
 

@@ -101,8 +101,9 @@ def summarize(model: GPT, tokenizer, rows: list[dict], cfg: Config) -> list[str]
               disable=len(prompts) == 1) as bar:
         if cfg.lookup:
             for b, chunk in enumerate(length_batches([len(p) for p in prompts], batch)):
-                out = generate(model, [prompts[i] for i in chunk], cfg.max_new_tokens, seed=cfg.seed + b * batch,
-                               lookup=cfg.lookup, **sampling)
+                seed = (cfg.seed + b * batch) % 2**64  # a 64-bit seed, as --seed is
+                out = generate(model, [prompts[i] for i in chunk], cfg.max_new_tokens, seed=seed, lookup=cfg.lookup,
+                               **sampling)
                 for i, ids in zip(chunk, out):
                     new[i] = ids
                 bar.update(len(chunk))

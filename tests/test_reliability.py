@@ -266,3 +266,47 @@ def test_a_hand_edited_checkpoint_is_one_line_before_training(tiny_dir, data_dir
     before = listing(tmp_path)
     refused(cli("main2.py", *train_args(tiny_dir, data_dir, tmp_path), "--resume"), tmp_path, before,
             "is damaged or was edited", needle, "remove it to train from the start")
+
+
+# items 10 and 11: absurd sizes, a temperature too small to compute, --patience 0
+
+@pytest.mark.parametrize("script,flags,needle", [
+    ("main2.py", ["--lora-rank", 1000], "--lora-rank 1000 is above the rank of c_attn's weight (32)"),
+    ("main.py", ["--prompt-tokens", 10**9], "--prompt-tokens 1000000000 does not fit in the model's context of 256"),
+    ("main2.py", ["--max-new-tokens", 10**9], "--max-new-tokens 1000000000 does not fit"),
+    ("main2.py", ["--lookup", 10**9], "--lookup 1000000000 does not fit"),
+    ("main2.py", ["--seed", 2**64], "--seed must be <= 18446744073709551615"),
+])
+def test_absurd_sizes_are_refused_before_any_allocation_or_data(base, tmp_path, monkeypatch, script, flags, needle):
+    no_slow_work(monkeypatch, "load_splits", "train")
+    before = listing(tmp_path)
+    refused(cli(script, *base, "--train", "--weights", tmp_path / "w.safetensors", *flags), tmp_path, before, needle)
+
+
+def test_the_largest_seed_trains(base, tmp_path):
+    p = cli("main2.py", *base, "--train", "--weights", tmp_path / "w.safetensors", "--seed", 2**64 - 1, "--lookup", 2,
+            "--eval-batch-size", 1)  # two batches: seeds seed and seed + 1, which wraps
+    assert p.returncode == 0, p.stderr[-2000:]
+
+
+def test_a_temperature_too_small_to_compute_is_refused_and_documented(capsys, tiny):
+    with pytest.raises(SystemExit) as exit:
+        with cli_module.cli_errors():
+            parse_args(main2.LoRA, "", ["--temperature", "1e-38"])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: temperature must be >= 0.001, got 1e-38") and "--greedy" in err
+    with pytest.raises(UsageError, match="temperature must be >= 0.001"):
+        generate(tiny[0], [[1, 2]], 4, temperature=1e-38)
+    with pytest.raises(SystemExit):
+        parse_args(main2.LoRA, "", ["--help"])
+    assert "at least 0.001" in " ".join(capsys.readouterr().out.split())
+
+
+def test_patience_zero_says_what_patience_counts(capsys):
+    with pytest.raises(SystemExit):
+        with cli_module.cli_errors():
+            parse_args(main2.LoRA, "", ["--patience", "0"])
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --patience must be >= 1, got 0: it is how many epochs without a better "
+                          "validation loss stop the training") and "--epochs" in err and "\n" not in err
