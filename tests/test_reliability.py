@@ -310,3 +310,36 @@ def test_patience_zero_says_what_patience_counts(capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --patience must be >= 1, got 0: it is how many epochs without a better "
                           "validation loss stop the training") and "--epochs" in err and "\n" not in err
+
+
+# item 9: one id per article, and paired statistics over every article
+
+def test_repeated_and_missing_ids_are_numbered_apart(capsys):
+    table = [{"id": i, "article": "a", "highlights": "b"} for i in (None, "x", "x", "", "7", "x")]
+    rows = draw_rows(table, 6, 0, "test")
+    ids = [r["id"] for r in rows]
+    assert len(set(ids)) == 6
+    assert sorted(i for i in ids if i.startswith("x")) == ["x", "x#2", "x#3"]
+    line = capsys.readouterr().out.strip()
+    assert "\n" not in line and "2 rows whose id repeats" in line and "2 without an id" in line
+    again = draw_rows(table, 6, 0, "test")
+    assert [r["id"] for r in again] == ids  # the same ids in every run
+
+
+def test_tables_without_ids_keep_their_place_as_id_silently(capsys):
+    rows = draw_rows([{"article": "a", "highlights": "b"}] * 3, 3, 0, "test")
+    assert [r["id"] for r in rows] == ["0", "1", "2"] and capsys.readouterr().out == ""
+
+
+def test_paired_statistics_cover_every_article_even_with_repeated_ids(tmp_path):
+    """Four articles, differences 5, -5, 15, 5: the ids (null, null, "a", "a") collapsed them to one article, and
+    the report said +5.00 (+5.00 to +5.00), significant."""
+    import report
+    examples = lambda scores: [{"id": i, "reference": "r", "prediction": "p", "rougeLsum": s}
+                               for i, s in zip((None, None, "a", "a"), scores)]
+    runs = {"lora": {"method": "lora", "examples": examples([25, 15, 35, 25])},
+            "zero_shot": {"method": "baseline", "examples": examples([20, 20, 20, 20])}}
+    line = report.Report(runs, tmp_path, "").difference("lora", "zero_shot")
+    mean, lo, hi = report.paired_difference([5, -5, 15, 5], [0, 0, 0, 0])
+    assert line == f"- LoRA − zero-shot TL;DR: +5.00 ({lo:+.2f} to {hi:+.2f}), not significant"
+    assert lo < 0 < hi
