@@ -142,7 +142,6 @@ def model_source(name: str) -> tuple[str, dict]:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise UsageError(f"no GGUF file at {path}")
-        check_gguf(path)
         return str(path.parent), {"gguf_file": path.name}
     if path.is_dir():
         return str(path), {}
@@ -196,6 +195,7 @@ def load_model(name: str, device: str | torch.device = "cpu"):
     try:
         hub_kw = hub_access(folder)
         if "gguf_file" in extra:  # its config is checked after loading: reading the file costs seconds each time
+            check_gguf(Path(folder) / extra["gguf_file"])
             print(f"de-quantizing {extra['gguf_file']} to float32 (transformers' GGUF loader: tens of seconds) ...",
                   flush=True)
         else:  # refuse another architecture before loading (or downloading) its weights
