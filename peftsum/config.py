@@ -176,7 +176,7 @@ def parse_args(method_cls: type, description: str, argv: list[str] | None = None
 def check_config(cfg: Config, hp) -> str:
     """Every value in its range, and flags that fit together: all before any slow work. Returns the mode."""
     for f in dataclasses.fields(cfg):
-        value, low, high, why = getattr(cfg, f.name), f.metadata.get("low"), f.metadata.get("high"), f.metadata.get("why")
+        value, (low, high, why) = getattr(cfg, f.name), (f.metadata.get(k) for k in ("low", "high", "why"))
         if low is not None and not value >= low:  # `not >=` also refuses NaN
             raise UsageError(f"{flag(f.name)} must be >= {low}, got {value}" + (f": {why}" if why else ""))
         if high is not None and not value <= high:

@@ -352,7 +352,7 @@ def tensors_problem(tensors: dict[str, torch.Tensor], params: dict[str, torch.Te
         moments = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"opt.{n}.")}
         if moments and (set(moments) != {"step", "exp_avg", "exp_avg_sq"} or moments["step"].numel() != 1 or
                         any(moments[k].shape != p.shape for k in ("exp_avg", "exp_avg_sq"))):
-            return f"the optimizer moments of {n} are not AdamW's step, exp_avg and exp_avg_sq of shape {tuple(p.shape)}"
+            return f"the optimizer moments of {n} are not AdamW's step, exp_avg and exp_avg_sq of {tuple(p.shape)}"
     try:
         torch.Generator().set_state(tensors["order"])
     except (KeyError, RuntimeError, TypeError):
