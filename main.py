@@ -17,7 +17,7 @@ import common
 
 @dataclass
 class PromptTuning:
-    prompt_tokens: int = common.arg(24, "soft prompt length", shapes=True)
+    prompt_tokens: int = common.arg(24, "soft prompt length", shapes=True, context=True)
     lr: float = common.arg(1e-3, "peak learning rate")
 
 

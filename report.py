@@ -73,6 +73,19 @@ def paired_difference(a: list[float], b: list[float]) -> tuple[float, float, flo
     return (sum(diffs) / len(diffs), *bootstrap_ci(diffs))
 
 
+def by_article(examples: list[dict], key: str) -> dict[tuple[str, int], float]:
+    """{(id, k): score} of each article that has the score: its id and which occurrence of that id it is, so that
+    articles whose ids repeat or are null (records written before the ids were made unique) still pair one to one,
+    in order, instead of collapsing into one."""
+    seen, out = {}, {}
+    for e in examples:
+        article = str(e.get("id"))
+        seen[article] = seen.get(article, 0) + 1
+        if key in e:
+            out[article, seen[article]] = e[key]
+    return out
+
+
 def repeats(text: str, n: int = 8) -> bool:
     """True when some run of n words occurs twice: the loop greedy decoding falls into ("the seed's greedy loops")."""
     words = text.split()
@@ -269,14 +282,16 @@ class Report:
         return [line for a, b in pairs if (line := self.difference(a, b))]
 
     def difference(self, a: str, b: str) -> str | None:
-        ids_a = {e["id"]: e["rougeLsum"] for e in self.runs[a].get("examples", [])}
-        ids_b = {e["id"]: e["rougeLsum"] for e in self.runs[b].get("examples", [])}
-        common_ids = sorted(ids_a.keys() & ids_b.keys())
-        if not common_ids:
+        scores_a, scores_b = (by_article(self.runs[n].get("examples", []), "rougeLsum") for n in (a, b))
+        common = [k for k in scores_a if k in scores_b]
+        if not common:
             return None
-        mean, lo, hi = paired_difference([ids_a[k] for k in common_ids], [ids_b[k] for k in common_ids])
+        mean, lo, hi = paired_difference([scores_a[k] for k in common], [scores_b[k] for k in common])
         verdict = "**significant**" if lo > 0 or hi < 0 else "not significant"
-        return f"- {label(a, self.runs[a])} − {label(b, self.runs[b])}: {mean:+.2f} ({lo:+.2f} to {hi:+.2f}), {verdict}"
+        n = max(len(scores_a), len(scores_b))
+        cover = f" (the {len(common)} of {n} articles both runs summarized)" if len(common) < n else ""
+        return (f"- {label(a, self.runs[a])} − {label(b, self.runs[b])}: {mean:+.2f} ({lo:+.2f} to {hi:+.2f}), "
+                f"{verdict}{cover}")
 
     def samples(self, k: int = 3) -> list[str]:
         """For the first k test articles, the reference and each run's summary."""

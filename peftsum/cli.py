@@ -19,11 +19,12 @@ import torch
 from safetensors import safe_open
 
 from peftsum import evaluation, gguf_export, interop, runtime, training
-from peftsum.config import MODES, ROOT, Args, Config, check_config, fields_where, flag
+from peftsum.config import MODES, ROOT, Args, Config, check_config, check_context, fields_where, flag
 from peftsum.data import (data_files, data_folder, encode_examples, hub_dataset_cached, load_splits,
                           offline_dataset_error)
 from peftsum.errors import Interrupted, UsageError, first_line
-from peftsum.files import check_free_space, check_writable, load_weights, remove_orphans, save_weights, weights_lock
+from peftsum.files import (check_free_space, check_name_length, check_writable, load_weights, remove_orphans,
+                           save_weights, weights_lock, weights_record)
 from peftsum.generation import prepare_inference
 from peftsum.interop import export_merged, export_peft, load_adapter
 from peftsum.methods import count_parameters, hard_prompt_ids, trainable_state
@@ -83,6 +84,7 @@ def setup(args: Args, method: str) -> Job:
     preflight(job)
     torch.manual_seed(cfg.seed)
     job.model, job.tokenizer = interop.load_model(cfg.model, device)
+    check_context(cfg, hp, job.model.config.n_positions)
     return job
 
 
@@ -144,19 +146,34 @@ def preflight(job: Job) -> None:
         data_files(folder, MODES[mode])
     elif MODES[mode] and not hub_dataset_cached(cfg.data) and not runtime.hub_reachable():
         raise offline_dataset_error(cfg.data)  # now, not after loading the model
-    for target in filter(None, (cfg.export_peft, cfg.export_merged, cfg.export_gguf)):
-        if Path(target).exists():
-            raise UsageError(f"{target} exists: an export never overwrites; remove it or pass another path")
-        check_writable(Path(target).resolve().parent)
+    for name in ("export_peft", "export_merged", "export_gguf"):
+        if target := getattr(cfg, name):
+            if Path(target).exists():
+                raise UsageError(f"{target} exists: an export never overwrites; remove it or pass another path")
+            check_writable(Path(target).resolve().parent)
+            check_name_length(Path(target), flag(name))
     if world()[0] != 0:
         return
     if mode in ("train", "evaluate"):
         check_writable(job.out)
         check_free_space(job.out, 2 ** 20 + 4096 * cfg.test_size, "the run record and predictions", "--out")
+        record = evaluation.record_path(job.out, job.record_name, cfg.overwrite)
+        for p in (record, record.with_suffix(".predictions.jsonl")):
+            if p.is_dir():
+                raise UsageError(f"{p} is a folder, where this run writes its record: pass another --run-name")
+            check_name_length(p, "--run-name", "--out")
         for suffix in (".json", ".predictions.jsonl"):
             remove_orphans(job.out / (job.record_name + suffix))
     if mode == "train":
+        if path.is_dir():
+            raise UsageError(f"--weights {path} is a folder (a peft adapter?): --train writes one weights file; "
+                             f"pass a file path, e.g. {path / (job.method + '.safetensors')}")
+        if checkpoint_path(path).is_dir():
+            raise UsageError(f"{checkpoint_path(path)} is a folder, where this training writes its checkpoint: "
+                             "move it away or pass another --weights")
         check_writable(path.parent)
+        for p in (path, checkpoint_path(path)):
+            check_name_length(p, "--weights")
         with weights_lock(path):
             check_checkpoint(checkpoint_path(path), cfg.resume, path)
             if path.exists() and not cfg.resume and not cfg.overwrite:
@@ -190,7 +207,13 @@ def default_base_model(cfg: Config, mode: str, path: Path) -> str:
     baseline of the same model), or in the checkpoint to resume; else gpt2."""
     if mode == "train":
         return cfg.resume and recorded_base_model(checkpoint_path(path), "state") or "gpt2"
-    return recorded_base_model(path, "record") or "gpt2"
+    base = recorded_base_model(path, "record")
+    if base is None and path.is_file() and not cfg.baseline:  # say what is wrong with the weights, not gpt2's load
+        base = weights_record(path).get("base_model")
+        if not (isinstance(base, str) and base):
+            raise UsageError(f"the run record in {path} names no base model (base_model: {json.dumps(base)}): "
+                             "pass --model with the model it was trained on")
+    return base or "gpt2"
 
 
 def recorded_base_model(path: Path, key: str) -> str | None:

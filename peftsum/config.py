@@ -15,17 +15,19 @@ from peftsum.errors import UsageError
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository: models/, runs/, data/
 HARD_PROMPT = "Summarize"  # the seed's baseline prompt, and the soft prompt's initialization
+MIN_TEMPERATURE = 1e-3  # below it sampling is greedy decoding in all but name; below ~1e-37 logits / T overflow
 
 
-def arg(default, help: str, *, low: float | None = None, runtime: bool = False, recorded: bool = False,
-        shapes: bool = False):
-    """A field of a settings dataclass: its default and --help, the least value it takes (`low`, checked with all
-    others before any slow work), whether it is `runtime` (how a run executes, not what it trains: a checkpoint may
-    be resumed with another value), whether it is `recorded` (evaluation takes it from the trained weights' run
-    record unless its flag is given: what the weights expect), and whether it `shapes` the trained tensors (weights
-    trained with another value cannot load)."""
-    return field(default=default, metadata=dict(help=help, low=low, runtime=runtime, recorded=recorded or shapes,
-                                                shapes=shapes))
+def arg(default, help: str, *, low: float | None = None, high: float | None = None, runtime: bool = False,
+        recorded: bool = False, shapes: bool = False, context: bool = False, why: str = ""):
+    """A field of a settings dataclass: its default and --help, the least and the greatest value it takes (`low`,
+    `high`, checked with all others before any slow work; `why` is said when one is not met), whether it is
+    `runtime` (how a run executes, not what it trains: a checkpoint may be resumed with another value), whether it
+    is `recorded` (evaluation takes it from the trained weights' run record unless its flag is given: what the
+    weights expect), whether it `shapes` the trained tensors (weights trained with another value cannot load), and
+    whether it is a number of tokens that must fit in the model's `context` (checked once the model is known)."""
+    return field(default=default, metadata=dict(help=help, low=low, high=high, runtime=runtime,
+                                                recorded=recorded or shapes, shapes=shapes, context=context, why=why))
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,9 @@ class Config:
                                   recorded=True)
     max_summary_tokens: int = arg(144, "training summaries are cut to this many tokens (p99 of CNN/DM)", low=0)
     epochs: int = arg(10, "maximum epochs", low=0)
-    patience: int = arg(2, "stop after this many epochs without a better validation loss", low=1)
+    patience: int = arg(2, "stop after this many epochs without a better validation loss", low=1,
+                        why="it is how many epochs without a better validation loss stop the training (0 would "
+                            "stop it after the first); to train all --epochs, pass --patience equal to --epochs")
     max_steps: int = arg(0, "stop after this many optimizer steps (0: no limit)", low=0)
     batch_size: int = arg(8, "examples per micro-batch", low=1)
     grad_accum: int = arg(1, "micro-batches per optimizer step", low=1)
@@ -72,19 +76,22 @@ class Config:
     save_dtype: str = arg("fp32", "precision of the saved weights: fp32, or bf16 (half the bytes; for the last layer "
                                   "exactly what inference in bf16 computes with)", runtime=True)
     device: str = arg("auto", "auto|cpu|cuda|cuda:N", runtime=True)
-    seed: int = arg(0, "seed of initialization, data order and sampling", low=0)
+    seed: int = arg(0, "seed of initialization, data order and sampling, in [0, 2^64)", low=0, high=2**64 - 1,
+                    why="torch's generators take 64-bit seeds")
     eval_batch_size: int = arg(16, "articles summarized at once (0: on a GPU as many as fit in its free memory, on "
                                    "a CPU 16), and validation examples per batch (0: --batch-size)", low=0,
                                runtime=True)
-    max_new_tokens: int = arg(144, "longest generated summary, in tokens", low=1, runtime=True)
-    temperature: float = arg(0.9, "sampling temperature (> 0)", runtime=True)
+    max_new_tokens: int = arg(144, "longest generated summary, in tokens", low=1, runtime=True, context=True)
+    temperature: float = arg(0.9, f"sampling temperature, at least {MIN_TEMPERATURE:g}: a lower one is refused (it "
+                                  "would be greedy decoding in all but name, and below ~1e-37 the logits overflow); "
+                                  "for the most likely token at each step use --greedy", runtime=True)
     top_p: float = arg(0.9, "nucleus sampling mass, in (0, 1]", runtime=True)
     top_k: int = arg(0, "keep only the k most likely tokens (0: off)", runtime=True)
     greedy: bool = arg(False, "greedy decoding instead of sampling", runtime=True)
     lookup: int = arg(0, "speculative decoding: per forward pass, verify up to this many tokens copied from the "
                          "article (prompt lookup); the same greedy tokens, the same sampling distribution (0: off, "
                          "the default: on a CPU summaries accept too few proposed tokens to pay for the wider pass)",
-                      low=0, runtime=True)
+                      low=0, runtime=True, context=True)
     weights: str = arg("", "weights file to load or save, or a peft LoRA adapter folder to load "
                            "(default: models/<method>.safetensors)", runtime=True)
     out: str = arg("", "folder for run records and predictions (default: runs/)", runtime=True)
@@ -92,7 +99,7 @@ class Config:
     baseline: bool = arg(False, f"evaluate the untrained base model with the hard prompt '{HARD_PROMPT}' repeated",
                          runtime=True)
     baseline_prompt_tokens: int = arg(24, "length of the --baseline hard prompt (0: zero-shot, article + separator "
-                                          "alone, as in the GPT-2 paper)", low=0, runtime=True)
+                                          "alone, as in the GPT-2 paper)", low=0, runtime=True, context=True)
     run_name: str = arg("", "name of the run's record in --out (default: the method; for --baseline: "
                             "hard_prompt-<tokens>, zero_shot or chat)", runtime=True)
     inspect: bool = arg(False, "print the teacher-forced next-token table of one test example, then exit",
@@ -169,9 +176,11 @@ def parse_args(method_cls: type, description: str, argv: list[str] | None = None
 def check_config(cfg: Config, hp) -> str:
     """Every value in its range, and flags that fit together: all before any slow work. Returns the mode."""
     for f in dataclasses.fields(cfg):
-        low = f.metadata.get("low")
-        if low is not None and not getattr(cfg, f.name) >= low:  # `not >=` also refuses NaN
-            raise UsageError(f"{flag(f.name)} must be >= {low}, got {getattr(cfg, f.name)}")
+        value, (low, high, why) = getattr(cfg, f.name), (f.metadata.get(k) for k in ("low", "high", "why"))
+        if low is not None and not value >= low:  # `not >=` also refuses NaN
+            raise UsageError(f"{flag(f.name)} must be >= {low}, got {value}" + (f": {why}" if why else ""))
+        if high is not None and not value <= high:
+            raise UsageError(f"{flag(f.name)} must be <= {high}, got {value}" + (f": {why}" if why else ""))
     if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
         raise UsageError(f"--weight-decay must be a finite number >= 0, got {cfg.weight_decay}")
     check_sampling(cfg.temperature, cfg.top_p, cfg.top_k)
@@ -215,9 +224,21 @@ def resolve_mode(cfg: Config) -> str:
     return mode
 
 
+def check_context(cfg: Config, hp, n_ctx: int) -> None:
+    """Each number of tokens (the fields marked `context`) fits in the model's context of n_ctx tokens: a prompt of
+    a billion tokens is refused in one line, never allocated."""
+    for obj in (cfg, hp):
+        for name in fields_where(type(obj), "context"):
+            if getattr(obj, name) >= n_ctx:
+                raise UsageError(f"{flag(name)} {getattr(obj, name)} does not fit in the model's context of {n_ctx} "
+                                 f"tokens: it must be below {n_ctx}, leaving room for the article")
+
+
 def check_sampling(temperature: float, top_p: float, top_k: int) -> None:
-    if not temperature > 0:
-        raise UsageError(f"temperature must be > 0, got {temperature}")
+    if not temperature >= MIN_TEMPERATURE:  # also refuses NaN
+        hint = " (a lower one is greedy decoding in all but name, and below ~1e-37 the logits overflow): for the " \
+            "most likely token at each step use --greedy" if temperature > 0 else ""
+        raise UsageError(f"temperature must be >= {MIN_TEMPERATURE:g}, got {temperature}{hint}")
     if not 0 < top_p <= 1:
         raise UsageError(f"top_p must be in (0, 1], got {top_p}")
     if top_k < 0:

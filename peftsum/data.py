@@ -164,8 +164,8 @@ def draw_rows(table, n: int, seed: int, split: str) -> list[dict]:
     order = np.random.default_rng(seed).permutation(len(table))[:n]  # what datasets' shuffle(seed=seed) draws
     picked = table.select(order) if hasattr(table, "select") else [table[i] for i in order]
     out = []
-    for i, row in enumerate(picked):
-        row_id = str(row.get("id", i))
+    ids = unique_ids([row.get("id") for row in picked], split)
+    for row_id, row in zip(ids, picked):
         for column in ("article", "highlights"):
             if not isinstance(row.get(column) or "", str):
                 raise UsageError(f"the {split} split's row {row_id} has a {type(row[column]).__name__} in column "
@@ -176,6 +176,27 @@ def draw_rows(table, n: int, seed: int, split: str) -> list[dict]:
         print(f"skipped {len(picked) - len(out)} {split} rows with an empty article or summary")
     if not out and n:
         raise UsageError(f"the {split} split has no row with both an article and a summary")
+    return out
+
+
+def unique_ids(ids: list, split: str) -> list[str]:
+    """One id per drawn row, each different, so that runs compare article by article: a row's own id, or where it
+    has none (no 'id' column, a null or empty id) its place in the draw; a repeated id gets "#2", "#3", ... in the
+    order drawn. The same data and seed give the same ids in every run. Says in one line what it changed."""
+    out, seen, missing, repeated = [], set(), 0, 0
+    for i, row_id in enumerate(ids):
+        if row_id is None or str(row_id).strip() == "":
+            missing += 1
+            row_id = i
+        row_id, k = str(row_id), 1
+        while (new := row_id if k == 1 else f"{row_id}#{k}") in seen:
+            k += 1
+        repeated += k > 1
+        seen.add(new)
+        out.append(new)
+    if repeated or missing < len(ids) and missing:
+        print(f"the {split} split has {repeated} rows whose id repeats an earlier one and {missing} without an id: "
+              "numbered apart (a repeat of <id> is <id>#2, a row without one is its place in the draw)")
     return out
 
 

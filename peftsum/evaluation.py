@@ -110,9 +110,9 @@ def summarize(model: GPT, tokenizer, rows: list[dict], cfg: Config) -> list[str]
               disable=len(prompts) == 1) as bar:
         if cfg.lookup:
             for b, chunk in enumerate(length_batches([len(p) for p in prompts], batch)):
-                out, _ = generate_batch(model, [prompts[i] for i in chunk], cfg.max_new_tokens,
-                                        seed=cfg.seed + b * batch, lookup=cfg.lookup,
-                                        on_prefill=show_prefill(bar), **sampling)
+                seed = (cfg.seed + b * batch) % 2**64  # a 64-bit seed, as --seed is
+                out, _ = generate_batch(model, [prompts[i] for i in chunk], cfg.max_new_tokens, seed=seed,
+                                        lookup=cfg.lookup, on_prefill=show_prefill(bar), **sampling)
                 for i, ids in zip(chunk, out):
                     new[i] = ids
                 bar.update(len(chunk))
@@ -153,6 +153,14 @@ def format_rouge(scores: dict[str, float]) -> str:
     return "  ".join(f"{k:>9}" for k in keys) + "\n" + "  ".join(f"{scores[k]:9.2f}" for k in keys)
 
 
+def record_path(out: Path, name: str, overwrite: bool = False) -> Path:
+    """Where the run record of `name` goes: <out>/<name>.json, or with `overwrite` off, if that exists, the first
+    free one of <name>-2.json, <name>-3.json, ..."""
+    if overwrite:
+        return out / f"{name}.json"
+    return next(p for k in itertools.count(1) if not (p := out / f"{name}{f'-{k}' if k > 1 else ''}.json").exists())
+
+
 def score_and_write(out: Path, name: str, record: RunRecord, rows: list[dict], predictions: list[str],
                     overwrite: bool = False) -> Path:
     """Score predictions against the references, print the ROUGE table, and write each prediction with its
@@ -162,9 +170,7 @@ def score_and_write(out: Path, name: str, record: RunRecord, rows: list[dict], p
     scores = rouge_scores(predictions, [r["highlights"] for r in rows])
     record.test = {k: sum(s[k] for s in scores) / max(1, len(scores)) for k in ROUGE_KEYS}
     print(format_rouge(record.test))
-    path = out / f"{name}.json"
-    if not overwrite:
-        path = next(p for k in itertools.count(1) if not (p := out / f"{name}{f'-{k}' if k > 1 else ''}.json").exists())
+    path = record_path(out, name, overwrite)
     write_text(path.with_suffix(".predictions.jsonl"), "".join(
         json.dumps({"id": r["id"], "reference": r["highlights"], "prediction": p} | sc) + "\n"
         for r, p, sc in zip(rows, predictions, scores)))

@@ -33,12 +33,8 @@ def save_weights(path: Path, tensors: dict[str, torch.Tensor], record: dict) -> 
 
 def load_weights(path: Path, model: GPT, method: str) -> dict:
     """Load trained tensors into `model` (already changed by the method); returns the file's run record."""
-    hint = "retrain with --train or pass --weights"
-    metadata, tensors = read_safetensors(path, hint)
-    if "record" not in metadata:
-        raise UsageError(f"{path} has no run record in its metadata, so it was not written by these scripts; "
-                         "pass a peft adapter as its folder, or retrain with --train")
-    record = json_object(metadata["record"], f"the run record in {path}", hint)
+    record = weights_record(path)
+    _, tensors = read_safetensors(path, WEIGHTS_HINT)
     if record.get("method") != method:
         raise UsageError(f"{path} holds weights of method '{record.get('method')}', not '{method}': "
                          "use that method's script, or pass --weights")
@@ -53,6 +49,27 @@ def load_weights(path: Path, model: GPT, method: str) -> dict:
     return record
 
 
+WEIGHTS_HINT = "retrain with --train or pass --weights"
+
+
+def weights_record(path: Path) -> dict:
+    """The run record in the metadata of a weights file (its header only), or a UsageError that names what the file
+    is instead: unreadable, a training checkpoint, or safetensors that these scripts did not write."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise UsageError(f"{path} is not a readable safetensors file ({type(e).__name__}): {WEIGHTS_HINT}") from None
+    if "state" in metadata and "record" not in metadata:
+        weights = path.name.removesuffix(".ckpt.safetensors") + ".safetensors"
+        raise UsageError(f"{path} is a training checkpoint, not finished weights: continue that training with "
+                         f"--train --resume --weights {path.with_name(weights)}, or wait for it to write {weights}")
+    if "record" not in metadata:
+        raise UsageError(f"{path} has no run record in its metadata, so it was not written by these scripts; "
+                         "pass a peft adapter as its folder, or retrain with --train")
+    return json_object(metadata["record"], f"the run record in {path}", WEIGHTS_HINT)
+
+
 def check_finite_weights(tensors: dict[str, torch.Tensor], what: str) -> None:
     bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
@@ -61,7 +78,10 @@ def check_finite_weights(tensors: dict[str, torch.Tensor], what: str) -> None:
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    with atomic_path(path) as tmp:
+    """Atomically. safetensors' save_file writes a temporary file of its own (`.tmpXXXXXX`, a name that says
+    neither whose it is nor for what) beside the file it is given, so it is given one inside our temporary folder:
+    a write killed at any moment leaves only that folder, which `remove_orphans` knows."""
+    with atomic_path(path, private_folder=True) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
@@ -92,16 +112,21 @@ def write_text(path: Path, text: str) -> None:
 
 
 @contextmanager
-def atomic_path(path: Path):
+def atomic_path(path: Path, private_folder: bool = False):
     """A temporary path beside `path` to write a file or a folder to, renamed to `path` when the block succeeds: a
     reader, or a run killed at any moment, only ever sees the old or the new one whole. Its name is unique (process
-    id + random), so concurrent writers never collide, and `remove_orphans` knows a killed writer's leftovers. A
-    failed write (disk full, read-only folder) is a UsageError naming the path, and leaves no temporary file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    id + random), so concurrent writers never collide, and `remove_orphans` knows a killed writer's leftovers. With
+    `private_folder`, the temporary path lies inside a temporary folder of that name, for writers that leave files
+    of their own beside the path they write. A failed write (disk full, read-only folder) is a UsageError naming
+    the path, and leaves no temporary file."""
+    tmp = path.with_name(temporary_name(path.name))
+    target = tmp / path.name if private_folder else tmp
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        yield tmp
-        os.replace(tmp, path)
+        if private_folder:
+            tmp.mkdir()
+        yield target
+        os.replace(target, path)
     except (OSError, SafetensorError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e, 100)
         raise UsageError(f"cannot write {path}: {reason}") from None
@@ -109,16 +134,27 @@ def atomic_path(path: Path):
         remove_path(tmp)
 
 
+def temporary_name(name: str) -> str:
+    """atomic_path's temporary name for `name`: `.<name>.<process id>-<8 hex digits>.tmp`."""
+    return f".{name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+
+
 def remove_path(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
+    """Remove a file or a folder if it is there; never raises (a cleanup must not hide the error it follows)."""
+    try:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def remove_orphans(path: Path) -> None:
     """Remove the temporary files that killed runs left beside `path` (those whose process is gone, on this
-    machine), and say so; where processes cannot be checked (not POSIX), only report them."""
+    machine), and say so; where processes cannot be checked (not POSIX), only report them. Also removes the
+    temporary files that safetensors' save_file left there when earlier versions of these scripts wrote through it
+    (see `safetensors_orphans`)."""
     pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)-[0-9a-f]+\.tmp")
     found = [(p, int(m[1])) for p in path.parent.glob(f".{glob.escape(path.name)}.*.tmp")
              if (m := pattern.fullmatch(p.name))]
@@ -127,11 +163,53 @@ def remove_orphans(path: Path) -> None:
             print(f"found {len(found)} temporary file(s) beside {path} that a killed run may have left: remove them "
                   "if no run is writing there")
         return
-    orphans = [p for p, pid in found if not process_alive(pid)]
+    orphans = [p for p, pid in found if not process_alive(pid)] + safetensors_orphans(path.parent)
     for p in orphans:
         remove_path(p)
     if orphans:
         print(f"removed {len(orphans)} temporary file(s) that a killed run left beside {path}")
+
+
+def safetensors_orphans(folder: Path) -> list[Path]:
+    """safetensors' own temporary files (`.tmp` + 6 letters or digits) in `folder` that a killed run of these
+    scripts left: those whose header holds our metadata (a run record or a training state), owned by this user,
+    and open in no process of this user, so that no live writer's file is ever taken (Linux, where /proc shows
+    what each process holds open; elsewhere none)."""
+    candidates = [p for p in folder.glob(".tmp*") if re.fullmatch(r"\.tmp[A-Za-z0-9]{6}", p.name) and p.is_file()
+                  and p.stat().st_uid == os.getuid() and written_by_us(p)]
+    if not candidates or not Path("/proc/self/fd").is_dir():
+        return []
+    held = open_files()
+    return [p for p in candidates if (p.stat().st_dev, p.stat().st_ino) not in held]
+
+
+def written_by_us(path: Path) -> bool:
+    """Whether a (possibly truncated) safetensors file's header holds our metadata: "record" or "state"."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n)) if 0 < n < 2**27 else None
+    except (OSError, ValueError):  # unreadable, or a header cut short or not JSON
+        return False
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return isinstance(metadata, dict) and bool({"record", "state"} & set(metadata))
+
+
+def open_files() -> set[tuple[int, int]]:
+    """(device, inode) of every file that a process of this user holds open (Linux: /proc/<pid>/fd)."""
+    held = set()
+    for fds in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            names = os.listdir(fds) if fds.parent.stat().st_uid == os.getuid() else []
+        except OSError:  # the process ended while we looked
+            continue
+        for fd in names:
+            try:
+                st = os.stat(fds / fd)
+            except OSError:  # closed while we looked
+                continue
+            held.add((st.st_dev, st.st_ino))
+    return held
 
 
 def process_alive(pid: int) -> bool:
@@ -207,6 +285,34 @@ def check_writable(folder: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise UsageError(f"cannot write to {folder}: {e.strerror or e}") from None
+
+
+def name_max(folder: Path) -> int:
+    """The longest file name, in bytes, that the file system of `folder` (or where it will be created) allows."""
+    try:
+        limit = os.pathconf(nearest_existing(folder), "PC_NAME_MAX")
+    except (AttributeError, OSError, ValueError):  # no pathconf (Windows), or the file system does not say
+        limit = None
+    return limit if isinstance(limit, int) and limit > 0 else 255
+
+
+def check_name_length(path: Path, flag: str, folder_flag: str | None = None) -> None:
+    """Every name that writing `path` creates fits its file system: the folders still to be made (named by
+    `folder_flag`, else `flag`) and the file's temporary name, the longest (atomic_path's). Checked before the
+    work: a name too long would otherwise fail at the first write, after an epoch or a whole evaluation."""
+    limit = name_max(path.parent)
+    names = [(p.name, folder_flag or flag, "the folder") for p in [path.parent, *path.parent.parents]
+             if p.name and not p.exists()]
+    names.append((temporary_name(path.name), flag, f"the temporary file of {shorten(path.name)}"))
+    for name, which, what in names:
+        if len(os.fsencode(name)) > limit:
+            raise UsageError(f"{which} makes a name too long for the file system: {what} would be named with "
+                             f"{len(os.fsencode(name))} bytes ({shorten(name)}), and at most {limit} are allowed; "
+                             f"pass a shorter {which}")
+
+
+def shorten(name: str, keep: int = 24) -> str:
+    return name if len(name) <= 2 * keep + 3 else f"{name[:keep]}...{name[-keep:]}"
 
 
 def check_free_space(folder: Path, n_bytes: int, what: str, flag: str) -> None:

@@ -10,6 +10,7 @@ families (our GPT-2 keeps its weights as nn.Linear, not as Conv1D's (in, out)). 
 from __future__ import annotations
 
 import json
+import math
 import shlex
 from pathlib import Path
 
@@ -45,6 +46,10 @@ def export_gguf(model: GPT, tokenizer, path: Path, out_type: str = "f16", merge:
     name = f"{model.name or c.family} (peftsum)"
     if lora_layers(model) and not merge:
         lora = next(iter(lora_layers(model).values()))
+        alphas = {m.scale * m.A.shape[0] for m in lora_layers(model).values()}
+        if not all(math.isclose(a, lora.scale * lora.A.shape[0]) for a in alphas):
+            raise UsageError("these LoRA layers have alphas of their own (a peft adapter with alpha_pattern or "
+                             "rank_pattern), and a GGUF adapter has one alpha for all: add --gguf-merge")
 
         def adapter_metadata(writer) -> None:
             import gguf

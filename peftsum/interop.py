@@ -158,6 +158,32 @@ def model_source(name: str) -> tuple[str, dict]:
     return name, {}
 
 
+def check_gguf(path: Path) -> None:
+    """A GGUF file whose header, metadata and tensor table read, and whose tensors' data all lie inside the file: a
+    truncated one (an interrupted download) is one line, not the loader's struct.error or reshape error."""
+    import gguf  # only a GGUF file needs it
+    try:
+        reader = gguf.GGUFReader(path)
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    except Exception as e:  # noqa: BLE001 (a foreign file's parser: struct.error, ValueError, IndexError, ...)
+        problem = f"{type(e).__name__}: {first_line(e, 80)}"
+    else:
+        size = path.stat().st_size
+        problem = f"its tensors end at byte {end:,}, the file at {size:,}" if end > size else None
+    if problem:
+        raise UsageError(f"{path} is not a complete GGUF file ({problem}): it was cut short, e.g. by an interrupted "
+                         "download, or damaged; download it again")
+
+
+def check_tokenizer(tokenizer, name: str) -> None:
+    """A tokenizer that turns a word into ids and has an end-of-text token. A model folder without tokenizer files
+    (model.save_pretrained alone) gets an empty one from transformers, which would train on zero tokens."""
+    if not tokenizer.encode("The news", add_special_tokens=False) or tokenizer.eos_token_id is None:
+        raise UsageError(f"the tokenizer of '{name}' is empty or has no end-of-text token (a folder written by "
+                         "model.save_pretrained alone has no tokenizer files): add them, e.g. with "
+                         "tokenizer.save_pretrained(folder), or pass a --model that has them")
+
+
 def load_model(name: str, device: str | torch.device = "cpu"):
     """Our model with the weights of a GPT-2 or Llama checkpoint (see `model_source`), and its tokenizer:
     (model, tokenizer). A GGUF file is de-quantized to float32 by transformers' loader, once."""
@@ -169,14 +195,16 @@ def load_model(name: str, device: str | torch.device = "cpu"):
     try:
         hub_kw = hub_access(folder)
         if "gguf_file" in extra:  # its config is checked after loading: reading the file costs seconds each time
+            check_gguf(Path(folder) / extra["gguf_file"])
             print(f"de-quantizing {extra['gguf_file']} to float32 (transformers' GGUF loader: tens of seconds) ...",
                   flush=True)
         else:  # refuse another architecture before loading (or downloading) its weights
             config_from_hf(AutoConfig.from_pretrained(folder, **hub_kw))
+        tokenizer = AutoTokenizer.from_pretrained(folder, **extra, **hub_kw)
+        check_tokenizer(tokenizer, name)  # before the weights load
         with redirect_stderr(io.StringIO()):  # the GGUF loader draws its own progress bar
             hf, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, output_loading_info=True,
                                                             **extra, **hub_kw)
-        tokenizer = AutoTokenizer.from_pretrained(folder, **extra, **hub_kw)
     except (OSError, ValueError) as e:
         hint = "the folder is not a transformers checkpoint" if Path(folder).is_dir() else \
             "pass --model with a checkpoint folder, a .gguf file or a hub name"
@@ -194,7 +222,7 @@ def load_adapter(folder: Path, model: GPT) -> None:
     unreadable or non-finite tensors) as a UsageError."""
     try:
         load_peft_lora(folder, model)
-    except (ValueError, KeyError, TypeError, AttributeError, OSError, SafetensorError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError, OSError, SafetensorError, re.error) as e:
         raise UsageError(f"{folder} is not a readable peft adapter ({type(e).__name__}: {first_line(e, 80)}): pass "
                          "an adapter folder written by peft or --export-peft") from None
     check_finite_weights(trainable_state(model), str(folder))
@@ -226,6 +254,10 @@ def export_peft(model: GPT, folder: Path) -> None:
         rank = lora.A.shape[0]
         config = shared | dict(peft_type="LORA", r=rank, lora_alpha=lora.scale * rank, lora_dropout=0.0, bias="none",
                                target_modules=model.blocks[0].attn.projections(), fan_in_fan_out=c.family == "gpt2")
+        names = {re.escape(hf_name(n + ".weight", c.family).removesuffix(".weight")): m for n, m in loras.items()}
+        config["rank_pattern"] = {k: m.A.shape[0] for k, m in names.items() if m.A.shape[0] != rank}  # a peft
+        config["alpha_pattern"] = {k: m.scale * m.A.shape[0] for k, m in names.items()  # adapter loaded with its own
+                                   if not math.isclose(m.scale * m.A.shape[0], config["lora_alpha"])}  # per layer
         tensors = {key: getattr(layer, ab) for key, (layer, ab) in peft_lora_keys(model).items()}
     else:
         raise UsageError("only prompt tuning and LoRA make peft adapters; use --export-merged for the last layer")
@@ -237,7 +269,9 @@ def export_peft(model: GPT, folder: Path) -> None:
 
 
 def load_peft_lora(folder: Path, model: GPT) -> None:
-    """Load a peft LoRA adapter of the q/k/v projections (ours or made by peft) into a model changed by apply_lora."""
+    """Load a peft LoRA adapter of the q/k/v projections (ours or made by peft) into a model changed by apply_lora,
+    with peft's scale for each layer: alpha / r, or alpha / sqrt(r) with use_rslora, where rank_pattern and
+    alpha_pattern may give a layer its own r and alpha (a layer of another rank gets A and B of that rank)."""
     if not (folder / "adapter_config.json").is_file() or not (folder / "adapter_model.safetensors").is_file():
         raise UsageError(f"{folder} is a folder but not a peft adapter (adapter_config.json + "
                          "adapter_model.safetensors): pass a weights file or an adapter folder to --weights")
@@ -245,11 +279,26 @@ def load_peft_lora(folder: Path, model: GPT) -> None:
     keys = peft_lora_keys(model)
     if config.get("peft_type") != "LORA" or not keys:
         raise UsageError(f"{folder} holds a {config.get('peft_type')} adapter; main2.py loads LoRA adapters")
+    odd = [name for name in ("use_dora", "lora_bias") if config.get(name)]
+    if odd:
+        raise UsageError(f"{folder} is a LoRA adapter with {', '.join(odd)}, which our LoRA does not compute: "
+                         "pass a plain LoRA adapter")
     lora = next(iter(keys.values()))[0]
     rank, alpha = config["r"], config["lora_alpha"]
+    check_rank_alpha(folder, "", rank, alpha, rank)
     if rank != lora.A.shape[0] or not math.isclose(alpha / rank, lora.scale):
         raise UsageError(f"{folder} holds a rank-{rank} adapter with alpha {alpha}: "
                          f"pass --lora-rank {rank} --lora-alpha {alpha}")
+    for name, layer in lora_layers(model).items():
+        key = hf_name(name + ".weight", model.config.family).removesuffix(".weight")  # peft's name of the module
+        r = pattern_value(config.get("rank_pattern") or {}, key, rank)
+        a = pattern_value(config.get("alpha_pattern") or {}, key, alpha)
+        check_rank_alpha(folder, f" for {key}", r, a, min(layer.base.in_features, layer.base.out_features))
+        if r != layer.A.shape[0]:  # the module's own rank: A and B of that shape, loaded below
+            kw = dict(dtype=layer.A.dtype, device=layer.A.device)
+            layer.A = torch.nn.Parameter(torch.zeros(r, layer.A.shape[1], **kw))
+            layer.B = torch.nn.Parameter(torch.zeros(layer.B.shape[0], r, **kw))
+        layer.scale = a / math.sqrt(r) if config.get("use_rslora") else a / r
     tensors = {k.replace(".default", ""): v for k, v in load_file(folder / "adapter_model.safetensors").items()}
     extra = sorted(set(tensors) - set(keys))
     if extra:
@@ -261,6 +310,23 @@ def load_peft_lora(folder: Path, model: GPT) -> None:
                 raise UsageError(f"{folder} has no {key} of shape {tuple(getattr(layer, ab).shape)}: "
                                  "an adapter of another base model or of other target modules")
             getattr(layer, ab).copy_(tensors[key])
+
+
+def check_rank_alpha(folder: Path, where: str, rank, alpha, limit) -> None:
+    """A rank that is a whole number in [1, limit] (a layer's smaller side) and an alpha that is a number > 0."""
+    if not (type(rank) is int and 0 < rank <= limit and type(alpha) in (int, float) and math.isfinite(alpha)
+            and alpha > 0):
+        raise UsageError(f"{folder} gives rank {rank!r} and alpha {alpha!r}{where}: a rank is a whole number from 1 "
+                         f"to the layer's smaller side, an alpha a number > 0; pass an adapter written by peft")
+
+
+def pattern_value(pattern: dict, key: str, default):
+    """peft's value of rank_pattern or alpha_pattern for the module `key`: that of the first pattern that matches
+    the end of its name after a dot (peft.utils.other.get_pattern_key), else the adapter's `default`."""
+    for p, value in pattern.items():
+        if re.match(rf"(.*\.)?({p})$", key):
+            return value
+    return default
 
 
 def export_merged(model: GPT, tokenizer, folder: Path) -> None:

@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from peftsum.config import HARD_PROMPT
+from peftsum.errors import UsageError
 from peftsum.model import GPT
 
 
@@ -83,7 +84,13 @@ class LoRALinear(nn.Module):
 def apply_lora(model: GPT, rank: int, alpha: float) -> GPT:
     """Low-rank updates on the q/k/v projections of every block and nothing else: GPT-2's fused `c_attn` as one
     matrix, Llama's `q_proj`, `k_proj` and `v_proj` each with its own A and B (peft's layouts). Named exactly, since
-    a pattern like "c_proj" would also hit the MLP."""
+    a pattern like "c_proj" would also hit the MLP. A rank above a projection's smaller side adds parameters and
+    no expressiveness, so it is refused before anything is allocated."""
+    attn = model.blocks[0].attn
+    limit, name = min((min(getattr(attn, n).in_features, getattr(attn, n).out_features), n) for n in attn.projections())
+    if rank > limit:
+        raise UsageError(f"--lora-rank {rank} is above the rank of {name}'s weight ({limit}): an update of rank r is "
+                         f"at most min(in, out) = {limit}; pass --lora-rank {limit} or less")
     model.requires_grad_(False)
     for block in model.blocks:
         for name in block.attn.projections():

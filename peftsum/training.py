@@ -287,6 +287,9 @@ class TrainState:
         if meta.get("format") != CHECKPOINT_FORMAT:
             raise UsageError(f"the checkpoint {path} was not written by this version (it does not record which run "
                              f"it belongs to): {hint}")
+        problem = state_problem(meta)
+        if problem:
+            raise UsageError(f"the checkpoint {path} is damaged or was edited ({problem}): {hint}")
         differences = run_differences(meta["run"], identity)
         if differences:
             raise UsageError(f"the checkpoint {path} belongs to another run ({'; '.join(differences)}): rerun with "
@@ -294,6 +297,9 @@ class TrainState:
         params = trainable_state(model)
         if any(tensors.get(f"param.{n}", torch.empty(0)).shape != p.shape for n, p in params.items()):
             raise UsageError(f"the checkpoint {path} belongs to another model or method: {hint}")
+        problem = tensors_problem(tensors, params)
+        if problem:
+            raise UsageError(f"the checkpoint {path} is damaged or was edited ({problem}): {hint}")
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(tensors[f"param.{n}"])
@@ -302,11 +308,56 @@ class TrainState:
                               for i, n in enumerate(params)}
         opt_state["state"] = {i: m for i, m in opt_state["state"].items() if m}
         opt.load_state_dict(opt_state)
-        if meta["scaler"]:
-            scaler.load_state_dict(meta["scaler"])
+        try:
+            if meta["scaler"]:
+                scaler.load_state_dict(meta["scaler"])
+        except (KeyError, TypeError, ValueError, RuntimeError):
+            raise UsageError(f"the checkpoint {path} is damaged or was edited (its gradient scaler): {hint}") from None
         fields = {k: meta[k] for k in ("step", "epoch", "batch", "best_loss", "bad_epochs", "history")}
         return cls(meta["run"], tensors["order"], {n: tensors[f"best.{n}"].to(p.device) for n, p in params.items()},
                    sums=EpochSums(**meta["sums"]), **fields)
+
+
+STATE_TYPES = dict(run=dict, step=int, epoch=int, batch=int, bad_epochs=int, best_loss=float, history=list,
+                   scaler=dict, sums=dict)  # a checkpoint's JSON state; counts are ints >= 0, a float may be an int
+HISTORY_KEYS = ("epoch", "step", "train_loss", "val_loss", "seconds", "tokens_per_s", "padding", "peak_memory_mb")
+
+
+def is_a(value, kind: type) -> bool:
+    """isinstance for JSON values: a bool is no number, an int is a float, a count is an int >= 0."""
+    return not isinstance(value, bool) and isinstance(value, (int, float) if kind is float else kind) and \
+        (kind is not int or value >= 0)
+
+
+def state_problem(meta: dict) -> str | None:
+    """What is wrong with a checkpoint's JSON state (a field missing or of another type), or None."""
+    for name, kind in STATE_TYPES.items():
+        if not is_a(meta.get(name), kind):
+            want = {int: "a count", float: "a number", list: "a list", dict: "an object"}[kind]
+            return f"'{name}' is {json.dumps(meta.get(name))[:40]}, not {want}"
+    if set(meta["sums"]) != {f.name for f in dataclasses.fields(EpochSums)} or \
+            not all(is_a(v, float) for v in meta["sums"].values()):
+        return "'sums' is not the epoch's running sums"
+    if not all(isinstance(e, dict) and all(is_a(e.get(k), float) for k in HISTORY_KEYS) for e in meta["history"]):
+        return "'history' is not a list of epochs"
+    return None
+
+
+def tensors_problem(tensors: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> str | None:
+    """What is wrong with a checkpoint's tensors for these trainable parameters (best weights and AdamW moments
+    of their shapes, a data-order generator state), or None."""
+    for n, p in params.items():
+        if tensors.get(f"best.{n}", torch.empty(0)).shape != p.shape:
+            return f"best.{n} is missing or not of shape {tuple(p.shape)}"
+        moments = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"opt.{n}.")}
+        if moments and (set(moments) != {"step", "exp_avg", "exp_avg_sq"} or moments["step"].numel() != 1 or
+                        any(moments[k].shape != p.shape for k in ("exp_avg", "exp_avg_sq"))):
+            return f"the optimizer moments of {n} are not AdamW's step, exp_avg and exp_avg_sq of {tuple(p.shape)}"
+    try:
+        torch.Generator().set_state(tensors["order"])
+    except (KeyError, RuntimeError, TypeError):
+        return "'order' is not a generator state"
+    return None
 
 
 def train(model: GPT, train_set, val_set, cfg: Config, lr: float, device, dtype, checkpoint: Path | None = None,
@@ -321,13 +372,13 @@ def train(model: GPT, train_set, val_set, cfg: Config, lr: float, device, dtype,
     params = trainable_state(model)
     opt = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    state = TrainState.load(checkpoint, model, opt, scaler, identity or {}) if cfg.resume else \
+        TrainState.start(params, identity or {}, (cfg.seed + rank) % 2**64)  # a 64-bit seed, as --seed is
     batch = cfg.eval_batch_size or cfg.batch_size
     shard, val_set, feature_seconds = training_examples(model, train_set[rank::n_ranks], val_set, cfg.cache_features,
                                                         batch, device, dtype)
     net = training_module(model, cfg.compile, device)
     steps_per_epoch, total, warmup = run_length(cfg, len(train_set), n_ranks)
-    state = TrainState.load(checkpoint, model, opt, scaler, identity or {}) if cfg.resume else \
-        TrainState.start(params, identity or {}, cfg.seed + rank)
     if cfg.resume:
         print(f"resumed from {checkpoint} at step {state.step} (epoch {state.epoch + 1}, batch {state.batch})")
     lengths, logged = [example_len(e) for e in shard], -math.inf

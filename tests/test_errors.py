@@ -225,9 +225,9 @@ def test_empty_rows_are_skipped_and_counted_and_unicode_is_fine(base, tmp_path):
 @pytest.mark.parametrize("script,flags,needle", [
     ("main2", ["--top-p", "0"], "top_p must be in (0, 1]"),
     ("main2", ["--top-p", "1.5"], "top_p must be in (0, 1]"),
-    ("main2", ["--temperature", "0"], "temperature must be > 0"),
-    ("main2", ["--temperature", "-1"], "temperature must be > 0"),
-    ("main2", ["--temperature", "nan"], "temperature must be > 0"),
+    ("main2", ["--temperature", "0"], "temperature must be >= 0.001"),
+    ("main2", ["--temperature", "-1"], "temperature must be >= 0.001"),
+    ("main2", ["--temperature", "nan"], "temperature must be >= 0.001"),
     ("main2", ["--train-size", "-5"], "--train-size must be >= 0"),
     ("main2", ["--max-steps", "-1"], "--max-steps must be >= 0"),
     ("main2", ["--batch-size", "0"], "--batch-size must be >= 1"),

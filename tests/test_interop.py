@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from peftsum.errors import UsageError
-from peftsum.methods import apply_last_layer, apply_lora, apply_prompt_tuning, hard_prompt_ids
+from peftsum.methods import apply_last_layer, apply_lora, apply_prompt_tuning, hard_prompt_ids, lora_layers
 from peftsum.interop import export_merged, export_peft, load_model, load_peft_lora
 from test_cli import run
 
@@ -104,3 +104,71 @@ def test_cli_exports(tiny_dir, data_dir, tmp_path):
     GPT2LMHeadModel.from_pretrained(tmp_path / "merged")
     loaded = run("main2.py", *base[:-6], "--weights", tmp_path / "adapter", "--test-size", 2, "--max-new-tokens", 4)
     assert "rougeLsum" in loaded.stdout  # the adapter folder works as --weights
+
+
+def peft_adapter(base, folder, **options):
+    """A LoRA adapter that peft made, with its update "trained" (B random), saved to `folder`; returns peft's model."""
+    config = peft.LoraConfig(task_type="CAUSAL_LM", **options)
+    theirs = peft.get_peft_model(base, config)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    theirs.save_pretrained(folder)
+    return theirs.eval()
+
+
+@pytest.mark.parametrize("options", [dict(use_rslora=True), dict(alpha_pattern={"h.1.attn.c_attn": 4}),
+                                     dict(rank_pattern={r"transformer\.h\.0\.attn\.c_attn": 2},
+                                          alpha_pattern={"h.0.attn.c_attn": 12})],
+                         ids=["rslora", "alpha_pattern", "rank_and_alpha_pattern"])
+def test_peft_adapters_with_rslora_or_patterns_load_with_peft_scale(tiny_dir, tmp_path, options):
+    """Issue 22, item 6: rsLoRA scales by alpha / sqrt(r), and rank_pattern / alpha_pattern give a module its own r
+    and alpha: loaded with alpha / r for all, the logits were wrong. Ours now equal peft's; and what we export of
+    such a model, peft loads back to the same logits (rank_pattern and alpha_pattern where the layers differ)."""
+    theirs = peft_adapter(hf_base(tiny_dir), tmp_path / "adapter", r=4, lora_alpha=16, target_modules=["c_attn"],
+                          fan_in_fan_out=True, **options)
+    model, _ = load_model(str(tiny_dir))
+    apply_lora(model, 4, 16)
+    load_peft_lora(tmp_path / "adapter", model)
+    x = ids(model)
+    with torch.no_grad():
+        expected = theirs(x).logits
+        torch.testing.assert_close(model(x), expected, atol=1e-4, rtol=0)
+        wrong, _ = load_model(str(tiny_dir))  # the scale these adapters were loaded with before: alpha / r for all
+        apply_lora(wrong, 4, 16)
+        for mine, old in zip(lora_layers(model).values(), lora_layers(wrong).values()):
+            old.A, old.B = mine.A, mine.B
+        assert (wrong(x) - expected).abs().max() > 1e-3
+    export_peft(model, tmp_path / "again")
+    again = peft.PeftModel.from_pretrained(hf_base(tiny_dir), tmp_path / "again").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(x).logits, expected, atol=1e-4, rtol=0)
+
+
+def test_a_llama_adapter_with_a_rank_pattern_loads_with_peft_scale(llama_dir, tmp_path):
+    from transformers import LlamaForCausalLM
+    theirs = peft_adapter(LlamaForCausalLM.from_pretrained(llama_dir).eval(), tmp_path / "adapter", r=4,
+                          lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"], rank_pattern={"k_proj": 2},
+                          alpha_pattern={"v_proj": 2})
+    model, _ = load_model(str(llama_dir))
+    apply_lora(model, 4, 8)
+    load_peft_lora(tmp_path / "adapter", model)
+    assert model.blocks[0].attn.k_proj.A.shape[0] == 2 and model.blocks[0].attn.v_proj.scale == 2 / 4
+    x = ids(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), theirs(x).logits, atol=1e-4, rtol=0)
+
+
+def test_per_layer_alphas_have_no_gguf_adapter_but_merge(tiny_dir, tmp_path):
+    pytest.importorskip("gguf", reason="gguf is a dependency: pip install -r requirements.txt")
+    from peftsum.gguf_export import export_gguf
+    peft_adapter(hf_base(tiny_dir), tmp_path / "adapter", r=4, lora_alpha=16, target_modules=["c_attn"],
+                 fan_in_fan_out=True, alpha_pattern={"h.1.attn.c_attn": 4})
+    model, tok = load_model(str(tiny_dir))
+    apply_lora(model, 4, 16)
+    load_peft_lora(tmp_path / "adapter", model)
+    with pytest.raises(UsageError, match="one alpha for all: add --gguf-merge"):
+        export_gguf(model, tok, tmp_path / "a.gguf")
+    assert export_gguf(model, tok, tmp_path / "m.gguf", merge=True) == "model"
