@@ -55,7 +55,7 @@ class KVCache(nn.Module):
         if slots.dim() == 1:
             self.k[:, :, slots] = k.to(self.k.dtype)
             self.v[:, :, slots] = v.to(self.v.dtype)
-        else:  # indexed as (row, slot): 15x faster on the CPU than scatter_ along the slots
+        else:  # indexed as (row, slot): on the CPU far faster than scatter_ along the slots (docs/speed.md)
             self.k[self.rows, :, slots] = k.transpose(1, 2).to(self.k.dtype)  # (B, T, K, D)
             self.v[self.rows, :, slots] = v.transpose(1, 2).to(self.v.dtype)
         return self.k, self.v
@@ -162,8 +162,8 @@ def attend(q, k, v, bias):
     """Attention of a few queries q (B, H, T, D) over keys and values k, v (B, K, S, D), masked by `bias`
     (`attention_bias`): the same as scaled_dot_product_attention with enable_gqa, as two matrix products per
     key/value head, each with its group of G = H / K query heads (G · T rows), softmax in float32. A decode step
-    is bound by reading the cache; this reads it once, in the model's precision, where the CPU's SDPA kernel took
-    11x longer in bf16, with a mask or without (measured: 2.6 vs 0.23 ms per layer, SmolLM2 at batch 8, 660 slots)."""
+    is bound by reading the cache; this reads it once, in the model's precision, where the CPU's SDPA kernel is
+    many times slower in bf16, with a mask or without (measured in docs/speed.md)."""
     assert bias.is_floating_point(), "attend takes attention_bias(mask), not the mask"
     B, H, T, D = q.shape
     K, S = k.shape[1], k.shape[2]
@@ -275,7 +275,7 @@ class PackedLinear(nn.Module):
     """An inference-only nn.Linear for bf16 on the CPU, its weight packed once into oneDNN's blocked layout, the
     layout oneDNN's bf16 kernels compute in. nn.Linear hands oneDNN the plain weight, which it repacks at every
     call, so a decode step reads each weight twice and writes it once; packed, it reads it once: the same bits
-    out (tested), and a SmolLM2 decode step at batch 8 measured ~1.4x faster."""
+    out (tested), in less time (docs/speed.md)."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -298,8 +298,7 @@ def concat_linears(*linears: nn.Linear) -> nn.Linear:
 def fuse_projections(model: GPT) -> GPT:
     """For inference (after merge_lora): each Llama layer's q/k/v projections become one, as GPT-2's c_attn, and
     its gate and up projections one: 4 matrix products per layer instead of 7, each as many bytes of weights. A
-    decode step at batch 8 is so small that a call's fixed cost counts: SmolLM2's q, k and v took 151 µs, fused
-    79 µs (bf16, packed, 2 cores)."""
+    decode step at batch 8 is so small that each call's fixed cost counts."""
     for block in model.blocks:
         attn, mlp = block.attn, block.mlp
         if not attn.fused:

@@ -129,3 +129,17 @@ def test_every_name_the_readme_library_example_uses_is_in_common():
     assert not [n for n in names if not hasattr(common, n)]
     modules = {p.stem for p in (ROOT / "peftsum").glob("*.py")} - {"__init__"}
     assert all(re.search(rf"^  {m}\b", common.__doc__, re.M) for m in modules), "a module missing from the map"
+
+
+def test_each_module_imports_only_modules_above_it_in_the_map():
+    """common.py's docstring lists the package's modules in import order; no module imports one below it."""
+    import common
+    order = re.findall(r"^  (\w+)\s", common.__doc__, re.M)
+    assert sorted(order) == sorted(p.stem for p in (ROOT / "peftsum").glob("*.py") if p.stem != "__init__")
+    for i, name in enumerate(order):
+        tree = ast.parse((ROOT / "peftsum" / f"{name}.py").read_text())
+        used = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "peftsum"
+                for a in n.names}
+        used |= {n.module.split(".")[1] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                 and (n.module or "").startswith("peftsum.")}
+        assert used <= set(order[:i]), f"{name} imports {sorted(used - set(order[:i]))}, listed after it"

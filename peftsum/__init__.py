@@ -1,0 +1,1 @@
+"""The code behind common.py, one module per concern; common.py's docstring is the map."""
