@@ -353,14 +353,14 @@ def report(runs_dir: Path, out: Path, readme: Path | None, section: str, note: s
         if (out / stale).exists():
             (out / stale).unlink()
             print(f"removed {out / stale}: an earlier report's figure whose runs are not in {runs_dir}")
-    try:
-        figure_dir = out.resolve().relative_to(readme.resolve().parent).as_posix()
-    except ValueError:
-        figure_dir = str(out)
     if readme is None:
         print(rep.section(str(out)))
         print(f"wrote {', '.join(rep.written) or 'no figures'} to {out}")
         return
+    try:
+        figure_dir = out.resolve().relative_to(readme.resolve().parent).as_posix()
+    except ValueError:
+        figure_dir = str(out)
     write_section(readme, section, rep.section(figure_dir))
     print(f"wrote {', '.join(rep.written) or 'no figures'} to {out}; the '{section}' results into {readme}")
 
