@@ -122,15 +122,16 @@ def follow_record(path: Path, cfg: Config, hp, given: frozenset[str]) -> tuple[C
     return cfg, hp
 
 
-def read_record(path: Path) -> dict:
-    """The run record in a weights file's metadata; {} for a peft adapter folder or an unreadable file (loading
-    the weights then says what is wrong with it)."""
+def read_record(path: Path, key: str = "record") -> dict:
+    """The JSON object under `key` in a safetensors file's metadata: a weights file's run record ("record"), a
+    checkpoint's state ("state"); {} for a peft adapter folder or an unreadable file (loading the weights then says
+    what is wrong with it)."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            record = json.loads((f.metadata() or {}).get("record", "{}"))
+            value = json.loads((f.metadata() or {}).get(key, "{}"))
     except Exception:  # a folder, or not safetensors: loading explains
         return {}
-    return record if isinstance(record, dict) else {}
+    return value if isinstance(value, dict) else {}
 
 
 def preflight(job: Job) -> None:
@@ -219,15 +220,14 @@ def default_base_model(cfg: Config, mode: str, path: Path) -> str:
 def recorded_base_model(path: Path, key: str) -> str | None:
     """The base model recorded in a weights file's run record (key "record"), a checkpoint's state (key "state") or
     a peft adapter's config; None when there is none to read (loading then says what is wrong with the file)."""
-    try:
-        if path.is_dir():
+    if path.is_dir():
+        try:
             config = json.loads((path / "adapter_config.json").read_text())
-            return config.get("base_model_name_or_path") if isinstance(config, dict) else None
-        with safe_open(str(path), framework="pt") as f:
-            value = json.loads((f.metadata() or {}).get(key, "{}"))
-    except Exception:  # unreadable: loading explains what is wrong with the file
-        return None
-    value = value.get("run", value) if isinstance(value, dict) else {}
+        except (OSError, ValueError):  # loading explains what is wrong with the folder
+            return None
+        return config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    value = read_record(path, key)
+    value = value.get("run", value)
     base = value.get("base_model") if isinstance(value, dict) else None
     return base if isinstance(base, str) and base else None
 
