@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import common
-from peftsum.records import RunRecord, portable_path, variant_name
+from peftsum.records import RunRecord, out_folder, portable_path, variant_name
 
 ROOT = Path(__file__).resolve().parent
 SCRIPTS = {"prompt_tuning": "main.py", "last_layer": "main1.py", "lora": "main2.py"}
@@ -71,8 +71,7 @@ def lead_3(flags: list[str]) -> None:
     rows = common.load_splits(cfg, ("test",))["test"]
     record = RunRecord(method="lead_3", base_model=None, config=vars(cfg), data=portable_path(cfg.data),
                        n_examples={"test": len(rows)})
-    out = Path(cfg.out) if cfg.out else ROOT / "runs"
-    common.score_and_write(out, "lead_3", record, rows, [common.lead_3(r["article"]) for r in rows], cfg.overwrite)
+    common.score_and_write(out_folder(cfg.out), "lead_3", record, rows, [common.lead_3(r["article"]) for r in rows], cfg.overwrite)
 
 
 def main(argv: list[str]) -> None:

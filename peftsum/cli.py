@@ -29,7 +29,7 @@ from peftsum.generation import prepare_inference
 from peftsum.interop import export_merged, export_peft, load_adapter
 from peftsum.methods import count_parameters, hard_prompt_ids, trainable_state
 from peftsum.model import GPT
-from peftsum.records import RunRecord, local_path, portable_path, run_name
+from peftsum.records import RunRecord, local_path, out_folder, portable_path, run_name
 from peftsum.runtime import init_distributed, resolve_device, world
 from peftsum.training import run_identity, run_length
 
@@ -62,7 +62,7 @@ class Job:
 
     @property
     def out(self) -> Path:
-        return Path(self.cfg.out) if self.cfg.out else ROOT / "runs"
+        return out_folder(self.cfg.out)
 
 
 def setup(args: Args, method: str) -> Job:

@@ -61,6 +61,11 @@ def local_path(name: str) -> str:
     return str(ROOT / name) if name and not Path(name).is_absolute() and (ROOT / name).exists() else name
 
 
+def out_folder(out: str) -> Path:
+    """Where a run writes its record and predictions: --out, else runs/ in the repository."""
+    return Path(out) if out else ROOT / "runs"
+
+
 def run_name(method: str, *, baseline: bool, chat: bool, baseline_prompt_tokens: int) -> str:
     """The default name of a run's record: the method's, or the baseline's prompt."""
     if not baseline:
