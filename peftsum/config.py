@@ -73,6 +73,10 @@ class Config:
     dtype: str = arg("auto", "auto|fp32|bf16|fp16 (auto: bf16 on GPUs that have it, fp16 on older GPUs; on CPUs bf16 "
                              "where the CPU has AMX or AVX-512 BF16, else fp32)")
     compile: bool | None = arg(None, "torch.compile the model (default: on with CUDA)", runtime=True)
+    gradient_checkpointing: bool = arg(False, "keep only each block's input for the backward pass and run the block "
+                                              "again there: a training step's memory falls to about a tenth for "
+                                              "about a third more time; the same gradients (docs/speed.md)",
+                                       runtime=True)
     save_dtype: str = arg("fp32", "precision of the saved weights: fp32, or bf16 (half the bytes; for the last layer "
                                   "exactly what inference in bf16 computes with)", runtime=True)
     device: str = arg("auto", "auto|cpu|cuda|cuda:N", runtime=True)

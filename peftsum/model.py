@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 IGNORE = -100  # label of positions that carry no loss (article, separator, padding)
@@ -225,6 +226,7 @@ class GPT(nn.Module):
         if c.tie_head:
             self.lm_head.weight = self.wte.weight
         self.prompt_ids: list[int] = []  # token ids every input starts with (a hard or a soft prompt)
+        self.gradient_checkpointing = False  # keep only each block's input for backward, recompute the rest
         self.name = ""  # the checkpoint it came from, as the user named it
 
     def hidden(self, idx, pos=None, mask=None, slots=None):
@@ -242,8 +244,10 @@ class GPT(nn.Module):
             rope = rope_angles(pos, self.config.head_dim, self.config.rope_theta, x.dtype)
         if slots is not None and idx.shape[1] <= FEW_QUERIES:  # the cached path's `attend`
             mask = attention_bias(mask)
-        for block in self.blocks:
-            x = block(x, rope, mask, slots)
+        recompute = self.gradient_checkpointing and torch.is_grad_enabled()
+        for block in self.blocks:  # with checkpointing, backward runs each block's forward again, then its backward
+            x = checkpoint(block, x, rope, mask, slots, use_reentrant=False) if recompute else \
+                block(x, rope, mask, slots)
         return self.ln_f(x)
 
     def forward(self, idx, pos=None, mask=None, slots=None, targets=None):

@@ -117,6 +117,28 @@ def training_examples(model: GPT, shard, val_set, cache: bool | None, batch_size
     return shard, val_set, time.perf_counter() - t
 
 
+@contextmanager
+def frozen_weights_in(model: GPT, dtype):
+    """While training under autocast to bf16 (or fp16): each frozen matrix product's weight and bias held once in
+    that dtype, where autocast would cast all ~100M of them again at every forward pass and keep the copies for
+    the backward pass. The same values; the float32 originals come back afterwards (for merging and saving), as
+    does a tied head's tie."""
+    frozen = [m for m in model.modules() if isinstance(m, nn.Linear) and not m.weight.requires_grad]
+    if dtype == torch.float32 or not frozen:
+        yield
+        return
+    originals = [(m, m.weight, m.bias) for m in frozen]
+    for m in frozen:
+        m.weight = nn.Parameter(m.weight.detach().to(dtype), requires_grad=False)
+        if m.bias is not None:
+            m.bias = nn.Parameter(m.bias.detach().to(dtype), requires_grad=False)
+    try:
+        yield
+    finally:
+        for m, weight, bias in originals:
+            m.weight, m.bias = weight, bias
+
+
 def training_module(model: GPT, compile: bool, device) -> nn.Module:
     """The module the steps call: the model, under torchrun wrapped in DistributedDataParallel, with --compile
     compiled as one graph of body + head + loss (see `compile_options`)."""
@@ -375,16 +397,17 @@ def train(model: GPT, train_set, val_set, cfg: Config, lr: float, device, dtype,
     state = TrainState.load(checkpoint, model, opt, scaler, identity or {}) if cfg.resume else \
         TrainState.start(params, identity or {}, (cfg.seed + rank) % 2**64)  # a 64-bit seed, as --seed is
     batch = cfg.eval_batch_size or cfg.batch_size
-    shard, val_set, feature_seconds = training_examples(model, train_set[rank::n_ranks], val_set, cfg.cache_features,
-                                                        batch, device, dtype)
-    net = training_module(model, cfg.compile, device)
     steps_per_epoch, total, warmup = run_length(cfg, len(train_set), n_ranks)
     if cfg.resume:
         print(f"resumed from {checkpoint} at step {state.step} (epoch {state.epoch + 1}, batch {state.batch})")
-    lengths, logged = [example_len(e) for e in shard], -math.inf
     bar = tqdm(total=total, initial=state.step, desc=f"epoch {state.epoch + 1}/{cfg.epochs}", unit="step",
                file=sys.stdout, dynamic_ncols=True, mininterval=1.0, disable=rank != 0)  # the whole run, with its ETA
-    with stop_signals() as received, compile_options(cfg.compile), bar:
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    with stop_signals() as received, compile_options(cfg.compile), frozen_weights_in(model, dtype), bar:
+        shard, val_set, feature_seconds = training_examples(model, train_set[rank::n_ranks], val_set,
+                                                            cfg.cache_features, batch, device, dtype)
+        net = training_module(model, cfg.compile, device)
+        lengths, logged = [example_len(e) for e in shard], -math.inf
         while not state.done(cfg.epochs, total, cfg.patience):
             bar.set_description(f"epoch {state.epoch + 1}/{cfg.epochs}", refresh=False)
             micro, next_order = state.epoch_batches(lengths, cfg.batch_size)

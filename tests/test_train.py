@@ -162,3 +162,38 @@ def test_bf16_loss_curve_stays_close_to_fp32(tiny_dir):
     fp32, bf16 = curves[torch.float32], curves[torch.bfloat16]
     assert fp32[-1] < 0.96 * fp32[0]  # it learns
     assert all(math.isclose(a, b, rel_tol=0.005) for a, b in zip(fp32, bf16)), list(zip(fp32, bf16))
+
+
+def loss_and_grads(model, x, y, dtype=torch.bfloat16):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=dtype):
+        loss = model(x, targets=y)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in trainable_state(model).items()}
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "lora"])
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_the_faster_and_the_checkpointed_step_give_the_same_loss_and_gradients(tiny_dir, llama_dirs, method, family):
+    """A bf16 step with the frozen weights cast once (`frozen_weights_in`), and the same step with gradient
+    checkpointing, against the step as autocast alone computes it (every product casting its weight again): the
+    same bits, since each computes the same products of the same bf16 values."""
+    folder = tiny_dir if family == "gpt2" else llama_dirs["gqa-tied"]
+    model, tok = load_model(str(folder))
+    torch.manual_seed(0)
+    apply_lora(model, 4, 8) if method == "lora" else apply_prompt_tuning(model, hard_prompt_ids(tok, 4))
+    with torch.no_grad():  # a trained state: every factor non-zero, so every path carries gradient
+        for p in trainable_state(model).values():
+            p.add_(torch.randn_like(p) * 0.05)
+    x, y = collate([(model.prompt_ids + ids, n + len(model.prompt_ids)) for ids, n in token_examples(3)], 0)
+    reference = loss_and_grads(model, x, y)
+    with training.frozen_weights_in(model, torch.bfloat16):
+        assert all(p.dtype == torch.bfloat16 for n, p in model.named_parameters() if not p.requires_grad
+                   and "blocks" in n and "ln" not in n)
+        faster = loss_and_grads(model, x, y)
+        model.gradient_checkpointing = True
+        checkpointed = loss_and_grads(model, x, y)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the originals are back
+    for got in (faster, checkpointed):
+        assert torch.equal(got[0], reference[0])
+        assert all(torch.equal(got[1][n], g) for n, g in reference[1].items())
