@@ -13,6 +13,7 @@ trains; ours as `train` runs it. Gradient checkpointing: theirs by `gradient_che
   python3 bench/train.py                         # CPU, SmolLM2's shape: fp32 and bf16, every method
   python3 bench/train.py --model gpt2-shape      # GPT-2's
   python3 bench/train.py --device cuda           # on a GPU
+  python3 bench/train.py --profile --dtypes bf16 # where a step of ours goes, and its FLOP floor
 
 Every row runs in a process of its own, so that its peak memory (the process's, model included) is its own: a
 warm-up step, then --runs timed steps; rows take turns, ours right after theirs. The last lines are `speedup
@@ -21,6 +22,7 @@ warm-up step, then --runs timed steps; rows take turns, ours right after theirs.
 import argparse
 import contextlib
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -58,9 +60,10 @@ def batch_rows(vocab: int, prompt_ids=()):
     return rows
 
 
-def ours(hf, method, device, dtype, checkpointing: bool, compile: bool, stack: contextlib.ExitStack):
+def ours(hf, method, device, dtype, checkpointing: bool, compile: bool, stack: contextlib.ExitStack,
+         parts: bool = False):
     """Our model with the method applied, set up as `train` sets it up, and a function running one optimizer step
-    on the batch."""
+    on the batch (with `parts`: (the model, a step that returns its forward, backward and update seconds))."""
     model = common.from_hf(hf).to(device)
     torch.manual_seed(0)
     if method == "prompt_tuning":
@@ -77,7 +80,23 @@ def ours(hf, method, device, dtype, checkpointing: bool, compile: bool, stack: c
     n = (y != common.IGNORE).sum()
     opt = torch.optim.AdamW(common.trainable_state(model).values(), lr=1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=False)
-    return lambda: common.optimizer_step(net, opt, scaler, [(x, y)], n.to(device), device, dtype)
+    if not parts:
+        return lambda: common.optimizer_step(net, opt, scaler, [(x, y)], n.to(device), device, dtype)
+
+    def timed_step():
+        times = [time.perf_counter()]
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = net(x, targets=y)
+        sync(device)
+        times.append(time.perf_counter())
+        (loss / n).backward()
+        sync(device)
+        times.append(time.perf_counter())
+        training.update(opt, scaler)
+        sync(device)
+        times.append(time.perf_counter())
+        return [b - a for a, b in zip(times, times[1:])]
+    return model, timed_step
 
 
 def theirs(hf, method, device, dtype, checkpointing: bool):
@@ -158,6 +177,74 @@ def one_row(args) -> dict:
     return {"seconds": statistics.median(times), "first_seconds": first, "peak_mb": peak_memory_mb(device)}
 
 
+def step_flops(model, rows) -> tuple[float, float]:
+    """(matrix-product, attention) FLOPs of one training step of `model` (a method applied) on `rows`: forward,
+    then backward's gradients with respect to each product's input (through the body unless only the head trains)
+    and to each trained weight. Attention is causal: 2·H·T²·D per row and layer forward for its two products, and
+    2.5 times that backward (the flash kernel computes the scores again)."""
+    c = model.config
+    tokens, targets = sum(len(ids) for ids, _ in rows), sum(len(ids) - n for ids, n in rows)
+    trained = common.trainable_state(model)
+    through = 0 if all(p is model.lm_head.weight for p in trained.values()) else 1  # backward through the body
+    mm = 0.0
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and name.startswith("blocks."):
+            mm += 2 * tokens * m.in_features * m.out_features * (1 + through)
+    mm += sum(2 * tokens * p.numel() * 3 for n, p in trained.items() if n.startswith("blocks."))  # LoRA's A, B
+    mm += 2 * (2 * targets * c.n_embd * c.vocab_size)  # the head: forward, and its weight's or its input's gradient
+    attention = sum(2 * c.n_head * len(ids) ** 2 * c.head_dim for ids, _ in rows) * c.n_layer
+    return mm, attention * (1 + 2.5 * through)
+
+
+def matmul_peak(device, dtype) -> float:
+    """FLOPs per second of the step's largest product shape (4656 x 576 x 1536 on SmolLM2's), best of 10."""
+    a = torch.randn(4656, 576, device=device, dtype=dtype)
+    b = torch.randn(576, 1536, device=device, dtype=dtype)
+    best = math.inf
+    for _ in range(11):
+        sync(device)
+        t = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * a.shape[0] * a.shape[1] * b.shape[1] / best
+
+
+def profile(args) -> None:
+    """Where one step of ours goes: forward, backward and update timed apart, and the step's operators grouped
+    (matrix products, attention, the rest) by torch.profiler; beside it the floor: the step's FLOPs at the
+    matrix-product peak measured here."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    device, dtype = torch.device(args.device), DTYPES[args.dtypes[-1]]
+    hf = load_hf(args.model)
+    peak = matmul_peak(device, dtype)
+    print(f"{args.model}; {common.machine(device)}; {args.dtypes[-1]}; batch {len(SUMMARIES)} x "
+          f"~{ARTICLE + 4 + round(statistics.mean(SUMMARIES)) + 1} tokens; matrix-product peak {peak / 1e9:.0f} GFLOPS")
+    for method in args.methods:
+        with contextlib.ExitStack() as stack:
+            model, step = ours(hf, method, device, dtype, False, False, stack, parts=True)
+            step()
+            phases = []
+            for _ in range(args.runs):
+                phases.append(step())
+            fwd, bwd, upd = (statistics.median(p[i] for p in phases) for i in range(3))
+            with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+                step()
+        groups = {"matrix products": 0.0, "attention": 0.0, "the rest": 0.0}
+        for e in prof.key_averages():
+            kind = "attention" if "scaled_dot_product" in e.key else \
+                "matrix products" if e.key in ("aten::mm", "aten::addmm", "aten::bmm") else "the rest"
+            groups[kind] += e.self_cpu_time_total / 1e6
+        mm, attention = step_flops(model, batch_rows(model.config.vocab_size, model.prompt_ids))
+        total = sum(groups.values())
+        print(f"\n{method}: step {fwd + bwd + upd:.2f} s = forward {fwd:.2f} + backward {bwd:.2f} + update {upd:.3f}")
+        print(f"  profiled {total:.2f} s: " + ", ".join(f"{k} {v:.2f} s ({v / total:.0%})" for k, v in groups.items()))
+        print(f"  matrix products {mm / 1e12:.2f} TFLOP at {mm / groups['matrix products'] / 1e9:.0f} GFLOPS; "
+              f"attention {attention / 1e12:.2f} TFLOP at {attention / max(groups['attention'], 1e-9) / 1e9:.0f} GFLOPS")
+        floor = (mm + attention) / peak
+        print(f"  floor (all FLOPs at the peak): {floor:.2f} s; the step is {(fwd + bwd + upd) / floor:.2f}x it")
+
+
 def row_flags(args, side, method, dtype, checkpointing, compile=False) -> list[str]:
     return ["--row", "--side", side, "--method", method, "--dtype", dtype, "--model", args.model, "--device",
             args.device, "--runs", str(args.runs)] + (["--checkpointing"] if checkpointing else []) + \
@@ -172,6 +259,8 @@ def main():
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
     p.add_argument("--no-checkpointing", action="store_true", help="skip the gradient-checkpointing rows")
+    p.add_argument("--profile", action="store_true", help="instead: where a step of ours goes (--dtypes' last), "
+                                                          "and its FLOP floor")
     p.add_argument("--compile", action="store_true", help="also time ours with the scripts' --compile (each method, "
                                                           "last --dtypes), its compiling step apart")
     # one row, in a process of its own (what main starts)
@@ -183,6 +272,9 @@ def main():
     args = p.parse_args()
     if args.row:
         print(json.dumps(one_row(args)))
+        return
+    if args.profile:
+        profile(args)
         return
     device = torch.device(args.device)
     plan = [(m, d, False) for m in args.methods for d in args.dtypes]  # the head has no backward through the body
