@@ -3,6 +3,7 @@
   python3 sweep.py methods        the three methods at their defaults, the hard-prompt baseline, zero-shot
                                   " TL;DR:" (GPT-2 paper) and lead-3 (no model)
   python3 sweep.py chat           an instruct model's own chat format ("Summarize ...", its chat template)
+  python3 sweep.py chat_train     LoRA trained in that format (chat-lora)
   python3 sweep.py lr             learning rate 1e-4, 3e-4, 1e-3, 3e-3 for each method
   python3 sweep.py prompt_tokens  soft prompt length 1, 8, 24, 64
   python3 sweep.py lora_rank      LoRA rank 4, 8, 16, 32 (alpha = 2 x rank)
@@ -28,7 +29,7 @@ from peftsum.records import RunRecord, out_folder, portable_path, variant_name
 
 ROOT = Path(__file__).resolve().parent
 SCRIPTS = {"prompt_tuning": "main.py", "last_layer": "main1.py", "lora": "main2.py"}
-FAMILIES = ("methods", "chat", "lr", "prompt_tokens", "lora_rank", "temperature", "decoding")
+FAMILIES = ("methods", "chat", "chat_train", "lr", "prompt_tokens", "lora_rank", "temperature", "decoding")
 
 
 def family_runs(family: str, weights_dir: Path | None = None) -> list[tuple[str, str, list[str]]]:
@@ -41,6 +42,8 @@ def family_runs(family: str, weights_dir: Path | None = None) -> list[tuple[str,
             ("zero_shot", "main2.py", ["--baseline", "--baseline-prompt-tokens", "0"])]
     if family == "chat":
         return [("chat", "main2.py", ["--baseline", "--chat"])]
+    if family == "chat_train":
+        return [("chat-lora", "main2.py", ["--train", "--chat", *sweep_weights("chat-lora")])]
     if family == "lr":
         return [(n, s, ["--train", "--lr", lr, *sweep_weights(n)]) for m, s in SCRIPTS.items()
                 for lr in ("1e-4", "3e-4", "1e-3", "3e-3") if (n := variant_name("lr", m, lr))]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shlex
 import signal
 import sys
 import threading
@@ -30,7 +29,7 @@ from peftsum.interop import export_merged, export_peft, load_adapter
 from peftsum.methods import count_parameters, hard_prompt_ids, trainable_state
 from peftsum.model import GPT
 from peftsum.records import RunRecord, local_path, out_folder, portable_path, run_name
-from peftsum.runtime import init_distributed, resolve_device, world
+from peftsum.runtime import init_distributed, resolve_device, resume_command, world
 from peftsum.training import run_identity, run_length
 
 DATA_FIELDS = ("data", "data_config", "test_size", "data_seed")  # which test set: no contradiction of training
@@ -393,9 +392,7 @@ def cli_errors():
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except Interrupted as e:
-        where = f"wrote the checkpoint {e.checkpoint}; continue with: {resume_command()}" if e.checkpoint else \
-            "no checkpoint was asked for"
-        print(f"interrupted by {signal.Signals(e.signum).name} after step {e.step}: {where}", file=sys.stderr)
+        print(e.line(resume_command()), file=sys.stderr)
         sys.exit(128 + e.signum)
     except KeyboardInterrupt:
         signum = received[0] if received else signal.SIGINT
@@ -405,11 +402,26 @@ def cli_errors():
         print("error: out of memory on the GPU: try a smaller --batch-size (and --eval-batch-size) with a larger "
               "--grad-accum, which keeps the effective batch", file=sys.stderr)
         sys.exit(2)
+    except RuntimeError as e:
+        if not peer_failure(e):
+            raise
+        rank, n_ranks = world()
+        print(f"error: rank {rank} of {n_ranks}: another process of this torchrun job ended ({peer_failure(e)}), so "
+              "this one ends too; that process's output says why, and --resume continues from the last checkpoint",
+              file=sys.stderr)
+        sys.exit(1)
     finally:
         if main:
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
-def resume_command() -> str:
-    """This process's command line, with --resume."""
-    return shlex.join([Path(sys.executable).name, *sys.argv] + ([] if "--resume" in sys.argv else ["--resume"]))
+def peer_failure(e: RuntimeError) -> str:
+    """What a collective's error says when another rank of the job ended (gloo: "Connection closed by peer"; NCCL:
+    a DistBackendError), in a few words; "" for any other error."""
+    if world()[1] == 1:
+        return ""
+    text = first_line(e, 400)
+    for words in ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "timed out"):
+        if words.lower() in text.lower():
+            return words.lower()
+    return "a collective failed" if isinstance(e, torch.distributed.DistBackendError) else ""

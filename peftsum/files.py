@@ -259,10 +259,22 @@ def weights_lock(path: Path):
             f.flush()
         except OSError as e:  # a full disk: the lock is held all the same, but say it now, not after an epoch
             raise UsageError(f"cannot write {lock}: {e.strerror or e}") from None
+        HELD_LOCKS.add(lock)
         yield
     finally:
+        HELD_LOCKS.discard(lock)
         lock.unlink(missing_ok=True)
         f.close()  # releases the lock
+
+
+HELD_LOCKS: set[Path] = set()  # the lock files this process holds
+
+
+def remove_held_locks() -> None:
+    """For a process about to end without unwinding (os._exit): remove its lock files, as each `weights_lock` would
+    on its way out. The OS releases the locks themselves when the process ends."""
+    for lock in list(HELD_LOCKS):
+        lock.unlink(missing_ok=True)
 
 
 def nearest_existing(folder: Path) -> Path:

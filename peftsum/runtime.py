@@ -6,6 +6,7 @@ import functools
 import math
 import os
 import platform
+import shlex
 import socket
 import sys
 from contextlib import nullcontext
@@ -116,3 +117,17 @@ def init_distributed(device: str) -> str:
     if dist.get_rank() != 0:
         sys.stdout = open(os.devnull, "w")
     return device
+
+
+def resume_command() -> str:
+    """The command that continues this run: this process's command line with --resume; under torchrun, the
+    torchrun command of the same world size (a run's data order and steps depend on it)."""
+    args = [*sys.argv] + ([] if "--resume" in sys.argv else ["--resume"])
+    _, n_ranks = world()
+    if n_ranks == 1:
+        return shlex.join([Path(sys.executable).name, *args])
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", n_ranks))
+    if per_node == n_ranks:
+        return shlex.join(["torchrun", "--standalone", f"--nproc-per-node={per_node}", *args])
+    return shlex.join(["torchrun", f"--nnodes={n_ranks // per_node}", f"--nproc-per-node={per_node}", *args]) + \
+        " (on every node, with the first run's rendezvous flags)"

@@ -23,10 +23,10 @@ from tqdm import tqdm
 
 from peftsum.errors import Interrupted, UsageError
 from peftsum.config import Config, RUNTIME_FIELDS
-from peftsum.runtime import autocast, peak_memory_mb, world
+from peftsum.runtime import autocast, peak_memory_mb, resume_command, world
 from peftsum.model import GPT, IGNORE
 from peftsum.methods import trainable_state
-from peftsum.files import json_object, read_safetensors, write_safetensors
+from peftsum.files import json_object, read_safetensors, remove_held_locks, write_safetensors
 from peftsum.data import collate, collate_features, length_batches
 
 
@@ -158,6 +158,13 @@ def optimizer_step(net, opt, scaler, group: list, divisor, device, dtype) -> tor
     """One optimizer step over the micro-batches `group` [(x, y), ...]: the gradient of (summed loss / divisor),
     clipped at norm 1.0 after backward, on unscaled gradients. Under DDP, gradients are averaged once per step
     (divisor = target tokens of all ranks x ranks, since DDP divides by the rank count). Returns the summed loss."""
+    total = gradients(net, scaler, group, divisor, device, dtype)
+    update(opt, scaler)
+    return total
+
+
+def gradients(net, scaler, group: list, divisor, device, dtype) -> torch.Tensor:
+    """A step's forward and backward passes (see optimizer_step): gradients accumulated, nothing trained changed."""
     total = torch.zeros((), device=device)
     for j, (x, y) in enumerate(group):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -166,13 +173,17 @@ def optimizer_step(net, opt, scaler, group: list, divisor, device, dtype) -> tor
             s = net(x, targets=y)
         scaler.scale(s / divisor).backward()
         total += s.detach()
+    return total
+
+
+def update(opt, scaler) -> None:
+    """A step's update (see optimizer_step): clip the unscaled gradients, step, clear them."""
     params = [p for g in opt.param_groups for p in g["params"]]
     scaler.unscale_(opt)
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     scaler.step(opt)
     scaler.update()
     opt.zero_grad(set_to_none=True)
-    return total
 
 
 def step_divisor(targets: int, device) -> torch.Tensor:
@@ -215,6 +226,7 @@ class TrainState:
     history: list[dict] = field(default_factory=list)  # one entry per epoch
     sums: EpochSums = field(default_factory=EpochSums)
     bad_step: torch.Tensor | None = None  # first step whose loss was not finite (-1: none), on the device: no sync
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)  # held while it changes
 
     @classmethod
     def start(cls, params: dict[str, torch.Tensor], identity: dict, seed: int) -> TrainState:
@@ -270,11 +282,12 @@ class TrainState:
         return (f"epoch {entry['epoch']}: train loss {entry['train_loss']:.4f} | val loss {val_loss:.4f} | "
                 f"{seconds:.1f} s | {entry['tokens_per_s']:.0f} tok/s | padding {entry['padding']:.1%}")
 
-    def check_finite(self, checkpoint: Path | None) -> None:
-        """Stop with the first step whose loss was not finite. A host sync; under DDP every rank stops together."""
+    def check_finite(self, checkpoint: Path | None, all_ranks: bool = True) -> None:
+        """Stop with the first step whose loss was not finite. A host sync; under DDP every rank stops together
+        (unless not `all_ranks`: this rank's losses only, without a collective)."""
         if self.bad_step is None:
             return
-        if world()[1] > 1:
+        if world()[1] > 1 and all_ranks:
             dist.all_reduce(self.bad_step, op=dist.ReduceOp.MAX)
         if self.bad_step.item() >= 0:
             last = f"the last good checkpoint is {checkpoint} (--resume)" if checkpoint and checkpoint.is_file() else \
@@ -282,11 +295,11 @@ class TrainState:
             raise UsageError(f"the loss became NaN or infinite at step {int(self.bad_step) + 1}; stopped: {last}; "
                              "try a lower --lr or --dtype fp32")
 
-    def save(self, path: Path | None, model: GPT, opt, scaler) -> None:
-        """Check on every rank that the loss stayed finite (a checkpoint never holds a diverged run), then write the
-        checkpoint on rank 0, atomically: the state as JSON metadata; trained tensors, best tensors, optimizer
-        moments and the data order as tensors."""
-        self.check_finite(path)
+    def save(self, path: Path | None, model: GPT, opt, scaler, all_ranks: bool = True) -> None:
+        """Check on every rank (or, not `all_ranks`, on this one) that the loss stayed finite (a checkpoint never
+        holds a diverged run), then write the checkpoint on rank 0, atomically: the state as JSON metadata; trained
+        tensors, best tensors, optimizer moments and rank 0's data order as tensors."""
+        self.check_finite(path, all_ranks)
         if path is None or world()[0] != 0:
             return
         params = trainable_state(model)
@@ -403,11 +416,30 @@ def train(model: GPT, train_set, val_set, cfg: Config, lr: float, device, dtype,
     bar = tqdm(total=total, initial=state.step, desc=f"epoch {state.epoch + 1}/{cfg.epochs}", unit="step",
                file=sys.stdout, dynamic_ncols=True, mininterval=1.0, disable=rank != 0)  # the whole run, with its ETA
     model.gradient_checkpointing = cfg.gradient_checkpointing
-    with stop_signals() as received, compile_options(cfg.compile), frozen_weights_in(model, dtype), bar:
+
+    def save_now(signum: int) -> None:
+        """A signal, and the step still running seconds later (see stop_signals): write the last finished step's
+        checkpoint now, from rank 0, and end the process (the other ranks end with it)."""
+        if rank != 0:
+            return
+        try:
+            with state.lock:
+                state.save(checkpoint, model, opt, scaler, all_ranks=False)
+            line, code = Interrupted(signum, state.step, checkpoint, late=True).line(resume_command()), 128 + signum
+        except UsageError as e:  # the loss had diverged: no checkpoint of it
+            line, code = f"error: {e}", 2
+        bar.close()
+        print(line, file=sys.stderr, flush=True)
+        remove_held_locks()
+        os._exit(code)
+
+    with stop_signals(save_now) as received, compile_options(cfg.compile), frozen_weights_in(model, dtype), bar:
         shard, val_set, feature_seconds = training_examples(model, train_set[rank::n_ranks], val_set,
                                                             cfg.cache_features, batch, device, dtype)
         net = training_module(model, cfg.compile, device)
         lengths, logged = [example_len(e) for e in shard], -math.inf
+        if cfg.resume and rank > 0:  # the checkpoint holds rank 0's data order; this rank's is replayed from its seed
+            state.order = replayed_order((cfg.seed + rank) % 2**64, state.epoch, lengths, cfg.batch_size)
         while not state.done(cfg.epochs, total, cfg.patience):
             bar.set_description(f"epoch {state.epoch + 1}/{cfg.epochs}", refresh=False)
             micro, next_order = state.epoch_batches(lengths, cfg.batch_size)
@@ -418,27 +450,31 @@ def train(model: GPT, train_set, val_set, cfg: Config, lr: float, device, dtype,
                 targets = sum(int((y != IGNORE).sum()) for _, y, _ in group)  # on the host: no device sync
                 for g in opt.param_groups:
                     g["lr"] = lr_at(state.step, lr, warmup, total)
-                loss = optimizer_step(net, opt, scaler, [(x, y) for x, y, _ in group], step_divisor(targets, device),
-                                      device, dtype)
-                state.count(loss, group, targets, time.perf_counter() - t0)
+                loss = gradients(net, scaler, [(x, y) for x, y, _ in group], step_divisor(targets, device), device,
+                                 dtype)
+                with state.lock:  # what a checkpoint holds changes only here (and at the epoch's end)
+                    update(opt, scaler)
+                    state.count(loss, group, targets, time.perf_counter() - t0)
                 bar.update()
                 if rank == 0 and time.perf_counter() - logged > 1.0:  # from the first step on, then once a second
                     bar.set_postfix(state.progress(opt))
                     logged = time.perf_counter()
-                signum = agreed_signal(received(), state.step, device)
+                signum = agreed_signal(received(), device)
                 if signum or (cfg.save_every and state.step % cfg.save_every == 0):
-                    state.save(checkpoint, model, opt, scaler)
+                    with state.lock:
+                        state.save(checkpoint, model, opt, scaler)
                 elif state.step % 10 == 0:
                     state.check_finite(checkpoint)
                 if signum:
                     raise Interrupted(signum, state.step, checkpoint)
             val_loss = validation_loss(model, val_set, batch, device, dtype)
-            bar.write(state.end_epoch(val_loss, params, next_order, feature_seconds if state.epoch == 0 else 0.0,
-                                      device))
-            state.save(checkpoint, model, opt, scaler)
+            with state.lock:
+                bar.write(state.end_epoch(val_loss, params, next_order,
+                                          feature_seconds if state.epoch == 0 else 0.0, device))
+                state.save(checkpoint, model, opt, scaler)
             if state.bad_epochs >= cfg.patience:
                 bar.write(f"early stop: no better validation loss for {cfg.patience} epochs")
-            if signum := agreed_signal(received(), 0, device):  # a signal during the validation pass, even the last
+            if signum := agreed_signal(received(), device):  # a signal during the validation pass, even the last
                 raise Interrupted(signum, state.step, checkpoint)
     with torch.no_grad():
         for n, p in params.items():
@@ -446,11 +482,19 @@ def train(model: GPT, train_set, val_set, cfg: Config, lr: float, device, dtype,
     return state.history
 
 
+SIGNAL_GRACE_S = 10.0  # how long a step may still run after SIGINT/SIGTERM before the step before it is saved
+
+
 @contextmanager
-def stop_signals():
-    """While training, SIGINT (Ctrl-C) and SIGTERM (what a cluster scheduler sends) ask the loop to stop after its
-    current step; yields a function that returns the signal received (0: none). A second Ctrl-C exits at once."""
-    received = []
+def stop_signals(save_now=None):
+    """While training, SIGINT (Ctrl-C) and SIGTERM (what torchrun and cluster schedulers send, then SIGKILL after
+    ~30 s) ask the loop to stop after its current step; yields a function that returns the signal received (0:
+    none), and that tells, once it has returned a signal, that the loop took it. A step may take longer than a
+    scheduler waits, and the main thread cannot run Python while it is inside one long backward pass: so the
+    signal also wakes a thread of its own (through the wakeup pipe Python's C handler writes to), and if the loop
+    has not taken the signal SIGNAL_GRACE_S seconds later, that thread calls `save_now(signum)`, which saves the
+    last finished step and ends the process. A second Ctrl-C exits at once."""
+    received, taken = [], threading.Event()
 
     def handle(signum, frame):
         if received and signum == signal.SIGINT:
@@ -460,36 +504,66 @@ def stop_signals():
         print(f"\n{signal.Signals(signum).name}: finishing this step, then writing a checkpoint (Ctrl-C again to "
               "exit at once)", file=sys.stderr, flush=True)
 
+    def first() -> int:
+        if received:
+            taken.set()
+        return received[0] if received else 0
+
     if threading.current_thread() is not threading.main_thread():  # only the main thread may handle signals
         yield lambda: 0
         return
+    wake_read, wake_write = os.pipe()
+    os.set_blocking(wake_write, False)
+
+    def watch():
+        while data := os.read(wake_read, 64):  # b"" once the pipe is closed: training is over
+            signum = next((n for n in data if n in (signal.SIGINT, signal.SIGTERM)), 0)
+            if signum and save_now and not taken.wait(SIGNAL_GRACE_S):
+                save_now(signum)
+
     previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous_fd = signal.set_wakeup_fd(wake_write, warn_on_full_buffer=False)
+    watcher = threading.Thread(target=watch, name="stop-signals", daemon=True)
+    watcher.start()
     try:
-        yield lambda: received[0] if received else 0
+        yield first
     finally:
+        taken.set()
+        signal.set_wakeup_fd(previous_fd)
         for s, h in previous.items():
             signal.signal(s, h if h is not None else signal.SIG_DFL)
+        os.close(wake_write)
+        watcher.join()
+        os.close(wake_read)
 
 
-def agreed_signal(received: int, step: int, device) -> int:
+def agreed_signal(received: int, device) -> int:
     """The signal to stop for now: at once in one process; under torchrun all ranks must stop after the same step,
-    so they compare what they received every 10 steps."""
+    so they compare what they received after every step (a collective of one number: microseconds beside a step)."""
     if world()[1] == 1:
         return received
-    if step % 10:
-        return 0
     t = torch.tensor(received, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
 
 
+def replayed_order(seed: int, epochs: int, lengths: list[int], batch_size: int) -> torch.Tensor:
+    """The data-order generator's state at the start of epoch `epochs` of a rank seeded `seed`: as TrainState
+    draws it, one epoch's batches after another."""
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        length_batches(lengths, batch_size, gen)
+    return gen.get_state()
+
+
 def run_identity(method: str, cfg: Config, hp, model: GPT, train_set, val_set) -> dict:
     """What a training run is, as its checkpoint records it: the settings that shape the trained weights (all but
     RUNTIME_FIELDS), the base model (name, and a fingerprint of its frozen weights) and a fingerprint of the
-    training and validation examples (which covers the data, the subsets, the tokenizer and the prompt format)."""
+    training and validation examples (which covers the data, the subsets, the tokenizer and the prompt format), and
+    the number of torchrun processes (each trains on its share of the examples, in its own order)."""
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUNTIME_FIELDS}
     frozen = [t.detach().flatten()[::max(1, t.numel() // 4096)] for t in model.parameters() if not t.requires_grad]
-    return dict(settings=settings | vars(hp) | {"method": method}, base_model=model.name,
+    return dict(settings=settings | vars(hp) | {"method": method}, base_model=model.name, ranks=world()[1],
                 base_weights=fingerprint(t.float().cpu().numpy().tobytes() for t in frozen),  # ~4,096 values each
                 data=fingerprint(torch.tensor(ids + [-n]).numpy().tobytes() for ids, n in train_set + val_set))
 
@@ -511,4 +585,8 @@ def run_differences(saved: dict, now: dict) -> list[str]:
                    (" with other weights" if saved.get("base_model") == now.get("base_model") else ""))
     if saved.get("data") != now.get("data"):
         out.append("other training or validation examples")
+    ranks = saved.get("ranks", 1), now.get("ranks", 1)  # a checkpoint from before ranks were recorded: one process
+    if ranks[0] != ranks[1]:
+        out.append(f"{ranks[0]} training processes (torchrun --nproc-per-node={ranks[0]}) there, {ranks[1]} now"
+                   if ranks[0] > 1 else f"one training process there, {ranks[1]} (torchrun) now")
     return out

@@ -1,5 +1,7 @@
 """Run an entry script as torchrun would, and also write each rank's trained weights to OUT/rank<r>.safetensors,
-so a test can compare the ranks. usage: torchrun ... tests/ddp_worker.py OUT SCRIPT [script args]"""
+so a test can compare the ranks, and its process id to OUT/pid<r>, so a test can kill one.
+usage: torchrun ... tests/ddp_worker.py OUT SCRIPT [script args]"""
+import os
 import runpy
 import sys
 from pathlib import Path
@@ -24,4 +26,5 @@ def train_and_dump(model, *args, **kwargs):
 
 
 training.train = train_and_dump  # what the CLI calls
+(out / f"pid{os.environ['RANK']}").write_text(str(os.getpid()))
 runpy.run_path(script, run_name="__main__")

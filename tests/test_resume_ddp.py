@@ -194,17 +194,139 @@ def test_a_second_run_into_the_same_weights_is_refused_and_names_the_holder(tiny
     assert "removed 1 temporary file(s) that a killed run left" in p.stdout and not orphan.exists()
 
 
-def test_two_gloo_ranks_end_identical_and_rank0_saves(tiny_dir, data_dir, tmp_path):
-    weights = tmp_path / "w.safetensors"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "tests" / "ddp_worker.py"), str(tmp_path), str(ROOT / "main2.py"),
-           *map(str, train_args(tiny_dir, data_dir, tmp_path)), "--max-steps", "4", "--device", "cpu"]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+def torchrun(out, *args, log_dir=None) -> list[str]:
+    """torchrun with 2 gloo ranks running main2.py through tests/ddp_worker.py (which also writes each rank's
+    weights and pid to `out`); with `log_dir`, each rank's stdout and stderr go to files of their own there."""
+    logs = ["--log-dir", str(log_dir), "--redirects", "3"] if log_dir else []
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *logs,
+            str(ROOT / "tests" / "ddp_worker.py"), str(out), str(ROOT / "main2.py"), *map(str, args), "--device", "cpu"]
+
+
+def rank_stderr(log_dir, rank: int) -> str:
+    (path,) = log_dir.glob(f"**/attempt_0/{rank}/stderr.log")
+    return path.read_text()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_ddp(tiny_dir, data_dir, tmp_path_factory):
+    """The resume tests' training run by two gloo ranks, uninterrupted."""
+    folder = tmp_path_factory.mktemp("uninterrupted-ddp")
+    p = subprocess.run(torchrun(folder, *train_args(tiny_dir, data_dir, folder)), capture_output=True, text=True,
+                       timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-    assert p.stdout.count("trainable parameters:") == 1  # only rank 0 logs
-    r0, r1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
-    saved = load_file(weights)
+    return folder
+
+
+def test_two_gloo_ranks_end_identical_and_rank0_saves(uninterrupted_ddp):
+    r0, r1 = (load_file(uninterrupted_ddp / f"rank{r}.safetensors") for r in (0, 1))
+    saved = load_file(uninterrupted_ddp / "w.safetensors")
     assert r0.keys() == r1.keys() == saved.keys()
     assert all((r0[k] == r1[k]).all() for k in r0), "ranks diverged"
     assert all((r0[k] == saved[k]).all() for k in r0), "the saved file is not rank 0's weights"
     assert any((r0[k] != 0).any() for k in r0 if k.endswith(".B"))  # it trained: B moved from zero
+    assert len(history(uninterrupted_ddp)) == 3
+
+
+def test_torchrun_sigterm_checkpoints_and_its_command_resumes_the_same_run(tiny_dir, data_dir, tmp_path,
+                                                                           uninterrupted_ddp):
+    """Issue 22, item 2: SIGTERM to torchrun (which passes it to every rank and kills them 30 s later): the ranks
+    stop after the same step, rank 0 writes the checkpoint, the lock file goes, each rank ends in one line, and
+    the command in that line, torchrun with the same number of processes, ends with the uninterrupted run's
+    weights and history. One process may not continue it: the number of processes is part of the run."""
+    args = train_args(tiny_dir, data_dir, tmp_path)
+    p = subprocess.Popen(torchrun(tmp_path, *args, log_dir=tmp_path / "logs"), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 200
+    while not (tmp_path / "w.ckpt.safetensors").exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.001)
+    p.send_signal(signal.SIGTERM)
+    p.communicate(timeout=200)
+    lines = []
+    for rank in (0, 1):
+        err = rank_stderr(tmp_path / "logs", rank)
+        assert "Traceback" not in err, err[-3000:]
+        lines.append(err.strip().splitlines()[-1])
+    state = checkpoint_state(tmp_path / "w.ckpt.safetensors")
+    assert all(line.startswith(f"interrupted by SIGTERM after step {state['step']}: wrote the checkpoint")
+               for line in lines), lines
+    assert state["run"]["ranks"] == 2 and state["step"] < 18
+    assert not (tmp_path / "w.safetensors.lock").exists() and not (tmp_path / "w.safetensors").exists()
+
+    alone = cli("main2.py", *args, "--device", "cpu", "--resume")
+    assert alone.returncode == 2 and "Traceback" not in alone.stderr, alone.stderr[-2000:]
+    assert "2 training processes (torchrun --nproc-per-node=2) there, 1 now" in alone.stderr
+    assert (tmp_path / "w.ckpt.safetensors").is_file()
+
+    command = shlex.split(lines[0].split("continue with: ", 1)[1])
+    assert command[:3] == ["torchrun", "--standalone", "--nproc-per-node=2"] and command[-1] == "--resume"
+    assert command[3] == str(ROOT / "main2.py")
+    resumed = subprocess.run([sys.executable, "-m", "torch.distributed.run", *command[1:]], capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert same_weights(uninterrupted_ddp / "w.safetensors", tmp_path / "w.safetensors")
+    assert history(tmp_path) == history(uninterrupted_ddp)
+
+
+LONG_STEP = """
+import runpy, sys, time
+sys.path.insert(0, {root!r})
+from peftsum import training
+training.SIGNAL_GRACE_S = 1.0
+gradients, steps = training.gradients, []
+def slow(*args, **kwargs):
+    steps.append(1)
+    if len(steps) == 3:  # the third step takes ten minutes
+        print("step 3 running", file=sys.stderr, flush=True)
+        time.sleep(600)
+    return gradients(*args, **kwargs)
+training.gradients = slow
+sys.argv = [{script!r}, *sys.argv[1:]]
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+def test_a_step_that_outlasts_the_signal_saves_the_step_before_it(tiny_dir, data_dir, tmp_path, uninterrupted):
+    """Issue 22, item 2: a step still running SIGNAL_GRACE_S after SIGTERM (a scheduler kills seconds later;
+    here the grace is 1 s and the step ten minutes): the last finished step is saved at once, one line says so,
+    the lock file goes, exit code 143, and --resume ends with the uninterrupted run's weights."""
+    args = train_args(tiny_dir, data_dir, tmp_path)
+    driver = LONG_STEP.format(root=str(ROOT), script=str(ROOT / "main2.py"))
+    p = subprocess.Popen([sys.executable, "-c", driver, *map(str, args)], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    seen = []
+    while "step 3 running" not in (line := p.stderr.readline()) and line:
+        seen.append(line)
+    assert line, "".join(seen)[-3000:]
+    t = time.time()
+    p.send_signal(signal.SIGTERM)
+    err = p.communicate(timeout=60)[1]
+    assert p.returncode == 143 and time.time() - t < 30, err[-3000:]
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("interrupted by SIGTERM during step 3, which was still running seconds later: saved step "
+                           "2 instead; wrote the checkpoint"), last
+    assert checkpoint_state(tmp_path / "w.ckpt.safetensors")["step"] == 2
+    assert not (tmp_path / "w.safetensors.lock").exists()
+    resumed = cli("main2.py", *args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert same_weights(uninterrupted / "w.safetensors", tmp_path / "w.safetensors")
+    assert history(tmp_path) == history(uninterrupted)
+
+
+def test_a_killed_rank_ends_the_other_in_one_line(tiny_dir, data_dir, tmp_path):
+    """Issue 22, item 2: SIGKILL to rank 1 mid-training (the OOM killer, a crash): rank 0 ends in one line, no
+    traceback (a failed collective, or the SIGTERM torchrun then sends), and its lock file goes."""
+    p = subprocess.Popen(torchrun(tmp_path, *train_args(tiny_dir, data_dir, tmp_path), log_dir=tmp_path / "logs"),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 200
+    while not (tmp_path / "w.ckpt.safetensors").exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.001)
+    os.kill(int((tmp_path / "pid1").read_text()), signal.SIGKILL)
+    p.communicate(timeout=200)
+    assert p.returncode != 0
+    err = rank_stderr(tmp_path / "logs", 0)
+    assert "Traceback" not in err, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(("error: rank 0 of 2: another process of this torchrun job ended",
+                            "interrupted by SIGTERM")), last
+    assert not (tmp_path / "w.safetensors.lock").exists()

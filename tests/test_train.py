@@ -75,12 +75,12 @@ def test_train_accumulates_micro_batches_into_each_step(tiny, monkeypatch):
     model, _ = tiny
     apply_lora(model, 4, 8)
     steps = []
-    step = optimizer_step
+    step = training.gradients
 
-    def spy(net, opt, scaler, group, divisor, device, dtype):
+    def spy(net, scaler, group, divisor, device, dtype):
         steps.append((len(group), float(divisor), sum(int((y != IGNORE).sum()) for _, y in group)))
-        return step(net, opt, scaler, group, divisor, device, dtype)
-    monkeypatch.setattr(training, "optimizer_step", spy)
+        return step(net, scaler, group, divisor, device, dtype)
+    monkeypatch.setattr(training, "gradients", spy)
     cfg = Config(epochs=1, batch_size=2, grad_accum=2, warmup_steps=0, eval_batch_size=4)
     train(model, token_examples(12), token_examples(2, seed=1), cfg, 1e-3, torch.device("cpu"), torch.float32)
     assert len(steps) == 3 and all(n == 2 and divisor == targets for n, divisor, targets in steps)
