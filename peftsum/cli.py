@@ -18,7 +18,8 @@ import torch
 from safetensors import safe_open
 
 from peftsum import evaluation, gguf_export, interop, runtime, training
-from peftsum.config import MODES, ROOT, Args, Config, check_config, check_context, fields_where, flag
+from peftsum.config import (MODES, ROOT, TRAINING_FIELDS, Args, Config, check_config, check_context, fields_where,
+                            flag)
 from peftsum.data import (data_files, data_folder, encode_examples, hub_dataset_cached, load_splits,
                           offline_dataset_error)
 from peftsum.errors import Interrupted, UsageError, first_line
@@ -322,6 +323,9 @@ def load_trained(job: Job, record: RunRecord) -> None:
         record.set_history(history if isinstance(history, list) else [])
         counts = trained.get("n_examples")
         record.n_examples = {**(counts if isinstance(counts, dict) else {}), **record.n_examples}
+        config = trained.get("config")
+        if isinstance(config, dict):  # how these weights were trained (epochs, warmup, batch, ...)
+            record.config = {**record.config, **{k: config[k] for k in TRAINING_FIELDS if k in config}}
     print(f"loaded {portable_path(str(path))}")
 
 

@@ -132,6 +132,12 @@ def fields_where(cls: type, key: str) -> tuple[str, ...]:
 # (model and data are compared by fingerprints instead).
 RUNTIME_FIELDS = fields_where(Config, "runtime")
 
+# Settings only a training reads (neither runtime nor followed from a weights' record; --dtype and --seed also
+# shape an evaluation): an evaluation's record takes them from the weights' record, so that it says how the
+# weights it scored were trained, not the defaults of a training that never ran.
+TRAINING_FIELDS = tuple(f.name for f in dataclasses.fields(Config) if f.name not in RUNTIME_FIELDS
+                        and f.name not in fields_where(Config, "recorded") and f.name not in ("dtype", "seed"))
+
 # What each mode does, and the data splits it reads (and nothing else).
 MODES = {"train": ("train", "validation", "test"),  # train, save, then evaluate on the test set
          "evaluate": ("test",),  # summarize the test set with saved weights (or --baseline), score, write the record

@@ -92,9 +92,30 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Count peak memory from now on, so that a training reports its own peak and not the model loading's: CUDA's
+    counter, or the process's high-water mark (Linux: VmHWM, which writing 5 to /proc/self/clear_refs resets;
+    elsewhere the peak since the process started)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def peak_memory_mb(device: torch.device) -> float:
+    """The peak memory since `reset_peak_memory` (or since the process started), in MiB: on a GPU what torch
+    allocated there, on a CPU the process's resident memory."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**10  # kB
+    except (OSError, StopIteration, ValueError):
+        pass
     try:
         import resource  # POSIX only
     except ImportError:  # Windows has no getrusage

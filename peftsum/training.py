@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from peftsum.errors import Interrupted, UsageError
 from peftsum.config import Config, RUNTIME_FIELDS
-from peftsum.runtime import autocast, peak_memory_mb, resume_command, world
+from peftsum.runtime import autocast, peak_memory_mb, reset_peak_memory, resume_command, world
 from peftsum.model import GPT, IGNORE
 from peftsum.methods import trainable_state
 from peftsum.files import json_object, read_safetensors, remove_held_locks, write_safetensors
@@ -404,6 +404,7 @@ def train(model: GPT, train_set, val_set, cfg: Config, lr: float, device, dtype,
     to the same run (`identity`, see run_identity). Leaves the best-validation weights in the model; returns the
     history."""
     rank, n_ranks = world()
+    reset_peak_memory(device)  # the history's peak memory is the training's, not the model loading's
     params = trainable_state(model)
     opt = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)

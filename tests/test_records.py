@@ -34,6 +34,9 @@ def test_evaluation_follows_the_weights_record(trained, data_dir, tiny_dir, tmp_
     assert record["base_model"] == str(tiny_dir) and record["data"] == str(data_dir)
     assert record["n_examples"] == {"train": 24, "validation": 6, "test": 6}
     assert record["best_epoch"] == 1 and len(record["history"]) == 1
+    # how the weights were trained, not this evaluation's defaults for a training it did not run
+    assert {k: record["config"][k] for k in ("max_steps", "batch_size", "warmup_steps")} == \
+        {"max_steps": 2, "batch_size": 4, "warmup_steps": 1}
 
 
 def test_an_override_that_contradicts_training_is_said_in_one_line(trained, tmp_path):
