@@ -92,6 +92,9 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
 
 
+PROC_STATUS = "/proc/self/status"  # Linux: the process's memory, VmHWM its peak
+
+
 def reset_peak_memory(device: torch.device) -> None:
     """Count peak memory from now on, so that a training reports its own peak and not the model loading's: CUDA's
     counter, or the process's high-water mark (Linux: VmHWM, which writing 5 to /proc/self/clear_refs resets;
@@ -112,7 +115,7 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     try:
-        with open("/proc/self/status") as f:
+        with open(PROC_STATUS) as f:
             return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**10  # kB
     except (OSError, StopIteration, ValueError):
         pass

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from peftsum.errors import UsageError
+from peftsum import runtime
 from peftsum.runtime import peak_memory_mb
 from peftsum.methods import apply_lora
 from peftsum.files import weights_lock, write_safetensors
@@ -104,6 +105,7 @@ def test_import_common_needs_no_posix_only_module(monkeypatch, tmp_path):
                for alias in node.names} | {node.module for node in tree.body if isinstance(node, ast.ImportFrom)}
         assert not top & {"resource", "fcntl", "termios", "pwd", "grp", "posix"}, path
     monkeypatch.setitem(sys.modules, "resource", None)  # as on Windows: importing it raises ImportError
+    monkeypatch.setattr(runtime, "PROC_STATUS", str(tmp_path / "no-proc"))  # and there is no /proc
     monkeypatch.setitem(sys.modules, "fcntl", None)
     assert peak_memory_mb(torch.device("cpu")) != peak_memory_mb(torch.device("cpu"))  # NaN: unknown
     with weights_lock(tmp_path / "w.safetensors"):
@@ -143,3 +145,15 @@ def test_each_module_imports_only_modules_above_it_in_the_map():
         used |= {n.module.split(".")[1] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
                  and (n.module or "").startswith("peftsum.")}
         assert used <= set(order[:i]), f"{name} imports {sorted(used - set(order[:i]))}, listed after it"
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="Linux's /proc only")
+def test_a_trainings_peak_memory_counts_from_its_start():
+    """What a training records as its peak memory is its own, not the model loading's: 300 MB held and freed
+    before `reset_peak_memory` are not in the peak after it."""
+    cpu = torch.device("cpu")
+    big = torch.ones(300 * 2**20 // 4)  # 300 MB, written
+    del big
+    before = peak_memory_mb(cpu)
+    runtime.reset_peak_memory(cpu)
+    assert peak_memory_mb(cpu) < before - 200
