@@ -160,8 +160,10 @@ def one_row(args) -> dict:
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     hf = load_hf(args.model)
     with contextlib.ExitStack() as stack:
-        step = ours(hf, args.method, device, dtype, args.checkpointing, args.compile, stack) if args.side == "ours" else \
-            theirs(hf, args.method, device, dtype, args.checkpointing)
+        if args.side == "ours":
+            step = ours(hf, args.method, device, dtype, args.checkpointing, args.compile, stack)
+        else:
+            step = theirs(hf, args.method, device, dtype, args.checkpointing)
         del hf
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -240,7 +242,8 @@ def profile(args) -> None:
         print(f"\n{method}: step {fwd + bwd + upd:.2f} s = forward {fwd:.2f} + backward {bwd:.2f} + update {upd:.3f}")
         print(f"  profiled {total:.2f} s: " + ", ".join(f"{k} {v:.2f} s ({v / total:.0%})" for k, v in groups.items()))
         print(f"  matrix products {mm / 1e12:.2f} TFLOP at {mm / groups['matrix products'] / 1e9:.0f} GFLOPS; "
-              f"attention {attention / 1e12:.2f} TFLOP at {attention / max(groups['attention'], 1e-9) / 1e9:.0f} GFLOPS")
+              f"attention {attention / 1e12:.2f} TFLOP at {attention / max(groups['attention'], 1e-9) / 1e9:.0f} "
+              "GFLOPS")
         floor = (mm + attention) / peak
         print(f"  floor (all FLOPs at the peak): {floor:.2f} s; the step is {(fwd + bwd + upd) / floor:.2f}x it")
 
@@ -310,8 +313,9 @@ def main():
               f"{o['seconds']:.2f} | {o['peak_mb']:.0f} | {t['seconds'] / o['seconds']:.2f} |")
     for method in args.methods if args.compile else ():
         t, o = results["ours", method, args.dtypes[-1], False], results["compiled", method]
-        print(f"ours {method} {args.dtypes[-1]} with --compile: {o['seconds']:.2f} s/step ({t['seconds'] / o['seconds']:.2f}x "
-              f"eager), peak {o['peak_mb']:.0f} MB, compiling: first step {o['first_seconds']:.0f} s")
+        print(f"ours {method} {args.dtypes[-1]} with --compile: {o['seconds']:.2f} s/step "
+              f"({t['seconds'] / o['seconds']:.2f}x eager), peak {o['peak_mb']:.0f} MB, compiling: first step "
+              f"{o['first_seconds']:.0f} s")
     for method in args.methods:
         t, o = results["theirs", method, args.dtypes[-1], False], results["ours", method, args.dtypes[-1], False]
         print(f"speedup {method}: {t['seconds'] / o['seconds']:.2f}")
