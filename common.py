@@ -13,7 +13,8 @@ concern. Each module imports only modules above it in this list; none does work 
   generation  prefill and decode over the KV cache: batched, streamed, speculative (prompt lookup)
   interop     transformers checkpoints and GGUF files in; peft adapters in and out; transformers checkpoints out
   gguf_export GGUF files out, for llama.cpp, Ollama and LM Studio: a LoRA adapter, or a complete model
-  training    the training loop, its resumable state, checkpoints and run identity
+  checkpoints a training's resumable state, its checkpoints, and the run identity a checkpoint continues only
+  training    the training loop: steps, epochs, early stopping, torchrun, and stopping on a signal with a checkpoint
   evaluation  summaries of the test set, ROUGE, the run record and predictions
   cli         setup before the slow work, one mode per run, one-line errors
 
@@ -35,7 +36,8 @@ from peftsum.generation import (DecodeStats, cut_at_eos, decode_step, generate, 
 from peftsum.interop import (config_from_hf, export_merged, export_peft, from_hf, hf_config, load_model,
                              load_peft_lora, model_source)
 from peftsum.gguf_export import export_gguf
-from peftsum.training import TrainState, optimizer_step, train
+from peftsum.checkpoints import TrainState
+from peftsum.training import optimizer_step, train
 from peftsum.evaluation import lead_3, rouge, rouge_scores, score_and_write, split_sentences, summarize
 from peftsum.cli import Job, cli_errors, run, setup
 

@@ -31,7 +31,8 @@ from peftsum.methods import count_parameters, hard_prompt_ids, trainable_state
 from peftsum.model import GPT
 from peftsum.records import RunRecord, local_path, out_folder, portable_path, run_name
 from peftsum.runtime import init_distributed, resolve_device, resume_command, world
-from peftsum.training import run_identity, run_length
+from peftsum.checkpoints import run_identity
+from peftsum.training import run_length
 
 DATA_FIELDS = ("data", "data_config", "test_size", "data_seed")  # which test set: no contradiction of training
 
