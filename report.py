@@ -249,7 +249,8 @@ class Report:
 
     def table_rows(self) -> list[str]:
         """Baselines, then the methods, then their variants (other learning rates, greedy decoding)."""
-        variants = sorted(n for n in self.runs if n.startswith(("lr-", "greedy-", "hard_prompt-")) and n not in LABELS)
+        variants = sorted(n for n in self.runs if n.startswith(("lr-", "greedy-", "hard_prompt-", "chat-"))
+                          and n not in LABELS)
         rows = ["| run | trainable parameters | best val loss | " + " | ".join(f"{v} (95 % CI)" for v in ROUGE.values())
                 + " | repeating summaries | epochs | s / epoch | tokens / s | peak memory (MB) |", "|---" * 12 + "|"]
         for n in [n for n in LABELS if n in self.runs] + variants:
@@ -271,7 +272,8 @@ class Report:
     def differences(self) -> list[str]:
         """Paired-bootstrap differences in ROUGE-Lsum on the same test articles, significant where the 95 % interval
         excludes zero: each method against each baseline and each other method, then each run of a variant
-        (greedy decoding, another learning rate) against the run it varies."""
+        (greedy decoding, another learning rate) against the run it varies, and a method trained in the chat format
+        against the chat prompt with no training and against the method trained with the separator."""
         names = [n for n in LABELS if n in self.runs and scores(self.runs[n], "rougeLsum")]
         pairs = [(a, b) for i, a in enumerate(names) if a in METHODS for b in names[:i]]
         for name in sorted(self.runs):
@@ -279,6 +281,8 @@ class Report:
             base = self.runs[name].get("method") if kind == "lr" else rest  # lr-<method>-<lr>, greedy-<run>
             if kind in ("greedy", "lr") and base in self.runs:
                 pairs.append((base, name))
+            if name.startswith("chat-") and self.runs[name].get("method") in METHODS:  # trained in the chat format:
+                pairs += [(name, b) for b in ("chat", self.runs[name]["method"]) if b in self.runs]  # vs its prompt
         return [line for a, b in pairs if (line := self.difference(a, b))]
 
     def difference(self, a: str, b: str) -> str | None:

@@ -99,4 +99,6 @@ def label(name: str, record: dict) -> str:
         return f"{method}, {family.replace('_', ' ')} {rest}"
     if name.startswith("hard_prompt-"):
         return f"hard prompt x {name.removeprefix('hard_prompt-')}"
+    if name.startswith("chat-") and record.get("method") in METHODS:
+        return f"{method}, trained in the chat format"
     return name

@@ -43,6 +43,7 @@ def synthetic_runs(runs):
     for b in ("hard_prompt-24", "zero_shot", "lead_3", "chat"):
         rec, ex = record(b, epochs=0)
         write(runs, b, (rec | {"history": []}, ex))
+    write(runs, "chat-lora", record("lora", seed=5))
 
 
 def test_report_writes_every_figure_and_the_readme_section_then_removes_stale_figures(tmp_path, capsys):
@@ -64,6 +65,9 @@ def test_report_writes_every_figure_and_the_readme_section_then_removes_stale_fi
     assert "](plots/loss_curves.png)" in text  # figure links relative to the README
     assert "LoRA − chat template:" in text and "<summary>test article 0</summary>" in text
     assert "- LoRA − LoRA, greedy:" in text and "- LoRA − LoRA, lr 0.001:" in text  # each variant against its run
+    assert "| LoRA, trained in the chat format |" in text  # and LoRA trained in the chat format, against the chat
+    assert "- LoRA, trained in the chat format − chat template:" in text  # prompt and against LoRA
+    assert "- LoRA, trained in the chat format − LoRA:" in text
 
     for f in (tmp_path / "runs").glob("temperature-*"):  # a later report without those runs
         f.unlink()
