@@ -133,6 +133,10 @@ class Report:
             epochs = [e["epoch"] for e in h]
             ax.plot(epochs, [e["train_loss"] for e in h], "--o", color=COLORS[m], label=f"{METHODS[m]}, train")
             ax.plot(epochs, [e["val_loss"] for e in h], "-s", color=COLORS[m], label=f"{METHODS[m]}, validation")
+            if self.runs.get(f"chat-{m}", {}).get("history"):  # the same method trained in the chat format
+                h = self.runs[f"chat-{m}"]["history"]
+                ax.plot([e["epoch"] for e in h], [e["val_loss"] for e in h], ":^", color=COLORS[m],
+                        label=f"{METHODS[m]}, chat format, validation")
         ax.set(xlabel="epoch", ylabel="loss (nats per summary token)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         self.save(fig, "loss_curves.png", "Training and validation loss per epoch")
