@@ -298,8 +298,9 @@ def stop_signals(save_now=None):
             print("\nsecond Ctrl-C: exiting at once, without a checkpoint", file=sys.stderr, flush=True)
             os._exit(128 + signum)
         received.append(signum)
-        print(f"\n{signal.Signals(signum).name}: finishing this step, then writing a checkpoint (Ctrl-C again to "
-              "exit at once)", file=sys.stderr, flush=True)
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then writing a checkpoint (of the step before "
+              f"it if this one is still running in {SIGNAL_GRACE_S:g} s; Ctrl-C again to exit at once)",
+              file=sys.stderr, flush=True)
 
     def first() -> int:
         if received:
