@@ -16,16 +16,22 @@ Options of the sweep itself:
                                   inference families, runs/ for the hyperparameter sweeps)
 
 Every other flag goes to every run, e.g. `--model DIR --data DIR --out runs/mine --max-steps 20`.
+
+A run whose record is in --out already is skipped (--overwrite runs it again). Ctrl-C or SIGTERM reaches the run
+under way once: it finishes its step and writes its checkpoint, and the same command continues the sweep (that run
+resumes from its checkpoint).
 """
 import argparse
 import fnmatch
+import shlex
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import common
-from peftsum.records import RunRecord, out_folder, portable_path, variant_name
+from peftsum.records import RunRecord, checkpoint_path, out_folder, portable_path, variant_name
 
 ROOT = Path(__file__).resolve().parent
 SCRIPTS = {"prompt_tuning": "main.py", "last_layer": "main1.py", "lora": "main2.py"}
@@ -89,17 +95,48 @@ def main(argv: list[str]) -> None:
     runs = [r for r in family_runs(family, own.weights_dir) if any(fnmatch.fnmatch(r[0], o) for o in own.only)]
     if not runs and not (family == "methods" and any(fnmatch.fnmatch("lead_3", o) for o in own.only)):
         raise common.UsageError(f"no run of '{family}' matches --only {' '.join(own.only)}")
+    shared, _ = SHARED_FLAGS.parse_known_args(flags)
+    out = out_folder(shared.out)
     for name, script, extra in runs:
-        print(f"=== {name}: {script} {' '.join(extra)}", flush=True)
-        subprocess.run([sys.executable, str(ROOT / script), *extra, "--run-name", name, *flags], check=True)
+        if (out / f"{name}.json").exists() and not shared.overwrite:
+            print(f"=== {name}: skipped, its record {out / name}.json is there (--overwrite runs it again)", flush=True)
+            continue
+        weights = Path(extra[extra.index("--weights") + 1]) if "--train" in extra else None
+        resume = weights and checkpoint_path(weights).exists() and not (shared.resume or shared.overwrite)
+        print(f"=== {name}: {script} {' '.join(extra)}" + (" --resume (from its checkpoint)" if resume else ""),
+              flush=True)
+        code = run([sys.executable, str(ROOT / script), *extra, *["--resume"] * resume, "--run-name", name, *flags])
+        if code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+            print(f"the sweep stopped in {name}; continue it with: {shlex.join(['python3', *sys.argv])}",
+                  file=sys.stderr)
+            sys.exit(code)
+        if code:
+            raise common.UsageError(f"a run failed (exit code {code}): {script} {' '.join(extra)} --run-name {name}")
     if family == "methods" and any(fnmatch.fnmatch("lead_3", o) for o in own.only):
         print("=== lead_3", flush=True)
         lead_3(flags)
 
 
+SHARED_FLAGS = argparse.ArgumentParser(add_help=False)  # the flags of the runs that the sweep itself reads
+SHARED_FLAGS.add_argument("--out", default="")
+SHARED_FLAGS.add_argument("--overwrite", action="store_true")
+SHARED_FLAGS.add_argument("--resume", action="store_true")
+
+
+def run(command: list[str]) -> int:
+    """Run one run to its end and return its exit code. It runs in its own process group, so that a Ctrl-C at the
+    terminal reaches it once, from here (twice would mean "exit at once, without a checkpoint"), and so does a
+    SIGTERM sent to the sweep alone (a scheduler's): the run finishes its step, writes its checkpoint and ends."""
+    child = subprocess.Popen(command, process_group=0)
+    forward = lambda signum, frame: child.send_signal(signum)
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return child.wait()
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 if __name__ == "__main__":
     with common.cli_errors():
-        try:
-            main(sys.argv[1:])
-        except subprocess.CalledProcessError as e:
-            raise common.UsageError(f"a run failed (exit code {e.returncode}): {' '.join(e.cmd[1:])}") from None
+        main(sys.argv[1:])

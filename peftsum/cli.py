@@ -29,7 +29,7 @@ from peftsum.generation import prepare_inference
 from peftsum.interop import export_merged, export_peft, load_adapter
 from peftsum.methods import count_parameters, hard_prompt_ids, trainable_state
 from peftsum.model import GPT
-from peftsum.records import RunRecord, local_path, out_folder, portable_path, run_name
+from peftsum.records import RunRecord, checkpoint_path, local_path, out_folder, portable_path, run_name
 from peftsum.runtime import init_distributed, resolve_device, resume_command, world
 from peftsum.checkpoints import run_identity
 from peftsum.training import run_length
@@ -198,10 +198,6 @@ def check_checkpoint(checkpoint: Path, resume: bool, weights: Path) -> None:
 
 def weights_path(weights: str, method: str) -> Path:
     return Path(weights) if weights else ROOT / "models" / f"{method}.safetensors"
-
-
-def checkpoint_path(weights: Path) -> Path:
-    return weights.with_name(weights.stem + ".ckpt.safetensors")
 
 
 def default_base_model(cfg: Config, mode: str, path: Path) -> str:

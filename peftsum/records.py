@@ -66,6 +66,11 @@ def out_folder(out: str) -> Path:
     return Path(out) if out else ROOT / "runs"
 
 
+def checkpoint_path(weights: Path) -> Path:
+    """Where a training into `weights` keeps its checkpoint until it ends."""
+    return weights.with_name(weights.stem + ".ckpt.safetensors")
+
+
 def run_name(method: str, *, baseline: bool, chat: bool, baseline_prompt_tokens: int) -> str:
     """The default name of a run's record: the method's, or the baseline's prompt."""
     if not baseline:

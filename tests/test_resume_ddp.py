@@ -330,3 +330,36 @@ def test_a_killed_rank_ends_the_other_in_one_line(tiny_dir, data_dir, tmp_path):
     assert last.startswith(("error: rank 0 of 2: another process of this torchrun job ended",
                             "interrupted by SIGTERM")), last
     assert not (tmp_path / "w.safetensors.lock").exists()
+
+
+def test_a_stopped_sweep_keeps_the_work_of_its_run_and_the_same_command_continues_it(tiny_dir, data_dir, tmp_path):
+    """A SIGTERM sent to sweep.py alone (as a scheduler sends it) reaches the run under way, which writes its
+    checkpoint (before, the sweep's own exit killed it 0.25 s later, with its step's work and its lock file); the
+    sweep prints the command that continues; that command resumes the run from its checkpoint, and once the run's
+    record is there, skips it."""
+    flags = [str(a) for a in train_args(tiny_dir, data_dir, tmp_path)]
+    flags = [a for i, a in enumerate(flags) if a != "--train" and "--weights" not in flags[max(i - 1, 0):i + 1]]
+    command = [str(ROOT / "sweep.py"), "lora_rank", "--only", "lora_rank-4", "--weights-dir", str(tmp_path), *flags]
+    p = subprocess.Popen([sys.executable, *command], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    checkpoint = tmp_path / "lora_rank-4.ckpt.safetensors"
+    deadline = time.time() + 200
+    while not checkpoint.exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.001)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=200)
+    assert p.returncode == 143 and "Traceback" not in err, err[-2000:]
+    assert "interrupted by SIGTERM after step" in err  # the run's own line: it finished its step and saved it
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("the sweep stopped in lora_rank-4; continue it with: python3 "), err
+    assert checkpoint.exists() and not (tmp_path / "lora_rank-4.safetensors").exists()
+    assert not list(tmp_path.glob("*.lock"))
+
+    again = shlex.split(last.split("continue it with: ", 1)[1])
+    resumed = subprocess.run([sys.executable, *again[1:]], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "--resume (from its checkpoint)" in resumed.stdout and "resumed from" in resumed.stdout
+    assert len(json.loads((tmp_path / "runs" / "lora_rank-4.json").read_text())["history"]) == 3
+    assert not checkpoint.exists()
+
+    skipped = cli("sweep.py", *command[1:])
+    assert skipped.returncode == 0 and "lora_rank-4: skipped" in skipped.stdout, skipped.stderr
