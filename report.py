@@ -26,7 +26,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
-from peftsum.records import BASELINES, METHODS, label, variant_of  # noqa: E402  (imports no torch)
+from peftsum.records import BASELINES, METHODS, NEXT_TOKENS, label, variant_of  # noqa: E402  (imports no torch)
 
 LABELS = {**BASELINES, **METHODS}
 ROUGE = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum"}
@@ -46,6 +46,8 @@ def load_runs(folder: Path) -> dict[str, dict]:
     ours (other JSON, a broken file) are skipped with a line."""
     runs = {}
     for f in sorted(folder.glob("*.json")):
+        if f.name.endswith(NEXT_TOKENS):  # a next-token table (--inspect), see load_next_tokens
+            continue
         try:
             record = json.loads(f.read_text())
             assert isinstance(record, dict) and "test" in record
@@ -56,6 +58,20 @@ def load_runs(folder: Path) -> dict[str, dict]:
         record["examples"] = [json.loads(line) for line in open(preds)] if preds.exists() else []
         runs[f.stem] = record
     return runs
+
+
+def load_next_tokens(folder: Path) -> dict[str, dict]:
+    """{run name: its next-token table} for the tables --inspect wrote into `folder` (sweep.py next_tokens)."""
+    tables = {}
+    for f in sorted(folder.glob("*" + NEXT_TOKENS)):
+        try:
+            table = json.loads(f.read_text())
+            assert isinstance(table, dict) and table["rows"] and table["after_end"]
+        except (ValueError, AssertionError, KeyError, TypeError):
+            print(f"skipped {f}: not a next-token table")
+            continue
+        tables[f.name[:-len(NEXT_TOKENS)]] = table
+    return tables
 
 
 def bootstrap_ci(values: list[float], n: int = 2000, seed: int = 0) -> tuple[float, float]:
@@ -102,8 +118,9 @@ def scores(record: dict, key: str) -> list[float]:
 
 
 class Report:
-    def __init__(self, runs: dict, out: Path, note: str):
+    def __init__(self, runs: dict, out: Path, note: str, next_tokens: dict | None = None):
         self.runs, self.out, self.note, self.written = runs, out, note, []
+        self.tables = {n: next_tokens[n] for n in (*BASELINES, *METHODS) if n in (next_tokens or {})}
 
     def save(self, fig, name: str, title: str) -> None:
         note = "\n" + textwrap.fill(f"({self.note})", int(fig.get_figwidth() * 12)) if self.note else ""
@@ -318,6 +335,32 @@ class Report:
             lines += ["</details>", ""]
         return lines
 
+    def next_token_rows(self, n: int = 20) -> list[str]:
+        """The assignment's next-word table for each run that has one, side by side on the same test article: the
+        summary teacher-forced, each run's most likely next token; then what each predicts past the end token."""
+        tables = self.tables
+        if not tables or len({(t["article_id"], len(t["rows"])) for t in tables.values()}) != 1:
+            return []
+        code = lambda text: "`" + repr(text).replace("`", "'") + "`"
+        cell = lambda text: code(text).replace("|", "\\|")  # a table cell: GitHub reads | as the next cell
+        first = next(iter(tables.values()))
+        lines = [f"The next-token table of test article {first['article_id']} (`python3 sweep.py next_tokens`): "
+                 f"its reference summary teacher-forced, each run's most likely next token (**bold**: the "
+                 f"reference's), the first {n} of {len(first['rows'])} positions:", "",
+                 "| context | reference next | " + " | ".join(LABELS[r] for r in tables) + " |",
+                 "|---" * (2 + len(tables)) + "|"]
+        for i, (context, reference, _) in enumerate(first["rows"][:n]):
+            guesses = [t["rows"][i][2] for t in tables.values()]
+            lines.append(f"| {cell(context)} | {cell(reference)} | " + " | ".join(
+                f"**{cell(g)}**" if g == reference else cell(g) for g in guesses) + " |")
+        hits = {r: sum(a == b for _, b, a in t["rows"]) for r, t in tables.items()}
+        lines += ["", "Top-1 accuracy over the whole summary: " + ", ".join(
+            f"{LABELS[r]} {hits[r]}/{len(t['rows'])} ({hits[r] / len(t['rows']):.0%})" for r, t in tables.items())
+            + f". Past the summary's end token {code(first['end_token'])}, where training puts no target:", ""]
+        lines += [f"- {LABELS[r]}: most likely next " + ", ".join(f"{code(w)} {p:.1%}" for w, p in t["after_end"][:3])
+                  + f"; greedy decoding goes on with {code(t['continuation'])}" for r, t in tables.items()]
+        return lines + [""]
+
     def section(self, figure_dir: str) -> str:
         base = sorted({str(r.get("base_model")) for n, r in self.runs.items() if r.get("base_model")})
         test_n = sorted({r.get("n_examples", {}).get("test", r.get("test_examples")) for r in self.runs.values()}
@@ -331,6 +374,7 @@ class Report:
         return "\n".join([head, "", *self.table_rows(), "", figures, "",
                           *(["Differences in ROUGE-Lsum (paired bootstrap over the same test articles, 95 %):", "",
                              *diffs, ""] if diffs else []),
+                          *self.next_token_rows(),
                           *(["Three test articles, each run's summary beside the reference:", "", *self.samples()]
                             if self.samples() else [])]).rstrip() + "\n"
 
@@ -354,7 +398,7 @@ def report(runs_dir: Path, out: Path, readme: Path | None, section: str, note: s
     if not note and (runs_dir / "NOTE").is_file():
         note = " ".join((runs_dir / "NOTE").read_text().split())
     out.mkdir(parents=True, exist_ok=True)
-    rep = Report(runs, out, note)
+    rep = Report(runs, out, note, load_next_tokens(runs_dir))
     for figure in (rep.loss_curves, rep.overfitting, rep.rouge_bars, rep.temperature, rep.sweeps, rep.cost):
         figure()
     for stale in sorted(set(FIGURES) - set(rep.written)):

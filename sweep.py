@@ -9,6 +9,8 @@
   python3 sweep.py lora_rank      LoRA rank 4, 8, 16, 32 (alpha = 2 x rank)
   python3 sweep.py temperature    temperature 0.3 ... 1.5 on the saved weights of `methods` (inference only)
   python3 sweep.py decoding       greedy instead of top-p: the saved weights of `methods`, and zero-shot
+  python3 sweep.py next_tokens    the next-token table of a test article and what follows its end token, for the
+                                  saved weights of `methods` and zero-shot (--inspect: <out>/<run>.next_tokens.json)
 
 Options of the sweep itself:
   --only PATTERN [PATTERN ...]    run only the runs whose names match (shell patterns: 'temperature-lora-*')
@@ -31,11 +33,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import common
-from peftsum.records import RunRecord, checkpoint_path, out_folder, portable_path, variant_name
+from peftsum.records import NEXT_TOKENS, RunRecord, checkpoint_path, out_folder, portable_path, variant_name
 
 ROOT = Path(__file__).resolve().parent
 SCRIPTS = {"prompt_tuning": "main.py", "last_layer": "main1.py", "lora": "main2.py"}
-FAMILIES = ("methods", "chat", "chat_train", "lr", "prompt_tokens", "lora_rank", "temperature", "decoding")
+FAMILIES = ("methods", "chat", "chat_train", "lr", "prompt_tokens", "lora_rank", "temperature", "decoding",
+            "next_tokens")
 
 
 def family_runs(family: str, weights_dir: Path | None = None) -> list[tuple[str, str, list[str]]]:
@@ -66,6 +69,9 @@ def family_runs(family: str, weights_dir: Path | None = None) -> list[tuple[str,
         return [(variant_name("greedy", m), s, ["--greedy", *method_weights(m)]) for m, s in SCRIPTS.items()] + [
             (variant_name("greedy", "zero_shot"), "main2.py",
              ["--greedy", "--baseline", "--baseline-prompt-tokens", "0"])]
+    if family == "next_tokens":
+        return [(m, s, ["--inspect", *method_weights(m)]) for m, s in SCRIPTS.items()] + [
+            ("zero_shot", "main2.py", ["--inspect", "--baseline", "--baseline-prompt-tokens", "0"])]
     raise common.UsageError(f"unknown family '{family}': one of {', '.join(FAMILIES)}")
 
 
@@ -98,11 +104,12 @@ def main(argv: list[str]) -> None:
     shared, _ = SHARED_FLAGS.parse_known_args(flags)
     out = out_folder(shared.out)
     for name, script, extra in runs:
-        if (out / f"{name}.json").exists() and not shared.overwrite:
-            print(f"=== {name}: skipped, its record {out / name}.json is there (--overwrite runs it again)", flush=True)
+        written = out / (name + (NEXT_TOKENS if "--inspect" in extra else ".json"))
+        if written.exists() and not shared.overwrite:
+            print(f"=== {name}: skipped, {written} is there (--overwrite runs it again)", flush=True)
             continue
         weights = Path(extra[extra.index("--weights") + 1]) if "--train" in extra else None
-        resume = weights and checkpoint_path(weights).exists() and not (shared.resume or shared.overwrite)
+        resume = weights is not None and checkpoint_path(weights).exists() and not (shared.resume or shared.overwrite)
         print(f"=== {name}: {script} {' '.join(extra)}" + (" --resume (from its checkpoint)" if resume else ""),
               flush=True)
         code = run([sys.executable, str(ROOT / script), *extra, *["--resume"] * resume, "--run-name", name, *flags])

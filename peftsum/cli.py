@@ -24,12 +24,12 @@ from peftsum.data import (data_files, data_folder, encode_examples, hub_dataset_
                           offline_dataset_error)
 from peftsum.errors import Interrupted, UsageError, first_line
 from peftsum.files import (check_free_space, check_name_length, check_writable, load_weights, remove_orphans,
-                           save_weights, weights_lock, weights_record)
+                           save_weights, weights_lock, weights_record, write_text)
 from peftsum.generation import prepare_inference
 from peftsum.interop import export_merged, export_peft, load_adapter
 from peftsum.methods import count_parameters, hard_prompt_ids, trainable_state
 from peftsum.model import GPT
-from peftsum.records import RunRecord, checkpoint_path, local_path, out_folder, portable_path, run_name
+from peftsum.records import NEXT_TOKENS, RunRecord, checkpoint_path, local_path, out_folder, portable_path, run_name
 from peftsum.runtime import init_distributed, resolve_device, resume_command, world
 from peftsum.checkpoints import run_identity
 from peftsum.training import run_length
@@ -166,6 +166,13 @@ def preflight(job: Job) -> None:
             check_name_length(p, "--run-name", "--out")
         for suffix in (".json", ".predictions.jsonl"):
             remove_orphans(job.out / (job.record_name + suffix))
+    if mode == "inspect":
+        check_writable(job.out)
+        path = evaluation.record_path(job.out, job.record_name, cfg.overwrite, NEXT_TOKENS)
+        if path.is_dir():
+            raise UsageError(f"{path} is a folder, where this run writes its table: pass another --run-name")
+        check_name_length(path, "--run-name", "--out")
+        remove_orphans(path)
     if mode == "train":
         if path.is_dir():
             raise UsageError(f"--weights {path} is a folder (a peft adapter?): --train writes one weights file; "
@@ -339,8 +346,16 @@ def evaluate_test_set(job: Job, record: RunRecord, splits: dict, load: bool = Tr
 def inspect_example(job: Job, record: RunRecord, splits: dict) -> RunRecord:
     load_trained(job, record)
     prepare_inference(job.model, job.dtype, job.cfg.compile)
-    print(evaluation.next_token_table(job.model, job.tokenizer, splits["test"][0], job.cfg))
+    table = evaluation.next_tokens(job.model, job.tokenizer, splits["test"][0], job.cfg)
+    path = evaluation.record_path(job.out, job.record_name, job.cfg.overwrite, NEXT_TOKENS)
+    weights = None if record.method == "baseline" else portable_path(str(job.weights))
+    fields = {"run": job.record_name, "method": record.method, "base_model": record.base_model, "weights": weights,
+              **table}
+    write_text(path, "{\n" + ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}" for k, v in fields.items() if k != "rows")
+               + ',\n "rows": [\n' + ",\n".join(f"  {json.dumps(r)}" for r in table["rows"]) + "]\n}\n")
+    print(f"{evaluation.next_token_table(table)}\nwrote {portable_path(str(path))}")
     return record
+
 
 
 def summarize_article(job: Job, record: RunRecord, splits: dict) -> RunRecord:

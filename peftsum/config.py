@@ -106,7 +106,8 @@ class Config:
                                           "alone, as in the GPT-2 paper)", low=0, runtime=True, context=True)
     run_name: str = arg("", "name of the run's record in --out (default: the method; for --baseline: "
                             "hard_prompt-<tokens>, zero_shot or chat)", runtime=True)
-    inspect: bool = arg(False, "print the teacher-forced next-token table of one test example, then exit",
+    inspect: bool = arg(False, "the teacher-forced next-token table of one test example and what follows its end "
+                                "token, printed and written to <out>/<run name>.next_tokens.json; then exit",
                         runtime=True)
     article: str = arg("", "summarize this text file ('-': standard input) instead of the test set", runtime=True)
     export_peft: str = arg("", "write the trained soft prompt or LoRA as a peft adapter folder, then exit",

@@ -14,7 +14,7 @@ from peftsum.config import Config
 from peftsum.model import GPT
 from peftsum.files import write_text
 from peftsum.data import encode_examples, encode_prompts, length_batches
-from peftsum.generation import generate_batch, generate_stream
+from peftsum.generation import generate, generate_batch, generate_stream
 from peftsum.records import RunRecord
 
 
@@ -132,19 +132,33 @@ def summarize(model: GPT, tokenizer, rows: list[dict], cfg: Config) -> list[str]
 
 
 @torch.no_grad()
-def next_token_table(model: GPT, tokenizer, row: dict, cfg: Config, n: int = 20) -> str:
+def next_tokens(model: GPT, tokenizer, row: dict, cfg: Config, after: int = 24) -> dict:
     """Teacher-forced next-token predictions on the summary of one example: each context token, the reference's
-    next token and the model's most likely one (the seed's "GPT-2 is already good at next-word prediction")."""
+    next token and the model's most likely one (the seed's "GPT-2 is already good at next-word prediction"); then
+    what the model predicts past the summary's end token, where training never puts a target (the seed's "the words
+    after the end are weird"): its five most likely next tokens and `after` tokens of greedy continuation."""
     (ids, n_context), = encode_examples([row], tokenizer, model.prompt_ids, cfg, model.config.n_positions)
-    x = torch.tensor([ids[:-1]], device=model.lm_head.weight.device)
-    predicted = model(x)[0].argmax(-1).tolist()
-    positions = range(n_context - 1, len(ids) - 1)  # the positions whose next token is summary or EOS
-    hits = sum(predicted[t] == ids[t + 1] for t in positions)
-    word = lambda i: repr(tokenizer.decode([i]))
+    logits = model(torch.tensor([ids], device=model.lm_head.weight.device))[0]  # ids end with the end token
+    predicted = logits.argmax(-1).tolist()
+    word = lambda i: tokenizer.decode([i])
+    probs, top = logits[-1].float().softmax(-1).topk(5)
+    past, = generate(model, [ids], min(after, model.config.n_positions - len(ids)), greedy=True, eos_id=None)
+    return {"article_id": row.get("id"),
+            "rows": [[word(ids[t]), word(ids[t + 1]), word(predicted[t])] for t in range(n_context - 1, len(ids) - 1)],
+            "end_token": word(ids[-1]), "after_end": [[word(i), p] for p, i in zip(probs.tolist(), top.tolist())],
+            "continuation": tokenizer.decode(past)}
+
+
+def next_token_table(table: dict, n: int = 20) -> str:
+    """`next_tokens` as text: the first `n` rows, the accuracy over all, and what follows the end token."""
+    rows, w = table["rows"], lambda text: repr(text)
     lines = [f"{'context':>16} {'reference next':>16} {'model argmax':>16}"]
-    lines += [f"{word(ids[t]):>16} {word(ids[t + 1]):>16} {word(predicted[t]):>16}" + ("" if predicted[t] == ids[t + 1]
-              else "   x") for t in list(positions)[:n]]
-    lines.append(f"top-1 next-token accuracy on this summary: {hits}/{len(positions)} = {hits / len(positions):.1%}")
+    lines += [f"{w(c):>16} {w(r):>16} {w(a):>16}" + ("" if a == r else "   x") for c, r, a in rows[:n]]
+    hits = sum(a == r for _, r, a in rows)
+    lines.append(f"top-1 next-token accuracy on this summary: {hits}/{len(rows)} = {hits / len(rows):.1%}")
+    lines.append(f"after the summary's end token {w(table['end_token'])}, where no training target ever is, the most "
+                 "likely next: " + ", ".join(f"{w(t)} {p:.1%}" for t, p in table["after_end"]))
+    lines.append(f"greedy decoding past the end token: {w(table['continuation'])}")
     return "\n".join(lines)
 
 
@@ -153,12 +167,12 @@ def format_rouge(scores: dict[str, float]) -> str:
     return "  ".join(f"{k:>9}" for k in keys) + "\n" + "  ".join(f"{scores[k]:9.2f}" for k in keys)
 
 
-def record_path(out: Path, name: str, overwrite: bool = False) -> Path:
+def record_path(out: Path, name: str, overwrite: bool = False, suffix: str = ".json") -> Path:
     """Where the run record of `name` goes: <out>/<name>.json, or with `overwrite` off, if that exists, the first
-    free one of <name>-2.json, <name>-3.json, ..."""
+    free one of <name>-2.json, <name>-3.json, ... (`suffix`: another file of the run's, e.g. .next_tokens.txt)"""
     if overwrite:
-        return out / f"{name}.json"
-    return next(p for k in itertools.count(1) if not (p := out / f"{name}{f'-{k}' if k > 1 else ''}.json").exists())
+        return out / f"{name}{suffix}"
+    return next(p for k in itertools.count(1) if not (p := out / f"{name}{f'-{k}' if k > 1 else ''}{suffix}").exists())
 
 
 def score_and_write(out: Path, name: str, record: RunRecord, rows: list[dict], predictions: list[str],

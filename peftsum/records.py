@@ -66,6 +66,9 @@ def out_folder(out: str) -> Path:
     return Path(out) if out else ROOT / "runs"
 
 
+NEXT_TOKENS = ".next_tokens.json"  # what --inspect writes beside the run records: <out>/<run name>.next_tokens.json
+
+
 def checkpoint_path(weights: Path) -> Path:
     """Where a training into `weights` keeps its checkpoint until it ends."""
     return weights.with_name(weights.stem + ".ckpt.safetensors")

@@ -65,11 +65,21 @@ def test_weights_of_another_method_are_refused(common_args, lora_weights):
     assert "'lora', not 'prompt_tuning'" in p.stderr
 
 
-def test_inspect_prints_the_next_token_table(common_args):
-    p = run("main2.py", *common_args, "--baseline", "--inspect")
+def test_inspect_prints_and_writes_the_next_token_table_and_what_follows_the_end(common_args, tmp_path):
+    """The assignment's next-word table (context, reference next, argmax) and what the model predicts past the
+    summary's end token, printed and kept beside the run records; a second table gets its own file."""
+    p = run("main2.py", *common_args, "--baseline", "--inspect", "--out", tmp_path)
+    assert p.returncode == 0, p.stderr
     assert "reference next" in p.stdout and "model argmax" in p.stdout
     assert "top-1 next-token accuracy on this summary:" in p.stdout
+    assert "after the summary's end token" in p.stdout and "greedy decoding past the end token: " in p.stdout
     assert "rougeLsum" not in p.stdout  # inspects, then exits
+    table = json.loads((tmp_path / "hard_prompt-24.next_tokens.json").read_text())
+    assert table["run"] == "hard_prompt-24" and table["method"] == "baseline" and table["weights"] is None
+    assert table["rows"] and all(len(r) == 3 for r in table["rows"]) and len(table["after_end"]) == 5
+    assert f"{sum(a == r for _, r, a in table['rows'])}/{len(table['rows'])}" in p.stdout
+    again = run("main2.py", *common_args, "--baseline", "--inspect", "--out", tmp_path)
+    assert again.returncode == 0 and json.loads((tmp_path / "hard_prompt-24-2.next_tokens.json").read_text()) == table
 
 
 def test_a_short_run_shows_loss_lr_and_speed_from_its_first_step(common_args, tmp_path):

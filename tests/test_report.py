@@ -90,3 +90,25 @@ def test_nothing_to_report_exits_2(tmp_path):
     p = subprocess.run([sys.executable, str(ROOT / "report.py"), "--runs", tmp_path / "runs", "--readme",
                         tmp_path / "README.md"], capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and p.stderr.startswith("error: no run records")
+
+
+def test_the_next_token_tables_stand_side_by_side_and_are_not_taken_for_run_records(tmp_path, capsys):
+    """The tables `sweep.py next_tokens` writes (--inspect) become one table of the runs' guesses beside the
+    reference's next token, their accuracy over the whole summary and what each predicts past the end token; a
+    pipe in a token stays inside its cell."""
+    import report
+    synthetic_runs(tmp_path / "runs")
+    rows = [[" A", " man", " man"], [" man", " |", " was"], [" |", "\n", "\n"]]
+    for name, guess in (("zero_shot", " was"), ("lora", " |")):
+        table = dict(run=name, article_id="a1", end_token="<|endoftext|>", after_end=[["\n", 0.9], [" The", 0.05]],
+                     continuation="\nThe | end", rows=[r[:2] + [guess if i == 1 else r[2]] for i, r in enumerate(rows)])
+        (tmp_path / "runs" / f"{name}.next_tokens.json").write_text(json.dumps(table))
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:runs:start -->\n<!-- results:runs:end -->\n")
+    report.report(tmp_path / "runs", tmp_path / "plots", readme, "runs", "")
+    assert "skipped" not in capsys.readouterr().out  # the tables are not run records
+    text = readme.read_text()
+    assert "| context | reference next | zero-shot TL;DR | LoRA |" in text
+    assert "| `' man'` | `' \\|'` | `' was'` | **`' \\|'`** |" in text  # LoRA guessed the pipe: bold, escaped
+    assert "zero-shot TL;DR 2/3 (67%), LoRA 3/3 (100%)" in text
+    assert "- LoRA: most likely next `'\\n'` 90.0%, `' The'` 5.0%; greedy decoding goes on with `'\\nThe | end'`" in text
