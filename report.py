@@ -150,10 +150,11 @@ class Report:
             epochs = [e["epoch"] for e in h]
             ax.plot(epochs, [e["train_loss"] for e in h], "--o", color=COLORS[m], label=f"{METHODS[m]}, train")
             ax.plot(epochs, [e["val_loss"] for e in h], "-s", color=COLORS[m], label=f"{METHODS[m]}, validation")
-            if self.runs.get(f"chat-{m}", {}).get("history"):  # the same method trained in the chat format
-                h = self.runs[f"chat-{m}"]["history"]
-                ax.plot([e["epoch"] for e in h], [e["val_loss"] for e in h], ":^", color=COLORS[m],
-                        label=f"{METHODS[m]}, chat format, validation")
+            for prefix, style, what in (("chat", ":^", "chat format"), ("separator", "-.v", "learned separator")):
+                if self.runs.get(f"{prefix}-{m}", {}).get("history"):  # the same method in another prompt format
+                    h = self.runs[f"{prefix}-{m}"]["history"]
+                    ax.plot([e["epoch"] for e in h], [e["val_loss"] for e in h], style, color=COLORS[m],
+                            label=f"{METHODS[m]}, {what}, validation")
         ax.set(xlabel="epoch", ylabel="loss (nats per summary token)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         self.save(fig, "loss_curves.png", "Training and validation loss per epoch")
@@ -270,7 +271,7 @@ class Report:
 
     def table_rows(self) -> list[str]:
         """Baselines, then the methods, then their variants (other learning rates, greedy decoding)."""
-        variants = sorted(n for n in self.runs if n.startswith(("lr-", "greedy-", "hard_prompt-", "chat-"))
+        variants = sorted(n for n in self.runs if n.startswith(("lr-", "greedy-", "hard_prompt-", "chat-", "separator-"))
                           and n not in LABELS)
         rows = ["| run | trainable parameters | best val loss | " + " | ".join(f"{v} (95 % CI)" for v in ROUGE.values())
                 + " | repeating summaries | epochs | s / epoch | tokens / s | peak memory (MB) |", "|---" * 12 + "|"]
@@ -294,7 +295,8 @@ class Report:
         """Paired-bootstrap differences in ROUGE-Lsum on the same test articles, significant where the 95 % interval
         excludes zero: each method against each baseline and each other method, then each run of a variant
         (greedy decoding, another learning rate) against the run it varies, and a method trained in the chat format
-        against the chat prompt with no training and against the method trained with the separator."""
+        against the chat prompt with no training and against the method trained with the separator, and a method
+        with a learned separator token against the same method with the text separator."""
         names = [n for n in LABELS if n in self.runs and scores(self.runs[n], "rougeLsum")]
         pairs = [(a, b) for i, a in enumerate(names) if a in METHODS for b in names[:i]]
         for name in sorted(self.runs):
@@ -304,6 +306,8 @@ class Report:
                 pairs.append((base, name))
             if name.startswith("chat-") and self.runs[name].get("method") in METHODS:  # trained in the chat format:
                 pairs += [(name, b) for b in ("chat", self.runs[name]["method"]) if b in self.runs]  # vs its prompt
+            if name.startswith("separator-") and self.runs[name].get("method") in self.runs:
+                pairs.append((name, self.runs[name]["method"]))
         return [line for a, b in pairs if (line := self.difference(a, b))]
 
     def difference(self, a: str, b: str) -> str | None:

@@ -27,7 +27,7 @@ from peftsum.files import (check_free_space, check_name_length, check_writable, 
                            save_weights, weights_lock, weights_record, write_text)
 from peftsum.generation import prepare_inference
 from peftsum.interop import export_merged, export_peft, load_adapter
-from peftsum.methods import count_parameters, hard_prompt_ids, trainable_state
+from peftsum.methods import apply_learned_separator, count_parameters, hard_prompt_ids, trainable_state
 from peftsum.model import GPT
 from peftsum.records import NEXT_TOKENS, RunRecord, checkpoint_path, local_path, out_folder, portable_path, run_name
 from peftsum.runtime import init_distributed, resolve_device, resume_command, world
@@ -242,6 +242,8 @@ def run(job: Job) -> RunRecord:
     cfg, model = job.cfg, job.model
     if cfg.baseline:
         model.prompt_ids = [] if cfg.chat else hard_prompt_ids(job.tokenizer, cfg.baseline_prompt_tokens)
+    elif cfg.learned_separator:
+        apply_learned_separator(model, job.tokenizer, cfg.separator)
     trainable, total = count_parameters(model)
     record = RunRecord(method="baseline" if cfg.baseline else job.method, base_model=model.name,
                        config=dataclasses.asdict(dataclasses.replace(cfg, data=portable_path(cfg.data))),
@@ -270,7 +272,8 @@ def describe(job: Job, splits: dict) -> str:
     if splits:
         lines.append(f"data: {portable_path(cfg.data)} | " + ", ".join(f"{len(rows):,} {split}"
                                                                         for split, rows in splits.items()))
-    prompt = "chat template" if cfg.chat else f"separator {cfg.separator!r}"
+    prompt = "chat template" if cfg.chat else f"a learned separator token (from {cfg.separator!r})" \
+        if cfg.learned_separator and not cfg.baseline else f"separator {cfg.separator!r}"
     cut = f", articles cut to {cfg.max_article_tokens} tokens" if cfg.max_article_tokens else ""
     lines.append(f"device: {job.device} | {precision} | compile {'on' if cfg.compile else 'off'} | {prompt}{cut}")
     if job.mode == "train":
@@ -292,8 +295,8 @@ def train_and_evaluate(job: Job, record: RunRecord, splits: dict) -> RunRecord:
     """--train: train under the weights' lock (checkpoints beside the weights), save the weights, evaluate on the
     test set, and save them again with the test scores in their record."""
     cfg, model, path, rank = job.cfg, job.model, job.weights, world()[0]
-    train_set, val_set = (encode_examples(splits[s], job.tokenizer, model.prompt_ids, cfg, model.config.n_positions)
-                          for s in ("train", "validation"))
+    train_set, val_set = (encode_examples(splits[s], job.tokenizer, model.prompt_ids, cfg, model.config.n_positions,
+                                          model.separator_ids) for s in ("train", "validation"))
     with weights_lock(path) if rank == 0 else nullcontext():
         if rank == 0:  # weights + checkpoint (4 tensors per trained one), each twice while it is renamed
             check_free_space(path.parent, 10 * 4 * sum(p.numel() for p in trainable_state(model).values()),

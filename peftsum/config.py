@@ -46,6 +46,9 @@ class Config:
     data_seed: int = arg(0, "seed of the shuffle that draws the subsets (identical for all methods)", low=0,
                          recorded=True)
     separator: str = arg(" TL;DR:", "text between article and summary", recorded=True)
+    learned_separator: bool = arg(False, "one new token between article and summary instead of --separator's tokens, "
+                                         "its embedding trained with the method (starting at the mean of theirs)",
+                                  shapes=True)
     chat: bool = arg(False, "wrap each article in the tokenizer's chat template with an instruction to summarize, as "
                             "an instruct model expects, instead of article + separator (--baseline: no hard prompt)",
                      recorded=True)
@@ -212,6 +215,12 @@ def check_config(cfg: Config, hp) -> str:
         if needs[split][1] < 1:
             raise UsageError(f"{needs[split][0]} must be >= 1: {'--train' if mode == 'train' else 'this run'} "
                              f"reads the {split} split")
+    if cfg.learned_separator and (cfg.chat or cfg.baseline):
+        raise UsageError(f"--learned-separator is a trained token between article and summary: not with "
+                         f"{'--chat, which has no separator' if cfg.chat else '--baseline, which trains nothing'}")
+    if cfg.learned_separator and (cfg.export_peft or cfg.export_merged or cfg.export_gguf):
+        raise UsageError("weights trained with --learned-separator hold a token embedding that peft adapters, "
+                         "transformers checkpoints and GGUF files have no place for: evaluate them with these scripts")
     if mode == "train" and cfg.epochs < 1:
         raise UsageError("--epochs must be >= 1 with --train (0 would save untrained weights as trained)")
     return mode

@@ -211,12 +211,14 @@ def bos_ids(tokenizer) -> list[int]:
 CHAT_INSTRUCTION = "Summarize the following news article in three sentences.\n\n"
 
 
-def prompt_format(tokenizer, prompt_ids: list[int], cfg: Config) -> tuple[list[int], list[int]]:
-    """(ids before the article, ids after it): [BOS] + prompt + | article | + separator; with --chat, the instruct
-    model's own chat template around CHAT_INSTRUCTION + article, ending where the assistant's turn begins."""
+def prompt_format(tokenizer, prompt_ids: list[int], cfg: Config, separator_ids: list[int] | None = None
+                  ) -> tuple[list[int], list[int]]:
+    """(ids before the article, ids after it): [BOS] + prompt + | article | + separator (`separator_ids`, else the
+    --separator text's); with --chat, the instruct model's own chat template around CHAT_INSTRUCTION + article,
+    ending where the assistant's turn begins."""
     encode = functools.partial(tokenizer.encode, add_special_tokens=False)
     if not cfg.chat:
-        return bos_ids(tokenizer) + prompt_ids, encode(cfg.separator)
+        return bos_ids(tokenizer) + prompt_ids, encode(cfg.separator) if separator_ids is None else separator_ids
     if not getattr(tokenizer, "chat_template", None):
         raise UsageError(f"the tokenizer of '{cfg.model}' has no chat template: --chat needs an instruct model")
     marker = "\x00ARTICLE\x00"  # the template is applied to text with a marker, then split around it
@@ -238,10 +240,11 @@ def encode_prompt(article: list[int], head: list[int], tail: list[int], room: in
     return head + article[:min(keep, max_article or keep)] + tail
 
 
-def encode_examples(rows: list[dict], tokenizer, prompt_ids: list[int], cfg: Config, n_ctx: int):
+def encode_examples(rows: list[dict], tokenizer, prompt_ids: list[int], cfg: Config, n_ctx: int,
+                    separator_ids: list[int] | None = None):
     """Training examples as (ids, n_context): ids = prompt + article + separator + summary + EOS, and the loss
     covers ids[n_context:], the summary and its EOS. The EOS is a target so the model learns to stop."""
-    head, tail = prompt_format(tokenizer, prompt_ids, cfg)
+    head, tail = prompt_format(tokenizer, prompt_ids, cfg, separator_ids)
     articles = tokenizer([r["article"] for r in rows], add_special_tokens=False).input_ids
     summaries = tokenizer([" " + r["highlights"].strip() for r in rows], add_special_tokens=False).input_ids
     out = []
@@ -252,10 +255,11 @@ def encode_examples(rows: list[dict], tokenizer, prompt_ids: list[int], cfg: Con
     return out
 
 
-def encode_prompts(rows: list[dict], tokenizer, prompt_ids: list[int], cfg: Config, n_ctx: int):
+def encode_prompts(rows: list[dict], tokenizer, prompt_ids: list[int], cfg: Config, n_ctx: int,
+                   separator_ids: list[int] | None = None):
     """Generation prompts (prompt + article + separator), leaving room for `max_new_tokens`. Returns the prompts
     and how many articles were cut."""
-    head, tail = prompt_format(tokenizer, prompt_ids, cfg)
+    head, tail = prompt_format(tokenizer, prompt_ids, cfg, separator_ids)
     articles = tokenizer([r["article"] for r in rows], add_special_tokens=False).input_ids
     prompts = [encode_prompt(a, head, tail, cfg.max_new_tokens, n_ctx, cfg.max_article_tokens) for a in articles]
     n_cut = sum(len(p) < len(head) + len(a) + len(tail) for p, a in zip(prompts, articles))

@@ -95,7 +95,8 @@ def summarize(model: GPT, tokenizer, rows: list[dict], cfg: Config) -> list[str]
     stream (`generate_stream`): a row whose summary ends takes the next article, longest articles first; with
     lookup, batches of articles of similar length. A progress bar counts the articles done, and while a prefill
     runs, its prompt tokens done. Prints the articles per second."""
-    prompts, n_cut = encode_prompts(rows, tokenizer, model.prompt_ids, cfg, model.config.n_positions)
+    prompts, n_cut = encode_prompts(rows, tokenizer, model.prompt_ids, cfg, model.config.n_positions,
+                                    model.separator_ids)
     if n_cut:
         room = f"the {model.config.n_positions}-token context with {cfg.max_new_tokens} tokens left for the summary"
         limit = f"--max-article-tokens {cfg.max_article_tokens} (and {room})" if cfg.max_article_tokens else room
@@ -137,10 +138,11 @@ def next_tokens(model: GPT, tokenizer, row: dict, cfg: Config, after: int = 24) 
     next token and the model's most likely one (the seed's "GPT-2 is already good at next-word prediction"); then
     what the model predicts past the summary's end token, where training never puts a target (the seed's "the words
     after the end are weird"): its five most likely next tokens and `after` tokens of greedy continuation."""
-    (ids, n_context), = encode_examples([row], tokenizer, model.prompt_ids, cfg, model.config.n_positions)
+    (ids, n_context), = encode_examples([row], tokenizer, model.prompt_ids, cfg, model.config.n_positions,
+                                        model.separator_ids)
     logits = model(torch.tensor([ids], device=model.lm_head.weight.device))[0]  # ids end with the end token
     predicted = logits.argmax(-1).tolist()
-    word = lambda i: tokenizer.decode([i])
+    word = lambda i: tokenizer.decode([i]) if i < model.config.vocab_size else "<learned separator>"
     probs, top = logits[-1].float().softmax(-1).topk(5)
     past, = generate(model, [ids], min(after, model.config.n_positions - len(ids)), greedy=True, eos_id=None)
     return {"article_id": row.get("id"),

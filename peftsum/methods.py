@@ -52,6 +52,22 @@ def apply_prompt_tuning(model: GPT, init_ids: list[int]) -> GPT:
     return model
 
 
+def apply_learned_separator(model: GPT, tokenizer, separator: str) -> GPT:
+    """One new token between article and summary instead of `separator`'s tokens (the seed: "a new token
+    separating article and summary gives a better loss curve"), its embedding trained with the method. It is one
+    more soft row (see PromptEmbedding), after a soft prompt's, and starts at the mean of `separator`'s token
+    embeddings."""
+    ids = tokenizer.encode(separator, add_special_tokens=False)
+    if not ids:
+        raise UsageError("--learned-separator starts from the embeddings of --separator's tokens: give a --separator")
+    if not isinstance(model.wte, PromptEmbedding):
+        model.wte = PromptEmbedding(model.wte, [])
+    soft = model.wte
+    soft.prompt = nn.Parameter(torch.cat([soft.prompt.detach(), soft.wte.weight[ids].detach().mean(0, keepdim=True)]))
+    model.separator_ids = [model.config.vocab_size + soft.prompt.shape[0] - 1]
+    return model
+
+
 def apply_last_layer(model: GPT) -> GPT:
     """Train the LM head only. GPT-2 (and SmolLM2) tie it to the input embeddings, so training the tied matrix
     would silently change every input embedding too: untie it first, from a copy of the same values. A head that

@@ -226,6 +226,7 @@ class GPT(nn.Module):
         if c.tie_head:
             self.lm_head.weight = self.wte.weight
         self.prompt_ids: list[int] = []  # token ids every input starts with (a hard or a soft prompt)
+        self.separator_ids: list[int] | None = None  # between article and summary (None: the --separator text's)
         self.gradient_checkpointing = False  # keep only each block's input for backward, recompute the rest
         self.name = ""  # the checkpoint it came from, as the user named it
 

@@ -109,4 +109,6 @@ def label(name: str, record: dict) -> str:
         return f"hard prompt x {name.removeprefix('hard_prompt-')}"
     if name.startswith("chat-") and record.get("method") in METHODS:
         return f"{method}, trained in the chat format"
+    if name.startswith("separator-") and record.get("method") in METHODS:
+        return f"{method}, a learned separator token"
     return name

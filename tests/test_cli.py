@@ -4,6 +4,7 @@ nothing is written inside the repository."""
 import json
 
 import pytest
+import torch
 
 from peftsum.evaluation import ROUGE_KEYS
 from conftest import ROOT, cli  # noqa: F401  (ROOT: other test modules import it from here)
@@ -105,3 +106,43 @@ def test_the_bar_covers_every_epoch(common_args, tmp_path):
     lines = p.stdout.replace("\r", "\n").splitlines()
     assert any(line.startswith("epoch 2/2") and "12/12 [" in line for line in lines)  # 2 epochs x 6 steps
     assert sum(line.startswith("epoch ") and "train loss" in line for line in lines) == 2
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_learned_separator_trains_with_each_method_and_evaluation_follows_it(script, common_args, tmp_path):
+    """Issue 25, item 4: --learned-separator puts one new token between article and summary, its embedding
+    trained with the method, saved with the weights and used again by an evaluation given no flag; the text
+    separator's tokens are gone from the examples."""
+    from peftsum.data import encode_examples
+    from safetensors.torch import load_file
+    weights = tmp_path / "w.safetensors"
+    trained = run(script, *common_args, "--weights", weights, "--train", "--max-steps", 3, "--learned-separator")
+    assert "a learned separator token (from ' TL;DR:')" in trained.stdout
+    tensors = load_file(weights)
+    (name, row), = [(k, v) for k, v in tensors.items() if k.startswith("wte.")]
+    assert name == "wte.prompt" and row.shape[0] == (25 if script == "main.py" else 1)  # after a soft prompt's 24
+    record = json.loads((tmp_path / "runs" / f"{SCRIPTS[script]}.json").read_text())
+    assert record["config"]["learned_separator"] is True
+
+    loaded = run(script, *common_args, "--weights", weights, "--run-name", "again", "--inspect")
+    assert "a learned separator token" in loaded.stdout and "'<learned separator>'" in loaded.stdout
+    import common
+    model, tok = common.load_model(str(common_args[1]))
+    {"main.py": lambda: common.apply_prompt_tuning(model, common.hard_prompt_ids(tok, 24)),
+     "main1.py": lambda: common.apply_last_layer(model),
+     "main2.py": lambda: common.apply_lora(model, 16, 32.0)}[script]()
+    common.apply_learned_separator(model, tok, " TL;DR:")
+    sep = tok.encode(" TL;DR:", add_special_tokens=False)
+    assert torch.equal(model.wte.prompt[-1], model.wte.wte.weight[sep].mean(0))  # where it starts
+    assert not torch.equal(row[-1], model.wte.prompt[-1].detach())  # and it trained
+    cfg = common.Config(max_summary_tokens=32)
+    (ids, n_context), = encode_examples([{"article": "A b c.", "highlights": "D e."}], tok, model.prompt_ids, cfg,
+                                        256, model.separator_ids)
+    assert ids[n_context - 1] == model.separator_ids[0] >= model.config.vocab_size
+
+
+@pytest.mark.parametrize("flags,says", [(["--chat"], "not with --chat"), (["--baseline"], "not with --baseline"),
+                                        (["--export-gguf", "x.gguf"], "GGUF files have no place for")])
+def test_a_learned_separator_is_refused_where_it_has_no_place(common_args, flags, says):
+    p = run("main2.py", *common_args, "--learned-separator", *flags, check=False)
+    assert p.returncode == 2 and says in p.stderr and "Traceback" not in p.stderr, p.stderr

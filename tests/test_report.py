@@ -44,6 +44,7 @@ def synthetic_runs(runs):
         rec, ex = record(b, epochs=0)
         write(runs, b, (rec | {"history": []}, ex))
     write(runs, "chat-lora", record("lora", seed=5))
+    write(runs, "separator-lora", record("lora", seed=6))
 
 
 def test_report_writes_every_figure_and_the_readme_section_then_removes_stale_figures(tmp_path, capsys):
@@ -68,6 +69,7 @@ def test_report_writes_every_figure_and_the_readme_section_then_removes_stale_fi
     assert "| LoRA, trained in the chat format |" in text  # and LoRA trained in the chat format, against the chat
     assert "- LoRA, trained in the chat format − chat template:" in text  # prompt and against LoRA
     assert "- LoRA, trained in the chat format − LoRA:" in text
+    assert "| LoRA, a learned separator token |" in text and "- LoRA, a learned separator token − LoRA:" in text
 
     for f in (tmp_path / "runs").glob("temperature-*"):  # a later report without those runs
         f.unlink()
