@@ -26,8 +26,9 @@ from peftsum.config import HARD_PROMPT, MODES, Args, Config, arg, check_config, 
 from peftsum.records import RunRecord, run_name
 from peftsum.runtime import autocast, machine, resolve_device, world
 from peftsum.model import GPT, IGNORE, GPTConfig
-from peftsum.methods import (LoRALinear, PromptEmbedding, apply_last_layer, apply_learned_separator, apply_lora,
-                             apply_prompt_tuning, count_parameters, hard_prompt_ids, lora_layers, merge_lora, trainable_state)
+from peftsum.methods import (LoRALinear, PromptEmbedding, apply_full, apply_last_layer, apply_learned_separator,
+                             apply_lora, apply_prompt_tuning, count_parameters, hard_prompt_ids, lora_layers,
+                             merge_lora, trainable_state)
 from peftsum.files import atomic_path, load_weights, save_weights, weights_lock
 from peftsum.data import collate, encode_examples, encode_prompts, length_batches, load_splits
 from peftsum.sampling import logits_to_probs, nucleus, sample, sample_logits
@@ -47,9 +48,8 @@ __all__ = [
     "RunRecord", "run_name",
     "autocast", "machine", "resolve_device", "world",
     "GPT", "IGNORE", "GPTConfig",
-    "LoRALinear", "PromptEmbedding", "apply_last_layer", "apply_learned_separator", "apply_lora", "apply_prompt_tuning",
-    "count_parameters",
-    "hard_prompt_ids", "lora_layers", "merge_lora", "trainable_state",
+    "LoRALinear", "PromptEmbedding", "apply_full", "apply_last_layer", "apply_learned_separator", "apply_lora",
+    "apply_prompt_tuning", "count_parameters", "hard_prompt_ids", "lora_layers", "merge_lora", "trainable_state",
     "atomic_path", "load_weights", "save_weights", "weights_lock",
     "collate", "encode_examples", "encode_prompts", "length_batches", "load_splits",
     "logits_to_probs", "nucleus", "sample", "sample_logits",

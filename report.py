@@ -30,7 +30,7 @@ from peftsum.records import BASELINES, METHODS, NEXT_TOKENS, label, variant_of  
 
 LABELS = {**BASELINES, **METHODS}
 ROUGE = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum"}
-COLORS = {"prompt_tuning": "tab:blue", "last_layer": "tab:orange", "lora": "tab:green"}
+COLORS = {"prompt_tuning": "tab:blue", "last_layer": "tab:orange", "lora": "tab:green", "full": "tab:red"}
 FIGURES = ("loss_curves.png", "last_layer_overfitting.png", "rouge.png", "rouge_vs_temperature.png", "sweeps.png",
            "cost.png")
 
@@ -271,7 +271,8 @@ class Report:
 
     def table_rows(self) -> list[str]:
         """Baselines, then the methods, then their variants (other learning rates, greedy decoding)."""
-        variants = sorted(n for n in self.runs if n.startswith(("lr-", "greedy-", "hard_prompt-", "chat-", "separator-"))
+        variants = sorted(n for n in self.runs
+                          if n.startswith(("lr-", "greedy-", "hard_prompt-", "chat-", "separator-"))
                           and n not in LABELS)
         rows = ["| run | trainable parameters | best val loss | " + " | ".join(f"{v} (95 % CI)" for v in ROUGE.values())
                 + " | repeating summaries | epochs | s / epoch | tokens / s | peak memory (MB) |", "|---" * 12 + "|"]

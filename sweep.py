@@ -5,6 +5,7 @@
   python3 sweep.py chat           an instruct model's own chat format ("Summarize ...", its chat template)
   python3 sweep.py chat_train     LoRA trained in that format (chat-lora)
   python3 sweep.py separator      LoRA with a learned separator token instead of " TL;DR:" (separator-lora)
+  python3 sweep.py full           full fine-tuning, every parameter (main1.py --full, lr 5e-5): the ceiling
   python3 sweep.py lr             learning rate 1e-4, 3e-4, 1e-3, 3e-3 for each method
   python3 sweep.py prompt_tokens  soft prompt length 1, 8, 24, 64
   python3 sweep.py lora_rank      LoRA rank 4, 8, 16, 32 (alpha = 2 x rank)
@@ -38,8 +39,8 @@ from peftsum.records import NEXT_TOKENS, RunRecord, checkpoint_path, out_folder,
 
 ROOT = Path(__file__).resolve().parent
 SCRIPTS = {"prompt_tuning": "main.py", "last_layer": "main1.py", "lora": "main2.py"}
-FAMILIES = ("methods", "chat", "chat_train", "separator", "lr", "prompt_tokens", "lora_rank", "temperature", "decoding",
-            "next_tokens")
+FAMILIES = ("methods", "chat", "chat_train", "separator", "full", "lr", "prompt_tokens", "lora_rank", "temperature",
+            "decoding", "next_tokens")
 
 
 def family_runs(family: str, weights_dir: Path | None = None) -> list[tuple[str, str, list[str]]]:
@@ -56,6 +57,8 @@ def family_runs(family: str, weights_dir: Path | None = None) -> list[tuple[str,
         return [("chat-lora", "main2.py", ["--train", "--chat", *sweep_weights("chat-lora")])]
     if family == "separator":
         return [("separator-lora", "main2.py", ["--train", "--learned-separator", *sweep_weights("separator-lora")])]
+    if family == "full":
+        return [("full", "main1.py", ["--train", "--full", "--lr", "5e-5", *sweep_weights("full")])]
     if family == "lr":
         return [(n, s, ["--train", "--lr", lr, *sweep_weights(n)]) for m, s in SCRIPTS.items()
                 for lr in ("1e-4", "3e-4", "1e-3", "3e-3") if (n := variant_name("lr", m, lr))]

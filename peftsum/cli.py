@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,14 +67,17 @@ class Job:
         return out_folder(self.cfg.out)
 
 
-def setup(args: Args, method: str) -> Job:
+def setup(args: Args, method: str | Callable[[object], str]) -> Job:
     """Resolve the settings, check what can be checked before any slow work (device, weights, data, outputs, the
-    lock and checkpoint of a training), seed, and load the base model."""
+    lock and checkpoint of a training), seed, and load the base model. `method` is the method's name, or a function
+    of the hyperparameters that gives it (main1.py: the head, or with --full every parameter), asked again once the
+    record of the weights to evaluate has set them."""
     cfg, hp, mode = args.cfg, args.hp, args.mode
+    name = method if callable(method) else lambda hp: method
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun: one process per GPU (or CPU rank)
         cfg = dataclasses.replace(cfg, device=init_distributed(cfg.device))
     device, dtype = resolve_device(cfg.device, cfg.dtype)
-    path = weights_path(cfg.weights, method)
+    path = weights_path(cfg.weights, name(hp))
     if mode != "train" and not cfg.baseline and not path.exists():
         raise UsageError(f"no weights at {portable_path(str(path))}: train them with --train, or evaluate the "
                          "untrained model with --baseline")
@@ -81,7 +85,7 @@ def setup(args: Args, method: str) -> Job:
         cfg, hp = follow_record(path, cfg, hp, args.given)
     cfg = dataclasses.replace(cfg, compile=device.type == "cuda" if cfg.compile is None else cfg.compile)
     cfg = dataclasses.replace(cfg, model=cfg.model or default_base_model(cfg, mode, path))
-    job = Job(method, mode, cfg, hp, device, dtype, None, None)
+    job = Job(name(hp), mode, cfg, hp, device, dtype, None, None)
     preflight(job)
     torch.manual_seed(cfg.seed)
     job.model, job.tokenizer = interop.load_model(cfg.model, device)

@@ -205,6 +205,8 @@ def check_config(cfg: Config, hp) -> str:
     if cfg.run_name and not re.fullmatch(r"[\w+=,-][\w.+=,-]*", cfg.run_name):
         raise UsageError(f"--run-name must be a plain file name (letters, digits, . _ - + = ,), got '{cfg.run_name}'")
     for name, value in vars(hp).items():
+        if isinstance(value, bool):  # a switch (main1.py --full)
+            continue
         if not (math.isfinite(value) and value > 0):  # also refuses --lr nan and --lr inf
             raise UsageError(f"{flag(name)} must be {'> 0' if math.isfinite(value) else 'a finite number > 0'}, "
                              f"got {value}")

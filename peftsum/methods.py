@@ -80,6 +80,12 @@ def apply_last_layer(model: GPT) -> GPT:
     return model
 
 
+def apply_full(model: GPT) -> GPT:
+    """Full fine-tuning, the ceiling the methods are measured against (Hu et al. 2021 compare LoRA with it): every
+    parameter trains, a tied head with its embeddings as the one matrix it is."""
+    return model.requires_grad_(True)
+
+
 class LoRALinear(nn.Module):
     """y = W x + b + (alpha / rank) · B A x with W, b frozen (Hu et al. 2021). B starts at zero, so the update is
     zero and training starts exactly at the pretrained model; A gets a small random init so gradients reach B."""

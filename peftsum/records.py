@@ -11,7 +11,7 @@ from pathlib import Path
 
 from peftsum.config import ROOT
 
-METHODS = {"prompt_tuning": "prompt tuning", "last_layer": "last layer", "lora": "LoRA"}
+METHODS = {"prompt_tuning": "prompt tuning", "last_layer": "last layer", "lora": "LoRA", "full": "full fine-tuning"}
 BASELINES = {"lead_3": "lead-3", "zero_shot": "zero-shot TL;DR", "hard_prompt-24": "hard prompt",
              "chat": "chat template"}
 VARIANTS = ("lr", "prompt_tokens", "lora_rank", "temperature", "greedy")  # families of runs that vary one setting

@@ -146,3 +146,25 @@ def test_a_learned_separator_trains_with_each_method_and_evaluation_follows_it(s
 def test_a_learned_separator_is_refused_where_it_has_no_place(common_args, flags, says):
     p = run("main2.py", *common_args, "--learned-separator", *flags, check=False)
     assert p.returncode == 2 and says in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_full_fine_tuning_trains_every_parameter_and_its_weights_are_evaluated_as_full(common_args, tmp_path):
+    """Issue 25, item 7: main1.py --full trains every parameter (method 'full', its own record name); an evaluation
+    of those weights without the flag follows their record; head-only weights with --full are refused."""
+    from safetensors.torch import load_file
+    weights = tmp_path / "full.safetensors"
+    trained = run("main1.py", *common_args, "--weights", weights, "--train", "--max-steps", 2, "--full")
+    assert "training full on " in trained.stdout
+    import common
+    model, _ = common.load_model(str(common_args[1]))
+    total = sum(p.numel() for p in model.parameters())
+    assert f"trainable parameters: {total:,} of {total:,}" in trained.stdout
+    tensors = load_file(weights)
+    assert sum(t.numel() for t in tensors.values()) == total and "wte.weight" in tensors  # the tie kept: one matrix
+    assert json.loads((tmp_path / "runs" / "full.json").read_text())["method"] == "full"
+    loaded = run("main1.py", *common_args, "--weights", weights, "--run-name", "again")
+    assert "evaluating full on " in loaded.stdout and "rougeLsum" in loaded.stdout
+    head = tmp_path / "head.safetensors"
+    run("main1.py", *common_args, "--weights", head, "--train", "--max-steps", 1)
+    p = run("main1.py", *common_args, "--weights", head, "--full", check=False)
+    assert p.returncode == 2 and "--full True, but head.safetensors was trained with False" in p.stderr, p.stderr

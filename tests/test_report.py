@@ -113,4 +113,5 @@ def test_the_next_token_tables_stand_side_by_side_and_are_not_taken_for_run_reco
     assert "| context | reference next | zero-shot TL;DR | LoRA |" in text
     assert "| `' man'` | `' \\|'` | `' was'` | **`' \\|'`** |" in text  # LoRA guessed the pipe: bold, escaped
     assert "zero-shot TL;DR 2/3 (67%), LoRA 3/3 (100%)" in text
-    assert "- LoRA: most likely next `'\\n'` 90.0%, `' The'` 5.0%; greedy decoding goes on with `'\\nThe | end'`" in text
+    assert ("- LoRA: most likely next `'\\n'` 90.0%, `' The'` 5.0%; greedy decoding goes on with `'\\nThe | end'`"
+            in text)
