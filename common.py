@@ -40,7 +40,7 @@ from peftsum.gguf_export import export_gguf
 from peftsum.checkpoints import TrainState
 from peftsum.training import optimizer_step, train
 from peftsum.evaluation import lead_3, rouge, rouge_scores, score_and_write, split_sentences, summarize
-from peftsum.cli import Job, cli_errors, run, setup
+from peftsum.cli import Job, cli_errors, prompt_tuning_init, run, setup
 
 __all__ = [
     "Interrupted", "UsageError", "first_line",
@@ -60,5 +60,5 @@ __all__ = [
     "export_gguf",
     "TrainState", "optimizer_step", "train",
     "lead_3", "rouge", "rouge_scores", "score_and_write", "split_sentences", "summarize",
-    "Job", "cli_errors", "run", "setup",
+    "Job", "cli_errors", "prompt_tuning_init", "run", "setup",
 ]

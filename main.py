@@ -23,7 +23,8 @@ class PromptTuning:
 
 if __name__ == "__main__":
     with common.cli_errors():
-        job = common.setup(common.parse_args(PromptTuning, __doc__), "prompt_tuning")
+        args = common.parse_args(PromptTuning, __doc__)
+        job = common.setup(args, "prompt_tuning")
         if not job.cfg.baseline:
-            common.apply_prompt_tuning(job.model, common.hard_prompt_ids(job.tokenizer, job.hp.prompt_tokens))
+            common.apply_prompt_tuning(job.model, common.prompt_tuning_init(job, args.given))
         common.run(job)

@@ -3,7 +3,8 @@
   python3 sweep.py methods        the three methods at their defaults, the hard-prompt baseline, zero-shot
                                   " TL;DR:" (GPT-2 paper) and lead-3 (no model)
   python3 sweep.py chat           an instruct model's own chat format ("Summarize ...", its chat template)
-  python3 sweep.py chat_train     LoRA trained in that format (chat-lora)
+  python3 sweep.py chat_train     LoRA and prompt tuning trained in that format (chat-lora, chat-prompt_tuning: the
+                                  soft prompt in the instruction's place, starting from its 12 tokens)
   python3 sweep.py separator      LoRA with a learned separator token instead of " TL;DR:" (separator-lora)
   python3 sweep.py full           full fine-tuning, every parameter (main1.py --full, lr 5e-5): the ceiling
   python3 sweep.py lr             learning rate 1e-4, 3e-4, 1e-3, 3e-3 for each method
@@ -54,7 +55,8 @@ def family_runs(family: str, weights_dir: Path | None = None) -> list[tuple[str,
     if family == "chat":
         return [("chat", "main2.py", ["--baseline", "--chat"])]
     if family == "chat_train":
-        return [("chat-lora", "main2.py", ["--train", "--chat", *sweep_weights("chat-lora")])]
+        return [("chat-lora", "main2.py", ["--train", "--chat", *sweep_weights("chat-lora")]),
+                ("chat-prompt_tuning", "main.py", ["--train", "--chat", *sweep_weights("chat-prompt_tuning")])]
     if family == "separator":
         return [("separator-lora", "main2.py", ["--train", "--learned-separator", *sweep_weights("separator-lora")])]
     if family == "full":

@@ -21,8 +21,8 @@ from safetensors import safe_open
 from peftsum import evaluation, gguf_export, interop, runtime, training
 from peftsum.config import (MODES, ROOT, TRAINING_FIELDS, Args, Config, check_config, check_context, fields_where,
                             flag)
-from peftsum.data import (data_files, data_folder, encode_examples, hub_dataset_cached, load_splits,
-                          offline_dataset_error)
+from peftsum.data import (chat_instruction_ids, data_files, data_folder, encode_examples, hub_dataset_cached,
+                          load_splits, offline_dataset_error)
 from peftsum.errors import Interrupted, UsageError, first_line
 from peftsum.files import (check_free_space, check_name_length, check_writable, load_weights, remove_orphans,
                            save_weights, weights_lock, weights_record, write_text)
@@ -318,6 +318,20 @@ def train_and_evaluate(job: Job, record: RunRecord, splits: dict) -> RunRecord:
         evaluate_test_set(job, record, splits, load=False)
         save_weights(path, trained, record.as_dict())  # the weights file keeps the full record of the run
     return record
+
+
+def prompt_tuning_init(job: Job, given: frozenset[str]) -> list[int]:
+    """The tokens a soft prompt starts from: "Summarize" repeated to --prompt-tokens; with --chat, the chat
+    instruction's own tokens, in the instruction's place (so that the untrained prompt is the chat template's
+    zero-shot), and --prompt-tokens is their number: another one given is refused."""
+    if not job.cfg.chat:
+        return hard_prompt_ids(job.tokenizer, job.hp.prompt_tokens)
+    ids = chat_instruction_ids(job.tokenizer)
+    if "prompt_tokens" in given and job.hp.prompt_tokens != len(ids):
+        raise UsageError(f"with --chat the soft prompt starts as the instruction's {len(ids)} tokens, in its place: "
+                         f"drop --prompt-tokens {job.hp.prompt_tokens}")
+    job.hp = dataclasses.replace(job.hp, prompt_tokens=len(ids))
+    return ids
 
 
 def load_trained(job: Job, record: RunRecord) -> None:

@@ -215,7 +215,8 @@ def prompt_format(tokenizer, prompt_ids: list[int], cfg: Config, separator_ids: 
                   ) -> tuple[list[int], list[int]]:
     """(ids before the article, ids after it): [BOS] + prompt + | article | + separator (`separator_ids`, else the
     --separator text's); with --chat, the instruct model's own chat template around CHAT_INSTRUCTION + article,
-    ending where the assistant's turn begins."""
+    ending where the assistant's turn begins, and a soft prompt there takes the instruction's place (it starts
+    from the instruction's tokens: chat_instruction_ids)."""
     encode = functools.partial(tokenizer.encode, add_special_tokens=False)
     if not cfg.chat:
         return bos_ids(tokenizer) + prompt_ids, encode(cfg.separator) if separator_ids is None else separator_ids
@@ -225,7 +226,14 @@ def prompt_format(tokenizer, prompt_ids: list[int], cfg: Config, separator_ids: 
     text = tokenizer.apply_chat_template([{"role": "user", "content": CHAT_INSTRUCTION + marker}], tokenize=False,
                                          add_generation_prompt=True)
     before, after = text.split(marker)
-    return prompt_ids + encode(before), encode(after)
+    if prompt_ids:
+        return encode(before.removesuffix(CHAT_INSTRUCTION)) + prompt_ids, encode(after)
+    return encode(before), encode(after)
+
+
+def chat_instruction_ids(tokenizer) -> list[int]:
+    """The tokens of the --chat instruction, where a soft prompt in the chat format starts."""
+    return tokenizer.encode(CHAT_INSTRUCTION, add_special_tokens=False)
 
 
 def encode_prompt(article: list[int], head: list[int], tail: list[int], room: int, n_ctx: int,

@@ -175,6 +175,41 @@ def test_chat_format_wraps_the_article_in_the_template(llama_dirs):
     assert n_cut == 1 and tok.decode(cut[0]).endswith("</s>\n<|assistant|>\n")  # the article is cut, not the template
 
 
+def test_prompt_tuning_in_the_chat_format_starts_at_the_chat_template_zero_shot(llama_dirs, tmp_path):
+    """Issue 25, item 8: with --chat the soft prompt takes the instruction's place in the user's turn, starting
+    from the instruction's tokens, so the untrained prompt-tuned model gives the chat baseline's logits; trained,
+    its record says how many tokens it has, an evaluation follows it, and another --prompt-tokens is refused."""
+    from peftsum.data import chat_instruction_ids
+    from conftest import cli
+    model, tok = load_model(str(llama_dirs["gqa-tied"]))
+    cfg = Config(chat=True, max_summary_tokens=16)
+    rows = [{"id": "a", "article": "The police said a man was arrested.", "highlights": "A man was arrested."}]
+    (ids, n_context), = encode_examples(rows, tok, [], cfg, 256)
+    init = chat_instruction_ids(tok)
+    with torch.no_grad():
+        ref = model(torch.tensor([ids]))
+        apply_prompt_tuning(model, init)
+        (soft_ids, n_soft), = encode_examples(rows, tok, model.prompt_ids, cfg, 256)
+        assert n_soft == n_context and [i >= model.config.vocab_size for i in soft_ids].count(True) == len(init)
+        torch.testing.assert_close(model(torch.tensor([soft_ids])), ref, atol=1e-5, rtol=0)
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "validation", "test"):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(dict(r, id=f"{split}{i}")) + "\n"
+                                                     for i, r in enumerate(rows * 4)))
+    flags = ["--model", llama_dirs["gqa-tied"], "--data", data, "--out", tmp_path / "runs", "--max-new-tokens", 4]
+    train = ["--train", "--chat", "--batch-size", 2, "--warmup-steps", 1]
+    trained = cli("main.py", *flags, *train, "--max-steps", 2, "--weights", tmp_path / "w.safetensors")
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    record = json.loads((tmp_path / "runs" / "prompt_tuning.json").read_text())
+    assert record["hparams"]["prompt_tokens"] == len(init) and record["config"]["chat"] is True
+    again = cli("main.py", *flags, "--weights", tmp_path / "w.safetensors", "--run-name", "again")  # no --chat
+    assert again.returncode == 0 and "| chat template" in again.stdout, again.stderr[-2000:]
+    refused = cli("main.py", *flags, *train, "--prompt-tokens", 3, "--weights", tmp_path / "v.safetensors")
+    assert refused.returncode == 2 and f"instruction's {len(init)} tokens" in refused.stderr, refused.stderr
+
+
 def test_other_architectures_are_refused_with_the_supported_families(tmp_path):
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
     GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
