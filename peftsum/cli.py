@@ -145,6 +145,10 @@ def preflight(job: Job) -> None:
     seconds, not an epoch."""
     cfg, mode, path = job.cfg, job.mode, job.weights
     gguf_export.check_flags(cfg, job.method)
+    if cfg.export_peft and cfg.chat and job.method == "prompt_tuning":
+        raise UsageError("this soft prompt was trained in the instruction's place inside the chat template, where a "
+                         "peft adapter cannot put it (peft puts its virtual tokens before everything): evaluate it "
+                         "with these scripts")
     if mode == "article" and cfg.article != "-" and not Path(cfg.article).is_file():
         raise UsageError(f"cannot read the article at {cfg.article}: no such file")
     folder = data_folder(cfg.data) if MODES[mode] else None

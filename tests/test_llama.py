@@ -208,6 +208,9 @@ def test_prompt_tuning_in_the_chat_format_starts_at_the_chat_template_zero_shot(
     assert again.returncode == 0 and "| chat template" in again.stdout, again.stderr[-2000:]
     refused = cli("main.py", *flags, *train, "--prompt-tokens", 3, "--weights", tmp_path / "v.safetensors")
     assert refused.returncode == 2 and f"instruction's {len(init)} tokens" in refused.stderr, refused.stderr
+    export = cli("main.py", *flags, "--weights", tmp_path / "w.safetensors", "--export-peft", tmp_path / "adapter")
+    assert export.returncode == 2 and "where a peft adapter cannot put it" in export.stderr, export.stderr
+    assert not (tmp_path / "adapter").exists()
 
 
 def test_other_architectures_are_refused_with_the_supported_families(tmp_path):
