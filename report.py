@@ -7,7 +7,8 @@
                                 printed here, their figures into runs/plots/
   python3 report.py --runs DIR --out DIR --readme FILE [--section NAME] [--note TEXT]     one set, anywhere
 
-A set's NOTE file (or --note) labels its figures and table: which model, data and machine the numbers come from.
+A set's NOTE file (or --note) labels its figures and table: which model, data and machine the numbers come from;
+its first line is each figure's one-line subtitle, the lines after it the table's caption (one line: both).
 A figure whose runs are missing is skipped with a line saying which sweep makes them; a figure of an earlier report
 that cannot be made again is removed, and the report says so. Nothing to report: exit code 2.
 """
@@ -15,7 +16,6 @@ import argparse
 import json
 import re
 import sys
-import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -26,13 +26,25 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
+from peftsum.config import Config  # noqa: E402  (imports no torch)
 from peftsum.records import BASELINES, METHODS, NEXT_TOKENS, label, variant_of  # noqa: E402  (imports no torch)
 
 LABELS = {**BASELINES, **METHODS}
 ROUGE = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum"}
 COLORS = {"prompt_tuning": "tab:blue", "last_layer": "tab:orange", "lora": "tab:green", "full": "tab:red"}
-FIGURES = ("loss_curves.png", "last_layer_overfitting.png", "rouge.png", "rouge_vs_temperature.png", "sweeps.png",
-           "cost.png")
+CAPTIONS = {  # each figure's caption in the README: what to read in it
+    "loss_curves.png": "Training (dashed) and validation (solid) loss per epoch; the star is the epoch whose weights "
+                       "each method keeps (early stopping on validation loss).",
+    "last_layer_overfitting.png": "The head alone at each learning rate: the validation loss turns up while the "
+                                  "training loss keeps falling (overfitting).",
+    "rouge.png": "Test ROUGE F1 of every method and baseline with 95 % bootstrap intervals over the test articles.",
+    "rouge_vs_temperature.png": "Test ROUGE-Lsum against sampling temperature (top-p 0.9; dotted: greedy); the "
+                                "dashed line is the scripts' default, not chosen on the test set.",
+    "sweeps.png": "Each hyperparameter sweep: best validation loss (left) and test ROUGE-Lsum (right); the star is "
+                  "the setting chosen on validation loss.",
+    "cost.png": "What each method costs to train: peak memory, seconds per epoch, trainable parameters.",
+}
+FIGURES = tuple(CAPTIONS)
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -119,17 +131,19 @@ def scores(record: dict, key: str) -> list[float]:
 
 class Report:
     def __init__(self, runs: dict, out: Path, note: str, next_tokens: dict | None = None):
-        self.runs, self.out, self.note, self.written = runs, out, note, []
+        self.runs, self.out, self.written = runs, out, []
+        lines = note.strip().split("\n")
+        self.subtitle, self.note = lines[0].strip(), " ".join(" ".join(lines[1:] or lines).split())
         self.tables = {n: next_tokens[n] for n in (*BASELINES, *METHODS) if n in (next_tokens or {})}
 
     def save(self, fig, name: str, title: str) -> None:
-        note = "\n" + textwrap.fill(f"({self.note})", int(fig.get_figwidth() * 12)) if self.note else ""
-        fig.suptitle(title + note, fontsize=9)
-        for ax in fig.axes:
+        fig.suptitle(title + (f"\n({self.subtitle})" if self.subtitle else ""), fontsize=9)
+        for ax in fig.axes:  # one plot: its legend beside it, off the data; several: each where it covers least
             if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=7, framealpha=0.85)
+                ax.legend(fontsize=7, framealpha=0.85, **dict(loc="upper left", bbox_to_anchor=(1.02, 1),
+                                                              borderaxespad=0) if len(fig.axes) == 1 else {})
         fig.tight_layout()
-        fig.savefig(self.out / name, dpi=110)
+        fig.savefig(self.out / name, dpi=110, bbox_inches="tight")
         plt.close(fig)
         self.written.append(name)
 
@@ -150,12 +164,17 @@ class Report:
             epochs = [e["epoch"] for e in h]
             ax.plot(epochs, [e["train_loss"] for e in h], "--o", color=COLORS[m], label=f"{METHODS[m]}, train")
             ax.plot(epochs, [e["val_loss"] for e in h], "-s", color=COLORS[m], label=f"{METHODS[m]}, validation")
+            kept = [e for e in h if e["epoch"] == self.runs[m].get("best_epoch")]
+            ax.plot([e["epoch"] for e in kept], [e["val_loss"] for e in kept], "*", color=COLORS[m], markersize=15,
+                    markeredgecolor="black")
             for prefix, style, what in (("chat", ":^", "chat format"), ("separator", "-.v", "learned separator")):
                 if self.runs.get(f"{prefix}-{m}", {}).get("history"):  # the same method in another prompt format
                     h = self.runs[f"{prefix}-{m}"]["history"]
                     ax.plot([e["epoch"] for e in h], [e["val_loss"] for e in h], style, color=COLORS[m],
                             label=f"{METHODS[m]}, {what}, validation")
-        ax.set(xlabel="epoch", ylabel="loss (nats per summary token)")
+        ax.set(xlabel="epoch", ylabel="loss (nats per summary token)", title="★ the epoch whose weights are kept "
+               "(best validation loss)")
+        ax.title.set_fontsize(8)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         self.save(fig, "loss_curves.png", "Training and validation loss per epoch")
 
@@ -214,14 +233,16 @@ class Report:
             if f"greedy-{m}" in self.runs:
                 ax.axhline(self.runs[f"greedy-{m}"]["test"]["rougeLsum"], color=COLORS[m], ls=":",
                            label=f"{method}, greedy")
-        ax.set(xlabel="sampling temperature", ylabel="ROUGE-Lsum F1 (%)")
+        ax.axvline(Config.temperature, color="grey", ls="--", lw=1, label=f"the scripts' default, {Config.temperature:g}")
+        ax.set(xlabel="sampling temperature", ylabel="test ROUGE-Lsum F1 (%)")
         self.save(fig, "rouge_vs_temperature.png", "ROUGE-Lsum against sampling temperature (95 % bootstrap band)")
 
     def sweeps(self):
         panels = [("lr", "learning rate", lambda r: r["hparams"]["lr"]),
                   ("prompt_tokens", "soft prompt tokens", lambda r: r["hparams"]["prompt_tokens"]),
                   ("lora_rank", "LoRA rank", lambda r: r["hparams"]["lora_rank"])]
-        present = [p for p in panels if sum(n.startswith(p[0] + "-") for n in self.runs) >= 2]
+        groups = {family: self.sweep_points(family, value) for family, _, value in panels}
+        present = [p for p in panels if sum(map(len, groups[p[0]].values())) >= 2]
         for family, *_ in panels:
             if not any(p[0] == family for p in present):
                 self.need([f"{family}-*"], family)
@@ -229,22 +250,35 @@ class Report:
             return
         fig, axes = plt.subplots(len(present), 2, figsize=(8, 3 * len(present)), squeeze=False)
         for (family, xlabel, value), (a_loss, a_rouge) in zip(present, axes):
-            groups = {}
-            for n, r in self.runs.items():
-                if n.startswith(family + "-"):
-                    groups.setdefault(r["method"], []).append((value(r), best_val(r), r["test"]["rougeLsum"]))
-            for m, pts in groups.items():
-                pts.sort()
+            for m, pts in groups[family].items():
                 xs = [p[0] for p in pts]
                 a_loss.plot(xs, [p[1] for p in pts], "-o", color=COLORS.get(m), label=METHODS.get(m, m))
                 a_rouge.plot(xs, [p[2] for p in pts], "-o", color=COLORS.get(m), label=METHODS.get(m, m))
-            xs = sorted({p[0] for pts in groups.values() for p in pts})
-            for ax, ylabel in ((a_loss, "best validation loss (nats/token)"), (a_rouge, "ROUGE-Lsum F1 (%)")):
-                ax.set(xlabel=xlabel, ylabel=ylabel, xscale="log")
+                chosen = min(pts, key=lambda p: p[1])  # chosen on validation loss, never on the test set
+                for ax, y in ((a_loss, chosen[1]), (a_rouge, chosen[2])):
+                    ax.plot([chosen[0]], [y], "*", color=COLORS.get(m), markersize=14, markeredgecolor="black")
+            xs = sorted({p[0] for pts in groups[family].values() for p in pts})
+            for ax, ylabel in ((a_loss, "best validation loss (nats/token)"), (a_rouge, "test ROUGE-Lsum F1 (%)")):
+                ax.set(xlabel=xlabel, ylabel=ylabel, xscale="log", title="★ chosen on validation loss")
+                ax.title.set_fontsize(8)
                 ax.set_xticks(xs, [f"{x:g}" for x in xs])
                 ax.minorticks_off()
                 ax.ticklabel_format(axis="y", useOffset=False)
         self.save(fig, "sweeps.png", "Validation loss and ROUGE-Lsum against each hyperparameter")
+
+    def sweep_points(self, family: str, value) -> dict[str, list[tuple]]:
+        """{method: [(setting, best validation loss, test ROUGE-Lsum), ...] by setting}: the family's runs, and each
+        method's run at its defaults, the same configuration as the family's run at that setting (kept once)."""
+        groups = {}
+        for n, r in self.runs.items():
+            if n.startswith(family + "-") or (n in METHODS and any(o.startswith(f"{family}-") and
+                                                                   self.runs[o].get("method") == n for o in self.runs)):
+                try:
+                    groups.setdefault(r["method"], {}).setdefault(value(r), (value(r), best_val(r),
+                                                                              r["test"]["rougeLsum"]))
+                except KeyError:  # a record without that hyperparameter (another method's default run)
+                    continue
+        return {m: sorted(points.values()) for m, points in groups.items()}
 
     def cost(self):
         methods = [m for m in METHODS if self.runs.get(m, {}).get("history")]
@@ -374,9 +408,9 @@ class Report:
                 f"Written by `python3 report.py` from the run records in `runs/`.")
         if self.note:
             head = f"**{self.note}**\n\n" + head
-        figures = " ".join(f"![{f}]({figure_dir}/{f})" for f in self.written)
+        figures = [line for f in self.written for line in (f"![{f}]({figure_dir}/{f})", "", f"*{CAPTIONS[f]}*", "")]
         diffs = self.differences()
-        return "\n".join([head, "", *self.table_rows(), "", figures, "",
+        return "\n".join([head, "", *self.table_rows(), "", *figures,
                           *(["Differences in ROUGE-Lsum (paired bootstrap over the same test articles, 95 %):", "",
                              *diffs, ""] if diffs else []),
                           *self.next_token_rows(),
@@ -401,7 +435,7 @@ def report(runs_dir: Path, out: Path, readme: Path | None, section: str, note: s
         print(f"error: no run records in {runs_dir}: run main*.py or sweep.py first", file=sys.stderr)
         sys.exit(2)
     if not note and (runs_dir / "NOTE").is_file():
-        note = " ".join((runs_dir / "NOTE").read_text().split())
+        note = (runs_dir / "NOTE").read_text()
     out.mkdir(parents=True, exist_ok=True)
     rep = Report(runs, out, note, load_next_tokens(runs_dir))
     for figure in (rep.loss_curves, rep.overfitting, rep.rouge_bars, rep.temperature, rep.sweeps, rep.cost):

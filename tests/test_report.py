@@ -50,7 +50,7 @@ def synthetic_runs(runs):
 def test_report_writes_every_figure_and_the_readme_section_then_removes_stale_figures(tmp_path, capsys):
     import report
     synthetic_runs(tmp_path / "runs")
-    (tmp_path / "runs" / "NOTE").write_text("synthetic records,\nnot a real model")
+    (tmp_path / "runs" / "NOTE").write_text("synthetic\nsynthetic records,\nnot a real model")
     readme = tmp_path / "README.md"
     readme.write_text("# x\n<!-- results:runs:start -->\nold\n<!-- results:runs:end -->\nrest\n")
     report.report(tmp_path / "runs", tmp_path / "plots", readme, "runs", "")
