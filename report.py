@@ -303,16 +303,40 @@ class Report:
             ax.tick_params(axis="x", labelsize=8)
         self.save(fig, "cost.png", "What each method costs")
 
+    def chosen(self) -> dict[str, str]:
+        """{method: its trained run with the lowest best validation loss}: the configuration validation chooses
+        (runs that only decode saved weights again, greedy or at another temperature, are not configurations)."""
+        best = {}
+        for n, r in self.runs.items():
+            m = r.get("method")
+            if m in METHODS and r.get("history") and not n.startswith(("greedy-", "temperature-")) and \
+                    (m not in best or best_val(r) < best_val(self.runs[best[m]])):
+                best[m] = n
+        return best
+
+    def chosen_line(self) -> str:
+        chosen = self.chosen()
+        if not chosen:
+            return ""
+        other = [f"for {METHODS[m]} that is {label(n, self.runs[n])}, not the shipped weights' settings"
+                 for m, n in chosen.items() if n != m]
+        return ("★ marks each method's configuration with the lowest validation loss: the one chosen on the 40 "
+                "validation articles, never on the test set" + ("; " + "; ".join(other) if other else
+                                                                 ", and each is the shipped weights' (`models/`)") + ".")
+
     def table_rows(self) -> list[str]:
-        """Baselines, then the methods, then their variants (other learning rates, greedy decoding)."""
+        """Baselines, then the methods, then their variants (other learning rates, prompt lengths, ranks, formats,
+        greedy decoding); ★ on each method's configuration chosen on validation."""
         variants = sorted(n for n in self.runs
-                          if n.startswith(("lr-", "greedy-", "hard_prompt-", "chat-", "separator-"))
-                          and n not in LABELS)
+                          if n.startswith(("lr-", "prompt_tokens-", "lora_rank-", "chat-", "separator-", "greedy-",
+                                           "hard_prompt-")) and n not in LABELS)
+        chosen = set(self.chosen().values())
         rows = ["| run | trainable parameters | best val loss | " + " | ".join(f"{v} (95 % CI)" for v in ROUGE.values())
                 + " | repeating summaries | epochs | s / epoch | tokens / s | peak memory (MB) |", "|---" * 12 + "|"]
         for n in [n for n in LABELS if n in self.runs] + variants:
             r, h = self.runs[n], self.runs[n].get("history", [])
-            cells = [label(n, r), f"{r.get('trainable_parameters', 0):,}", f"{best_val(r):.3f}" if h else "–"]
+            cells = [label(n, r) + " ★" * (n in chosen), f"{r.get('trainable_parameters', 0):,}",
+                     f"{best_val(r):.3f}" if h else "–"]
             for k in ROUGE:
                 lo, hi = bootstrap_ci(scores(r, k)) if scores(r, k) else (r["test"][k],) * 2
                 cells.append(f"{r['test'][k]:.2f} ({lo:.1f}–{hi:.1f})")
@@ -410,7 +434,8 @@ class Report:
             head = f"**{self.note}**\n\n" + head
         figures = [line for f in self.written for line in (f"![{f}]({figure_dir}/{f})", "", f"*{CAPTIONS[f]}*", "")]
         diffs = self.differences()
-        return "\n".join([head, "", *self.table_rows(), "", *figures,
+        chosen = [self.chosen_line(), ""] if self.chosen_line() else []
+        return "\n".join([head, "", *chosen, *self.table_rows(), "", *figures,
                           *(["Differences in ROUGE-Lsum (paired bootstrap over the same test articles, 95 %):", "",
                              *diffs, ""] if diffs else []),
                           *self.next_token_rows(),

@@ -61,7 +61,7 @@ def test_report_writes_every_figure_and_the_readme_section_then_removes_stale_fi
     assert "**synthetic records, not a real model**" in text  # the set's NOTE labels it
     for label in ("lead-3", "zero-shot TL;DR", "hard prompt", "chat template", "prompt tuning", "last layer", "LoRA",
                   "LoRA, lr 0.001", "LoRA, greedy"):
-        assert f"| {label} |" in text
+        assert f"| {label} |" in text or f"| {label} ★ |" in text
     assert "| repeating summaries |" in text and " | 0 / 30 | " in text
     assert "](plots/loss_curves.png)" in text  # figure links relative to the README
     assert "LoRA − chat template:" in text and "<summary>test article 0</summary>" in text
@@ -115,3 +115,25 @@ def test_the_next_token_tables_stand_side_by_side_and_are_not_taken_for_run_reco
     assert "zero-shot TL;DR 2/3 (67%), LoRA 3/3 (100%)" in text
     assert ("- LoRA: most likely next `'\\n'` 90.0%, `' The'` 5.0%; greedy decoding goes on with `'\\nThe | end'`"
             in text)
+
+
+def test_each_method_s_configuration_chosen_on_validation_is_starred_and_a_better_one_than_shipped_is_said(tmp_path):
+    """Issue 25, item 9: the star goes to each method's run with the lowest validation loss (never by test ROUGE,
+    and never to a run that only decodes the same weights again), and the README says when that is not the
+    shipped weights' configuration."""
+    import report
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for name, val, seed in (("lora", 2.0, 1), ("lr-lora-0.003", 1.9, 2), ("greedy-lora", 1.0, 3),
+                            ("prompt_tuning", 2.5, 4), ("lr-prompt_tuning-0.003", 2.6, 5)):
+        rec, ex = record("lora" if "lora" in name else "prompt_tuning", lr=3e-3 if "lr-" in name else 1e-3, seed=seed)
+        rec["history"] = [dict(rec["history"][0], val_loss=val)]
+        write(runs, name, (rec, ex))
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:runs:start -->\n<!-- results:runs:end -->\n")
+    report.report(runs, tmp_path / "plots", readme, "runs", "")
+    text = readme.read_text()
+    assert "| LoRA, lr 0.003 ★ |" in text and "| LoRA |" in text and "| LoRA, greedy |" in text
+    assert "| prompt tuning ★ |" in text and "| prompt tuning, lr 0.003 |" in text
+    assert "for LoRA that is LoRA, lr 0.003, not the shipped weights' settings" in text
+    assert "prompt tuning that is" not in text
