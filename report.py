@@ -305,10 +305,11 @@ class Report:
 
     def chosen(self) -> dict[str, str]:
         """{method: its trained run with the lowest best validation loss}: the configuration validation chooses
-        (runs that only decode saved weights again, greedy or at another temperature, are not configurations)."""
+        (runs that only decode saved weights again, greedy or at another temperature, are not configurations; on a
+        tie, the method's run at its defaults)."""
         best = {}
-        for n, r in self.runs.items():
-            m = r.get("method")
+        for n in sorted(self.runs, key=lambda n: n not in METHODS):
+            r, m = self.runs[n], self.runs[n].get("method")
             if m in METHODS and r.get("history") and not n.startswith(("greedy-", "temperature-")) and \
                     (m not in best or best_val(r) < best_val(self.runs[best[m]])):
                 best[m] = n
