@@ -74,8 +74,8 @@ def ours(hf, method, device, dtype, checkpointing: bool, compile: bool, stack: c
         common.apply_lora(model, 16, 32)
     model.gradient_checkpointing = checkpointing
     stack.enter_context(training.frozen_weights_in(model, dtype))
-    stack.enter_context(training.compile_options(compile))
-    net = training.training_module(model, compile, device)  # what --compile compiles
+    stack.enter_context(training.compiled_blocks(model, compile))  # what --compile compiles
+    net = training.training_module(model, device)
     x, y = common.collate(batch_rows(model.config.vocab_size, model.prompt_ids))
     n = (y != common.IGNORE).sum()
     opt = torch.optim.AdamW(common.trainable_state(model).values(), lr=1e-4)
