@@ -32,9 +32,12 @@ from peftsum.records import BASELINES, METHODS, NEXT_TOKENS, label, variant_of  
 LABELS = {**BASELINES, **METHODS}
 ROUGE = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum"}
 COLORS = {"prompt_tuning": "tab:blue", "last_layer": "tab:orange", "lora": "tab:green", "full": "tab:red"}
+FORMATS = {"separator": ("-v", "a learned separator token"), "chat": ("-^", "the chat format")}  # prefix: style
 CAPTIONS = {  # each figure's caption in the README: what to read in it
     "loss_curves.png": "Training (dashed) and validation (solid) loss per epoch; the star is the epoch whose weights "
                        "each method keeps (early stopping on validation loss).",
+    "formats.png": "The same method trained with the separator \" TL;DR:\", with a learned separator token and in the "
+                   "instruct model's chat format: validation (solid) and training (faded) loss per epoch.",
     "last_layer_overfitting.png": "The head alone at each learning rate: the validation loss turns up while the "
                                   "training loss keeps falling (overfitting).",
     "rouge.png": "Test ROUGE F1 of every method and baseline with 95 % bootstrap intervals over the test articles.",
@@ -167,16 +170,32 @@ class Report:
             kept = [e for e in h if e["epoch"] == self.runs[m].get("best_epoch")]
             ax.plot([e["epoch"] for e in kept], [e["val_loss"] for e in kept], "*", color=COLORS[m], markersize=15,
                     markeredgecolor="black")
-            for prefix, style, what in (("chat", ":^", "chat format"), ("separator", "-.v", "learned separator")):
-                if self.runs.get(f"{prefix}-{m}", {}).get("history"):  # the same method in another prompt format
-                    h = self.runs[f"{prefix}-{m}"]["history"]
-                    ax.plot([e["epoch"] for e in h], [e["val_loss"] for e in h], style, color=COLORS[m],
-                            label=f"{METHODS[m]}, {what}, validation")
         ax.set(xlabel="epoch", ylabel="loss (nats per summary token)", title="★ the epoch whose weights are kept "
                "(best validation loss)")
         ax.title.set_fontsize(8)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         self.save(fig, "loss_curves.png", "Training and validation loss per epoch")
+
+    def formats(self):
+        """Each method's loss curves in each prompt format it was trained in: the separator " TL;DR:", a learned
+        separator token (the seed: "a new token gives a better loss curve"), the instruct model's chat format."""
+        methods = [m for m in METHODS if self.runs.get(m, {}).get("history") and
+                   any(self.runs.get(f"{p}-{m}", {}).get("history") for p in FORMATS)]
+        if not self.need(methods or ["separator-lora"], "separator"):
+            return
+        fig, axes = plt.subplots(1, len(methods), figsize=(6.4 * len(methods), 4), squeeze=False)
+        for ax, m in zip(axes[0], methods):
+            for name, (style, what) in {m: ("-s", 'separator " TL;DR:"'), **{f"{p}-{m}": v for p, v in
+                                                                            FORMATS.items()}}.items():
+                h = self.runs.get(name, {}).get("history")
+                if h:
+                    epochs = [e["epoch"] for e in h]
+                    line, = ax.plot(epochs, [e["val_loss"] for e in h], style, label=f"{what}, validation")
+                    ax.plot(epochs, [e["train_loss"] for e in h], style.replace("-", "--", 1).replace("-.", "--"),
+                            color=line.get_color(), alpha=0.5, label=f"{what}, train")
+            ax.set(xlabel="epoch", ylabel="loss (nats per summary token)", title=METHODS[m])
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        self.save(fig, "formats.png", "Loss per epoch in each prompt format")
 
     def overfitting(self):
         """The last layer's train vs validation loss at each learning rate (the seed: 1e-3 overfits)."""
@@ -464,7 +483,7 @@ def report(runs_dir: Path, out: Path, readme: Path | None, section: str, note: s
         note = (runs_dir / "NOTE").read_text()
     out.mkdir(parents=True, exist_ok=True)
     rep = Report(runs, out, note, load_next_tokens(runs_dir))
-    for figure in (rep.loss_curves, rep.overfitting, rep.rouge_bars, rep.temperature, rep.sweeps, rep.cost):
+    for figure in (rep.loss_curves, rep.formats, rep.overfitting, rep.rouge_bars, rep.temperature, rep.sweeps, rep.cost):
         figure()
     for stale in sorted(set(FIGURES) - set(rep.written)):
         if (out / stale).exists():
