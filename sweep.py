@@ -128,6 +128,9 @@ def main(argv: list[str]) -> None:
         if code:
             raise common.UsageError(f"a run failed (exit code {code}): {script} {' '.join(extra)} --run-name {name}")
     if family == "methods" and any(fnmatch.fnmatch("lead_3", o) for o in own.only):
+        if (out / "lead_3.json").exists() and not shared.overwrite:
+            print(f"=== lead_3: skipped, {out / 'lead_3.json'} is there (--overwrite runs it again)", flush=True)
+            return
         print("=== lead_3", flush=True)
         lead_3(flags)
 

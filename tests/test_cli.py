@@ -168,3 +168,17 @@ def test_full_fine_tuning_trains_every_parameter_and_its_weights_are_evaluated_a
     run("main1.py", *common_args, "--weights", head, "--train", "--max-steps", 1)
     p = run("main1.py", *common_args, "--weights", head, "--full", check=False)
     assert p.returncode == 2 and "--full True, but head.safetensors was trained with False" in p.stderr, p.stderr
+
+
+def test_a_sweep_skips_what_is_done_unless_told_to_run_it_again(data_dir, tmp_path):
+    """sweep.py runs a run whose record is missing, skips it once its record is there, and runs it again with
+    --overwrite (lead-3: no model, so the run is quick)."""
+    args = ["methods", "--only", "lead_3", "--data", data_dir, "--out", tmp_path]
+    first = run("sweep.py", *args)
+    assert "=== lead_3\n" in first.stdout and (tmp_path / "lead_3.json").is_file()
+    record = (tmp_path / "lead_3.json").read_text()
+    again = run("sweep.py", *args)
+    assert "=== lead_3: skipped" in again.stdout and (tmp_path / "lead_3.json").read_text() == record
+    assert not (tmp_path / "lead_3-2.json").exists()
+    forced = run("sweep.py", *args, "--overwrite")
+    assert "=== lead_3\n" in forced.stdout and not (tmp_path / "lead_3-2.json").exists()
