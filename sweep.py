@@ -94,7 +94,8 @@ def lead_3(flags: list[str]) -> None:
     rows = common.load_splits(cfg, ("test",))["test"]
     record = RunRecord(method="lead_3", base_model=None, config=vars(cfg), data=portable_path(cfg.data),
                        n_examples={"test": len(rows)})
-    common.score_and_write(out_folder(cfg.out), "lead_3", record, rows, [common.lead_3(r["article"]) for r in rows], cfg.overwrite)
+    common.score_and_write(out_folder(cfg.out), "lead_3", record, rows, [common.lead_3(r["article"]) for r in rows],
+                           cfg.overwrite)
 
 
 def main(argv: list[str]) -> None:
