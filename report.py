@@ -454,7 +454,7 @@ class Report:
             head = f"**{self.note}**\n\n" + head
         figures = [line for f in self.written for line in (f"![{f}]({figure_dir}/{f})", "", f"*{CAPTIONS[f]}*", "")]
         diffs = self.differences()
-        chosen = [self.chosen_line(), ""] if self.chosen_line() else []
+        chosen = [line, ""] if (line := self.chosen_line()) else []
         return "\n".join([head, "", *chosen, *self.table_rows(), "", *figures,
                           *(["Differences in ROUGE-Lsum (paired bootstrap over the same test articles, 95 %):", "",
                              *diffs, ""] if diffs else []),
