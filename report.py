@@ -27,11 +27,12 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 from peftsum.config import Config  # noqa: E402  (imports no torch)
-from peftsum.records import BASELINES, METHODS, NEXT_TOKENS, label, variant_of  # noqa: E402  (imports no torch)
+from peftsum.records import BASELINES, METHODS, NEXT_TOKENS, VALIDATION, label, variant_of  # noqa: E402  (imports no torch)
 
 LABELS = {**BASELINES, **METHODS}
 ROUGE = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum"}
 COLORS = {"prompt_tuning": "tab:blue", "last_layer": "tab:orange", "lora": "tab:green", "full": "tab:red"}
+TEMPERATURE_RUNS = {**METHODS, "chat": "chat template"}  # temperature-<key>-<t>: sweep.py temperature
 FORMATS = {"separator": ("-v", "a learned separator token"), "chat": ("-^", "the chat format")}  # prefix: style
 CAPTIONS = {  # each figure's caption in the README: what to read in it
     "loss_curves.png": "Training (dashed) and validation (solid) loss per epoch; the star is the epoch whose weights "
@@ -41,8 +42,9 @@ CAPTIONS = {  # each figure's caption in the README: what to read in it
     "last_layer_overfitting.png": "The head alone at each learning rate: the validation loss turns up while the "
                                   "training loss keeps falling (overfitting).",
     "rouge.png": "Test ROUGE F1 of every method and baseline with 95 % bootstrap intervals over the test articles.",
-    "rouge_vs_temperature.png": "Test ROUGE-Lsum against sampling temperature (top-p 0.9; dotted: greedy); the "
-                                "dashed line is the scripts' default, not chosen on the test set.",
+    "rouge_vs_temperature.png": "ROUGE-Lsum against sampling temperature (top-p 0.9; dotted: greedy), on the "
+                                "validation articles (left, where the starred temperature is chosen) and the test "
+                                "articles; the dashed line is the scripts' default.",
     "sweeps.png": "Each hyperparameter sweep: best validation loss (left) and test ROUGE-Lsum (right); the star is "
                   "the setting chosen on validation loss.",
     "cost.png": "What each method costs to train: peak memory, seconds per epoch, trainable parameters.",
@@ -56,22 +58,23 @@ def atomic_write(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def load_runs(folder: Path) -> dict[str, dict]:
-    """{run name: record with its per-article predictions under "examples"}; files that are not run records of
-    ours (other JSON, a broken file) are skipped with a line."""
-    runs = {}
-    for f in sorted(folder.glob("*.json")):
-        if f.name.endswith(NEXT_TOKENS):  # a next-token table (--inspect), see load_next_tokens
+def load_runs(folder: Path, split: str = "test") -> dict[str, dict]:
+    """{run name: record with its per-article predictions under "examples"} of the runs scored on `split` (test:
+    <name>.json; validation: <name>.validation.json); files that are not run records of ours (other JSON, a broken
+    file) are skipped with a line."""
+    runs, suffix = {}, VALIDATION if split == "validation" else ".json"
+    for f in sorted(folder.glob("*" + suffix)):
+        if f.name.endswith(NEXT_TOKENS) or (split == "test" and f.name.endswith(VALIDATION)):  # read elsewhere
             continue
         try:
             record = json.loads(f.read_text())
-            assert isinstance(record, dict) and "test" in record
+            assert isinstance(record, dict) and isinstance(record.get(split), dict)
         except (ValueError, AssertionError):
             print(f"skipped {f}: not a run record")
             continue
-        preds = f.with_name(f.stem + ".predictions.jsonl")
+        preds = f.with_suffix(".predictions.jsonl")
         record["examples"] = [json.loads(line) for line in open(preds)] if preds.exists() else []
-        runs[f.stem] = record
+        runs[f.name[:-len(suffix)]] = record
     return runs
 
 
@@ -133,8 +136,9 @@ def scores(record: dict, key: str) -> list[float]:
 
 
 class Report:
-    def __init__(self, runs: dict, out: Path, note: str, next_tokens: dict | None = None):
-        self.runs, self.out, self.written = runs, out, []
+    def __init__(self, runs: dict, out: Path, note: str, next_tokens: dict | None = None,
+                 validation: dict | None = None):
+        self.runs, self.out, self.written, self.validation = runs, out, [], validation or {}
         lines = note.strip().split("\n")
         self.subtitle, self.note = lines[0].strip(), " ".join(" ".join(lines[1:] or lines).split())
         self.tables = {n: next_tokens[n] for n in (*BASELINES, *METHODS) if n in (next_tokens or {})}
@@ -237,24 +241,68 @@ class Report:
         self.save(fig, "rouge.png", "Test ROUGE (F1) with 95 % bootstrap intervals")
 
     def temperature(self):
+        """Test ROUGE-Lsum against the sampling temperature for each method and the chat template; beside it, where
+        they were run (--eval-split validation), the same on the validation articles, the temperature each is given
+        there starred: the choice made without the test set."""
         names = [n for n in self.runs if n.startswith("temperature-")]
         if not self.need(names or ["temperature-*"], "temperature"):
             return
-        fig, ax = plt.subplots(figsize=(6.4, 4))
-        for m, method in METHODS.items():
-            pts = sorted((self.runs[n]["config"]["temperature"], self.runs[n]["test"]["rougeLsum"],
-                          *bootstrap_ci(scores(self.runs[n], "rougeLsum")))
-                         for n in names if n.startswith(f"temperature-{m}-"))
-            if pts:
-                t, mean, lo, hi = zip(*pts)
-                ax.plot(t, mean, "-o", color=COLORS[m], label=f"{method}, top-p 0.9")
-                ax.fill_between(t, lo, hi, color=COLORS[m], alpha=0.15)
-            if f"greedy-{m}" in self.runs:
-                ax.axhline(self.runs[f"greedy-{m}"]["test"]["rougeLsum"], color=COLORS[m], ls=":",
-                           label=f"{method}, greedy")
-        ax.axvline(Config.temperature, color="grey", ls="--", lw=1, label=f"the scripts' default, {Config.temperature:g}")
-        ax.set(xlabel="sampling temperature", ylabel="test ROUGE-Lsum F1 (%)")
+        panels = [("validation", self.validation), ("test", self.runs)] if self.chosen_temperatures() else \
+            [("test", self.runs)]
+        fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4), squeeze=False, sharey=True)
+        for ax, (split, runs) in zip(axes[0], panels):
+            for m, what in TEMPERATURE_RUNS.items():
+                pts = sorted((runs[n]["config"]["temperature"], runs[n][split]["rougeLsum"],
+                              *bootstrap_ci(scores(runs[n], "rougeLsum")))
+                             for n in runs if n.startswith(f"temperature-{m}-"))
+                if pts:
+                    t, mean, lo, hi = zip(*pts)
+                    ax.plot(t, mean, "-o", color=COLORS.get(m, "black"), label=f"{what}, top-p 0.9")
+                    ax.fill_between(t, lo, hi, color=COLORS.get(m, "black"), alpha=0.12)
+                if split == "test" and f"greedy-{m}" in runs:
+                    ax.axhline(runs[f"greedy-{m}"]["test"]["rougeLsum"], color=COLORS.get(m, "black"), ls=":",
+                               label=f"{what}, greedy")
+                if split == "validation" and m in self.chosen_temperatures():
+                    t, value = self.chosen_temperatures()[m]
+                    ax.plot([t], [value], "*", color=COLORS.get(m, "black"), markersize=15, markeredgecolor="black")
+            ax.axvline(Config.temperature, color="grey", ls="--", lw=1,
+                       label=f"the scripts' default, {Config.temperature:g}")
+            ax.set(xlabel="sampling temperature", ylabel=f"{split} ROUGE-Lsum F1 (%)",
+                   title="★ chosen on validation ROUGE-Lsum" if split == "validation" else
+                   "test set" if len(panels) > 1 else "")
+            ax.title.set_fontsize(8)
         self.save(fig, "rouge_vs_temperature.png", "ROUGE-Lsum against sampling temperature (95 % bootstrap band)")
+
+    def chosen_temperatures(self) -> dict[str, tuple[float, float]]:
+        """{method or "chat": (temperature, validation ROUGE-Lsum)} with the highest validation ROUGE-Lsum among
+        its runs scored on validation (sweep.py temperature --eval-split validation); at least two temperatures."""
+        chosen = {}
+        for m in TEMPERATURE_RUNS:
+            pts = [(r["config"]["temperature"], r["validation"]["rougeLsum"]) for n, r in self.validation.items()
+                   if n.startswith(f"temperature-{m}-")]
+            if len(pts) >= 2:
+                chosen[m] = max(pts, key=lambda p: p[1])
+        return chosen
+
+    def temperature_lines(self) -> list[str]:
+        """Each temperature chosen on validation, and on the test set each method at its chosen temperature against
+        the chat template at its own (paired bootstrap), where those test runs exist."""
+        chosen = self.chosen_temperatures()
+        if not chosen:
+            return []
+        def at(m: str) -> str:  # the test run of m at its chosen temperature (at the default: m's own run too)
+            name = f"temperature-{m}-{chosen[m][0]:g}"
+            return m if name not in self.runs and chosen[m][0] == Config.temperature and m in self.runs else name
+        lines = ["The sampling temperature chosen on the validation articles (highest validation ROUGE-Lsum, "
+                 "`python3 sweep.py temperature --eval-split validation`): " + ", ".join(
+                     f"{TEMPERATURE_RUNS[m]} {t:g} ({v:.2f})" for m, (t, v) in chosen.items()) + ".", ""]
+        pairs = [(at(m), at("chat")) for m in chosen if m != "chat" and "chat" in chosen]
+        pairs += [(at(m), "chat") for m in chosen if m != "chat" and ("chat" not in chosen or at("chat") != "chat")]
+        found = [line for a, b in pairs if a in self.runs and b in self.runs and (line := self.difference(a, b))]
+        if found:
+            lines += ["On the test set, each at the temperature chosen on validation (paired bootstrap, 95 %):", "",
+                      *found, ""]
+        return lines
 
     def sweeps(self):
         panels = [("lr", "learning rate", lambda r: r["hparams"]["lr"]),
@@ -458,6 +506,7 @@ class Report:
         return "\n".join([head, "", *chosen, *self.table_rows(), "", *figures,
                           *(["Differences in ROUGE-Lsum (paired bootstrap over the same test articles, 95 %):", "",
                              *diffs, ""] if diffs else []),
+                          *self.temperature_lines(),
                           *self.next_token_rows(),
                           *(["Three test articles, each run's summary beside the reference:", "", *self.samples()]
                             if self.samples() else [])]).rstrip() + "\n"
@@ -482,7 +531,7 @@ def report(runs_dir: Path, out: Path, readme: Path | None, section: str, note: s
     if not note and (runs_dir / "NOTE").is_file():
         note = (runs_dir / "NOTE").read_text()
     out.mkdir(parents=True, exist_ok=True)
-    rep = Report(runs, out, note, load_next_tokens(runs_dir))
+    rep = Report(runs, out, note, load_next_tokens(runs_dir), load_runs(runs_dir, "validation"))
     for figure in (rep.loss_curves, rep.formats, rep.overfitting, rep.rouge_bars, rep.temperature, rep.sweeps, rep.cost):
         figure()
     for stale in sorted(set(FIGURES) - set(rep.written)):

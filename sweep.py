@@ -10,7 +10,8 @@
   python3 sweep.py lr             learning rate 1e-4, 3e-4, 1e-3, 3e-3 for each method
   python3 sweep.py prompt_tokens  soft prompt length 1, 8, 24, 64
   python3 sweep.py lora_rank      LoRA rank 4, 8, 16, 32 (alpha = 2 x rank)
-  python3 sweep.py temperature    temperature 0.3 ... 1.5 on the saved weights of `methods` (inference only)
+  python3 sweep.py temperature    temperature 0.3 ... 1.5 on the saved weights of `methods` and on the chat template
+                                  (inference only; with --eval-split validation, to choose one on validation ROUGE)
   python3 sweep.py decoding       greedy instead of top-p: the saved weights of `methods`, and zero-shot
   python3 sweep.py next_tokens    the next-token table of a test article and what follows its end token, for the
                                   saved weights of `methods` and zero-shot (--inspect: <out>/<run>.next_tokens.json)
@@ -22,7 +23,8 @@ Options of the sweep itself:
 
 Every other flag goes to every run, e.g. `--model DIR --data DIR --out runs/mine --max-steps 20`.
 
-A run whose record is in --out already is skipped (--overwrite runs it again). Ctrl-C or SIGTERM reaches the run
+A run whose record is in --out already is skipped (<name>.json; with --eval-split validation,
+<name>.validation.json) (--overwrite runs it again). Ctrl-C or SIGTERM reaches the run
 under way once: it finishes its step and writes its checkpoint, and the same command continues the sweep (that run
 resumes from its checkpoint).
 """
@@ -36,7 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import common
-from peftsum.records import NEXT_TOKENS, RunRecord, checkpoint_path, out_folder, portable_path, variant_name
+from peftsum.records import (NEXT_TOKENS, RunRecord, checkpoint_path, out_folder, portable_path, record_suffix,
+                             variant_name)
 
 ROOT = Path(__file__).resolve().parent
 SCRIPTS = {"prompt_tuning": "main.py", "last_layer": "main1.py", "lora": "main2.py"}
@@ -71,8 +74,11 @@ def family_runs(family: str, weights_dir: Path | None = None) -> list[tuple[str,
         return [(name, "main2.py", ["--train", "--lora-rank", r, "--lora-alpha", str(2 * int(r)), *sweep_weights(name)])
                 for r in ("4", "8", "16", "32") if (name := variant_name("lora_rank", r))]
     if family == "temperature":
+        temperatures = ("0.3", "0.5", "0.7", "0.9", "1.1", "1.3", "1.5")
         return [(variant_name("temperature", m, t), s, ["--temperature", t, *method_weights(m)])
-                for m, s in SCRIPTS.items() for t in ("0.3", "0.5", "0.7", "0.9", "1.1", "1.3", "1.5")]
+                for m, s in SCRIPTS.items() for t in temperatures] + [
+            (variant_name("temperature", "chat", t), "main2.py", ["--temperature", t, "--baseline", "--chat"])
+            for t in temperatures]
     if family == "decoding":
         return [(variant_name("greedy", m), s, ["--greedy", *method_weights(m)]) for m, s in SCRIPTS.items()] + [
             (variant_name("greedy", "zero_shot"), "main2.py",
@@ -91,11 +97,11 @@ class NoMethod:
 def lead_3(flags: list[str]) -> None:
     """Lead-3 needs no model: the first three sentences of each test article."""
     cfg = common.parse_args(NoMethod, "", flags).cfg
-    rows = common.load_splits(cfg, ("test",))["test"]
+    rows = common.load_splits(cfg, (cfg.eval_split,))[cfg.eval_split]
     record = RunRecord(method="lead_3", base_model=None, config=vars(cfg), data=portable_path(cfg.data),
-                       n_examples={"test": len(rows)})
+                       n_examples={cfg.eval_split: len(rows)})
     common.score_and_write(out_folder(cfg.out), "lead_3", record, rows, [common.lead_3(r["article"]) for r in rows],
-                           cfg.overwrite)
+                           cfg.overwrite, cfg.eval_split)
 
 
 def main(argv: list[str]) -> None:
@@ -113,7 +119,7 @@ def main(argv: list[str]) -> None:
     shared, _ = SHARED_FLAGS.parse_known_args(flags)
     out = out_folder(shared.out)
     for name, script, extra in runs:
-        written = out / (name + (NEXT_TOKENS if "--inspect" in extra else ".json"))
+        written = out / (name + (NEXT_TOKENS if "--inspect" in extra else record_suffix(shared.eval_split)))
         if written.exists() and not shared.overwrite:
             print(f"=== {name}: skipped, {written} is there (--overwrite runs it again)", flush=True)
             continue
@@ -129,8 +135,9 @@ def main(argv: list[str]) -> None:
         if code:
             raise common.UsageError(f"a run failed (exit code {code}): {script} {' '.join(extra)} --run-name {name}")
     if family == "methods" and any(fnmatch.fnmatch("lead_3", o) for o in own.only):
-        if (out / "lead_3.json").exists() and not shared.overwrite:
-            print(f"=== lead_3: skipped, {out / 'lead_3.json'} is there (--overwrite runs it again)", flush=True)
+        written = out / ("lead_3" + record_suffix(shared.eval_split))
+        if written.exists() and not shared.overwrite:
+            print(f"=== lead_3: skipped, {written} is there (--overwrite runs it again)", flush=True)
             return
         print("=== lead_3", flush=True)
         lead_3(flags)
@@ -140,6 +147,7 @@ SHARED_FLAGS = argparse.ArgumentParser(add_help=False)  # the flags of the runs 
 SHARED_FLAGS.add_argument("--out", default="")
 SHARED_FLAGS.add_argument("--overwrite", action="store_true")
 SHARED_FLAGS.add_argument("--resume", action="store_true")
+SHARED_FLAGS.add_argument("--eval-split", default="test")
 
 
 def run(command: list[str]) -> int:

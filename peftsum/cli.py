@@ -19,8 +19,8 @@ import torch
 from safetensors import safe_open
 
 from peftsum import evaluation, gguf_export, interop, runtime, training
-from peftsum.config import (MODES, ROOT, TRAINING_FIELDS, Args, Config, check_config, check_context, fields_where,
-                            flag)
+from peftsum.config import (ROOT, TRAINING_FIELDS, Args, Config, check_config, check_context, fields_where, flag,
+                            splits_read)
 from peftsum.data import (chat_instruction_ids, data_files, data_folder, encode_examples, hub_dataset_cached,
                           load_splits, offline_dataset_error)
 from peftsum.errors import Interrupted, UsageError, first_line
@@ -30,12 +30,13 @@ from peftsum.generation import prepare_inference
 from peftsum.interop import export_merged, export_peft, load_adapter
 from peftsum.methods import apply_learned_separator, count_parameters, hard_prompt_ids, trainable_state
 from peftsum.model import GPT
-from peftsum.records import NEXT_TOKENS, RunRecord, checkpoint_path, local_path, out_folder, portable_path, run_name
+from peftsum.records import (NEXT_TOKENS, RunRecord, checkpoint_path, local_path, out_folder, portable_path,
+                             record_suffix, run_name)
 from peftsum.runtime import init_distributed, resolve_device, resume_command, world
 from peftsum.checkpoints import run_identity
 from peftsum.training import run_length
 
-DATA_FIELDS = ("data", "data_config", "test_size", "data_seed")  # which test set: no contradiction of training
+DATA_FIELDS = ("data", "data_config", "val_size", "test_size", "data_seed")  # which articles: not a contradiction
 
 
 @dataclass
@@ -151,10 +152,11 @@ def preflight(job: Job) -> None:
                          "with these scripts")
     if mode == "article" and cfg.article != "-" and not Path(cfg.article).is_file():
         raise UsageError(f"cannot read the article at {cfg.article}: no such file")
-    folder = data_folder(cfg.data) if MODES[mode] else None
+    splits = splits_read(cfg, mode)
+    folder = data_folder(cfg.data) if splits else None
     if folder:
-        data_files(folder, MODES[mode])
-    elif MODES[mode] and not hub_dataset_cached(cfg.data) and not runtime.hub_reachable():
+        data_files(folder, splits)
+    elif splits and not hub_dataset_cached(cfg.data) and not runtime.hub_reachable():
         raise offline_dataset_error(cfg.data)  # now, not after loading the model
     for name in ("export_peft", "export_merged", "export_gguf"):
         if target := getattr(cfg, name):
@@ -167,13 +169,15 @@ def preflight(job: Job) -> None:
     if mode in ("train", "evaluate"):
         check_writable(job.out)
         check_free_space(job.out, 2 ** 20 + 4096 * cfg.test_size, "the run record and predictions", "--out")
-        record = evaluation.record_path(job.out, job.record_name, cfg.overwrite)
+        suffix = record_suffix(cfg.eval_split)
+        record = evaluation.record_path(job.out, job.record_name, cfg.overwrite, suffix)
         for p in (record, record.with_suffix(".predictions.jsonl")):
             if p.is_dir():
                 raise UsageError(f"{p} is a folder, where this run writes its record: pass another --run-name")
             check_name_length(p, "--run-name", "--out")
-        for suffix in (".json", ".predictions.jsonl"):
-            remove_orphans(job.out / (job.record_name + suffix))
+        for p in (job.out / (job.record_name + suffix), (job.out / (job.record_name + suffix)).with_suffix(
+                ".predictions.jsonl")):
+            remove_orphans(p)
     if mode == "inspect":
         check_writable(job.out)
         path = evaluation.record_path(job.out, job.record_name, cfg.overwrite, NEXT_TOKENS)
@@ -246,7 +250,7 @@ def recorded_base_model(path: Path, key: str) -> str | None:
 
 def run(job: Job) -> RunRecord:
     """Do the one thing the flags ask for with the model the method changed: train then evaluate, evaluate on the
-    test set, inspect one example, summarize --article, or export. Returns the run's record."""
+    test set (or --eval-split), inspect one example, summarize --article, or export. Returns the run's record."""
     cfg, model = job.cfg, job.model
     if cfg.baseline:
         model.prompt_ids = [] if cfg.chat else hard_prompt_ids(job.tokenizer, cfg.baseline_prompt_tokens)
@@ -259,10 +263,10 @@ def run(job: Job) -> RunRecord:
                        trainable_parameters=trainable, total_parameters=total)
     if world()[0] != 0 and job.mode != "train":
         return record  # under torchrun, only the training runs on every rank
-    splits = load_splits(cfg, MODES[job.mode])
+    splits = load_splits(cfg, splits_read(cfg, job.mode))
     record.n_examples = {split: len(rows) for split, rows in splits.items()}
     print(describe(job, splits))
-    do = {"train": train_and_evaluate, "evaluate": evaluate_test_set, "inspect": inspect_example,
+    do = {"train": train_and_evaluate, "evaluate": evaluate_split, "inspect": inspect_example,
           "article": summarize_article, "export": export_weights}[job.mode]
     return do(job, record, splits)
 
@@ -295,13 +299,13 @@ def describe(job: Job, splits: dict) -> str:
         sampling = "greedy" if cfg.greedy else f"temperature {cfg.temperature}, top-p {cfg.top_p}" + \
             (f", top-k {cfg.top_k}" if cfg.top_k else "")
         lines.append(f"summaries: {sampling}, up to {cfg.max_new_tokens} tokens | record: "
-                     f"{portable_path(str(job.out))}/{job.record_name}.json")
+                     f"{portable_path(str(job.out))}/{job.record_name}{record_suffix(cfg.eval_split)}")
     return "\n".join(lines)
 
 
 def train_and_evaluate(job: Job, record: RunRecord, splits: dict) -> RunRecord:
     """--train: train under the weights' lock (checkpoints beside the weights), save the weights, evaluate on the
-    test set, and save them again with the test scores in their record."""
+    test set (or --eval-split), and save them again with the scores in their record."""
     cfg, model, path, rank = job.cfg, job.model, job.weights, world()[0]
     train_set, val_set = (encode_examples(splits[s], job.tokenizer, model.prompt_ids, cfg, model.config.n_positions,
                                           model.separator_ids) for s in ("train", "validation"))
@@ -319,7 +323,7 @@ def train_and_evaluate(job: Job, record: RunRecord, splits: dict) -> RunRecord:
         save_weights(path, trained, record.as_dict())
         checkpoint_path(path).unlink(missing_ok=True)
         print(f"saved {path}")
-        evaluate_test_set(job, record, splits, load=False)
+        evaluate_split(job, record, splits, load=False)
         save_weights(path, trained, record.as_dict())  # the weights file keeps the full record of the run
     return record
 
@@ -358,13 +362,15 @@ def load_trained(job: Job, record: RunRecord) -> None:
     print(f"loaded {portable_path(str(path))}")
 
 
-def evaluate_test_set(job: Job, record: RunRecord, splits: dict, load: bool = True) -> RunRecord:
-    """Summarize the test set, score it, write the run record and the predictions."""
+def evaluate_split(job: Job, record: RunRecord, splits: dict, load: bool = True) -> RunRecord:
+    """Summarize the test set (or --eval-split validation), score it, write the run record and the predictions."""
     if load:
         load_trained(job, record)
     prepare_inference(job.model, job.dtype, job.cfg.compile)
-    predictions = evaluation.summarize(job.model, job.tokenizer, splits["test"], job.cfg)
-    evaluation.score_and_write(job.out, job.record_name, record, splits["test"], predictions, job.cfg.overwrite)
+    rows = splits[job.cfg.eval_split]
+    predictions = evaluation.summarize(job.model, job.tokenizer, rows, job.cfg)
+    evaluation.score_and_write(job.out, job.record_name, record, rows, predictions, job.cfg.overwrite,
+                               job.cfg.eval_split)
     return record
 
 

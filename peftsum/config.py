@@ -41,7 +41,8 @@ class Config:
                                             "evaluating: the data recorded in --weights)", runtime=True, recorded=True)
     data_config: str = arg("3.0.0", "config name of a hub dataset", runtime=True, recorded=True)
     train_size: int = arg(21000, "training examples (the assignment's 10 %%)", low=0)
-    val_size: int = arg(6000, "validation examples", low=0)
+    val_size: int = arg(6000, "validation examples (evaluating with --eval-split validation: those recorded in "
+                              "--weights)", low=0, recorded=True)
     test_size: int = arg(3000, "test examples", low=0, runtime=True, recorded=True)
     data_seed: int = arg(0, "seed of the shuffle that draws the subsets (identical for all methods)", low=0,
                          recorded=True)
@@ -109,6 +110,10 @@ class Config:
                                           "alone, as in the GPT-2 paper)", low=0, runtime=True, context=True)
     run_name: str = arg("", "name of the run's record in --out (default: the method; for --baseline: "
                             "hard_prompt-<tokens>, zero_shot or chat)", runtime=True)
+    eval_split: str = arg("test", "the split an evaluation (and the one after --train) summarizes and scores: test, "
+                                  "or validation, to choose a decoding setting such as --temperature on validation "
+                                  "ROUGE without looking at the test set (the record: <out>/<run name>.validation"
+                                  ".json)", runtime=True)
     inspect: bool = arg(False, "the teacher-forced next-token table of one test example and what follows its end "
                                 "token, printed and written to <out>/<run name>.next_tokens.json; then exit",
                         runtime=True)
@@ -158,6 +163,12 @@ class Args:
     hp: object
     mode: str
     given: frozenset[str]
+
+
+def splits_read(cfg: Config, mode: str) -> tuple[str, ...]:
+    """The splits a run in `mode` reads: MODES[mode], with the test set's place taken by --eval-split."""
+    return tuple(dict.fromkeys(cfg.eval_split if s == "test" and mode in ("train", "evaluate") else s
+                               for s in MODES[mode]))
 
 
 def flag(name: str) -> str:
@@ -213,7 +224,13 @@ def check_config(cfg: Config, hp) -> str:
     mode = resolve_mode(cfg)
     needs = {"train": ("--train-size", cfg.train_size), "validation": ("--val-size", cfg.val_size),
              "test": ("--test-size", cfg.test_size)}
-    for split in MODES[mode]:
+    if cfg.eval_split not in ("test", "validation"):
+        raise UsageError(f"--eval-split must be test or validation, got '{cfg.eval_split}'")
+    if cfg.eval_split != "test" and mode not in ("train", "evaluate"):
+        doing = {"inspect": "--inspect reads the test set's first article", "article": "--article summarizes one "
+                 "text", "export": "an export scores nothing"}[mode]
+        raise UsageError(f"--eval-split chooses the split an evaluation scores, and {doing}: drop one of them")
+    for split in splits_read(cfg, mode):
         if needs[split][1] < 1:
             raise UsageError(f"{needs[split][0]} must be >= 1: {'--train' if mode == 'train' else 'this run'} "
                              f"reads the {split} split")

@@ -15,7 +15,7 @@ from peftsum.model import GPT
 from peftsum.files import write_text
 from peftsum.data import encode_examples, encode_prompts, length_batches
 from peftsum.generation import generate, generate_batch, generate_stream
-from peftsum.records import RunRecord
+from peftsum.records import RunRecord, record_suffix
 
 
 # Words that end in a period without ending a sentence (news text: titles, months, places, times).
@@ -171,26 +171,29 @@ def format_rouge(scores: dict[str, float]) -> str:
 
 def record_path(out: Path, name: str, overwrite: bool = False, suffix: str = ".json") -> Path:
     """Where the run record of `name` goes: <out>/<name>.json, or with `overwrite` off, if that exists, the first
-    free one of <name>-2.json, <name>-3.json, ... (`suffix`: another file of the run's, e.g. .next_tokens.txt)"""
+    free one of <name>-2.json, <name>-3.json, ... (`suffix`: another file of the run's, e.g. .next_tokens.json)"""
     if overwrite:
         return out / f"{name}{suffix}"
     return next(p for k in itertools.count(1) if not (p := out / f"{name}{f'-{k}' if k > 1 else ''}{suffix}").exists())
 
 
 def score_and_write(out: Path, name: str, record: RunRecord, rows: list[dict], predictions: list[str],
-                    overwrite: bool = False) -> Path:
-    """Score predictions against the references, print the ROUGE table, and write each prediction with its
-    reference and scores (<out>/<name>.predictions.jsonl), then the run record (<out>/<name>.json), each atomically:
-    a record on disk is always whole and has its predictions beside it. An existing record of that name is kept
-    (this one becomes <name>-2, -3, ...) unless `overwrite`. Returns the record's path."""
+                    overwrite: bool = False, split: str = "test") -> Path:
+    """Score predictions against the references of `split`, print the ROUGE table, and write each prediction with
+    its reference and scores (<out>/<name>.predictions.jsonl), then the run record (<out>/<name>.json; scored on
+    validation: <name>.validation.json and .validation.predictions.jsonl), each atomically: a record on disk is
+    always whole and has its predictions beside it. An existing record of that name is kept (this one becomes
+    <name>-2, -3, ...) unless `overwrite`. Returns the record's path."""
     scores = rouge_scores(predictions, [r["highlights"] for r in rows])
-    record.test = {k: sum(s[k] for s in scores) / max(1, len(scores)) for k in ROUGE_KEYS}
-    print(format_rouge(record.test))
-    path = record_path(out, name, overwrite)
+    setattr(record, split, {k: sum(s[k] for s in scores) / max(1, len(scores)) for k in ROUGE_KEYS})
+    print(("" if split == "test" else f"ROUGE on the {split} set, not the test set:\n") +
+          format_rouge(getattr(record, split)))
+    suffix = record_suffix(split)
+    path = record_path(out, name, overwrite, suffix)
     write_text(path.with_suffix(".predictions.jsonl"), "".join(
         json.dumps({"id": r["id"], "reference": r["highlights"], "prediction": p} | sc) + "\n"
         for r, p, sc in zip(rows, predictions, scores)))
     write_text(path, json.dumps(record.as_dict(), indent=2))
-    kept = f" ({out / name}.json exists: --overwrite replaces it)" if path.stem != name else ""
+    kept = f" ({out / name}{suffix} exists: --overwrite replaces it)" if path.name != name + suffix else ""
     print(f"wrote {path} and .predictions.jsonl{kept}")
     return path

@@ -33,6 +33,7 @@ class RunRecord:
     history: list[dict] = field(default_factory=list)  # one entry per training epoch
     best_epoch: int | None = None  # the epoch whose weights were kept (best validation loss)
     test: dict | None = None  # mean ROUGE F1 (%) over the test articles
+    validation: dict | None = None  # the same over the validation articles, for --eval-split validation
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -67,6 +68,13 @@ def out_folder(out: str) -> Path:
 
 
 NEXT_TOKENS = ".next_tokens.json"  # what --inspect writes beside the run records: <out>/<run name>.next_tokens.json
+VALIDATION = ".validation.json"  # the record of a run scored on the validation split (--eval-split validation)
+
+
+def record_suffix(split: str) -> str:
+    """The end of the name of a run's record when it scores `split`: <name>.json for the test set, the one every
+    table reports; <name>.validation.json for the validation set, where settings are chosen."""
+    return VALIDATION if split == "validation" else ".json"
 
 
 def checkpoint_path(weights: Path) -> Path:
@@ -103,6 +111,9 @@ def label(name: str, record: dict) -> str:
         return f"{method}, lr {record['hparams']['lr']:g}"
     if family == "greedy":
         return f"{labels.get(rest, rest)}, greedy"
+    if family == "temperature":  # temperature-<run>-<t>
+        run, _, t = rest.rpartition("-")
+        return f"{labels.get(run, run)}, temperature {t}"
     if family in ("prompt_tokens", "lora_rank"):
         return f"{method}, {family.replace('_', ' ')} {rest}"
     if name.startswith("hard_prompt-"):

@@ -182,3 +182,56 @@ def test_a_sweep_skips_what_is_done_unless_told_to_run_it_again(data_dir, tmp_pa
     assert not (tmp_path / "lead_3-2.json").exists()
     forced = run("sweep.py", *args, "--overwrite")
     assert "=== lead_3\n" in forced.stdout and not (tmp_path / "lead_3-2.json").exists()
+
+
+def test_eval_split_validation_scores_the_validation_articles_in_a_record_of_its_own(common_args, tmp_path):
+    """--eval-split validation: a decoding setting is chosen on the validation articles, never the test set's. The
+    record is <run>.validation.json (a test record of the same name stays untouched), its predictions are the
+    validation articles', and evaluating weights takes the validation articles their training used."""
+    weights, runs = tmp_path / "w.safetensors", tmp_path / "runs"
+    trained = run("main2.py", *common_args, "--weights", weights, "--train", "--max-steps", 1, "--val-size", 4,
+                  "--eval-split", "validation")
+    assert "ROUGE on the validation set, not the test set:" in trained.stdout
+    assert "record: " in trained.stdout and "lora.validation.json" in trained.stdout
+    assert sorted(p.name for p in runs.iterdir()) == ["lora.validation.json", "lora.validation.predictions.jsonl"]
+    record = json.loads((runs / "lora.validation.json").read_text())
+    assert record["test"] is None and set(record["validation"]) == set(ROUGE_KEYS)
+    assert record["n_examples"] == {"train": 24, "validation": 4}
+    ids = [json.loads(line)["id"] for line in open(runs / "lora.validation.predictions.jsonl")]
+    assert ids and all(i.startswith("validation-") for i in ids) and len(ids) == 4
+
+    run("main2.py", *common_args, "--weights", weights, "--run-name", "t")  # the test set: its own record
+    again = run("main2.py", *common_args, "--weights", weights, "--run-name", "t", "--eval-split", "validation",
+                "--temperature", "0.5")
+    assert (runs / "t.json").is_file() and (runs / "t.validation.json").is_file()
+    scored = json.loads((runs / "t.validation.json").read_text())
+    assert scored["n_examples"]["validation"] == 4, again.stdout  # the 4 its training validated on
+    assert scored["config"]["temperature"] == 0.5 and scored["config"]["eval_split"] == "validation"
+    assert json.loads((runs / "t.json").read_text())["test"] is not None
+
+    base = run("main2.py", *common_args, "--baseline", "--eval-split", "validation")
+    assert (runs / "hard_prompt-24.validation.json").is_file() and not (runs / "hard_prompt-24.json").exists()
+    assert "hard_prompt-24.validation.json" in base.stdout
+
+
+@pytest.mark.parametrize("flags,says", [
+    (["--eval-split", "train"], "--eval-split must be test or validation, got 'train'"),
+    (["--eval-split", "validation", "--inspect"], "--inspect reads the test set's first article"),
+    (["--eval-split", "validation", "--article", "-"], "--article summarizes one text"),
+    (["--eval-split", "validation", "--val-size", "0", "--baseline"], "--val-size must be >= 1"),
+])
+def test_eval_split_is_refused_where_it_means_nothing(common_args, flags, says):
+    p = run("main2.py", *common_args, "--baseline", *flags, check=False, stdin="An article.")
+    assert p.returncode == 2 and says in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_a_sweep_on_the_validation_split_skips_by_its_own_records(data_dir, tmp_path):
+    """A sweep with --eval-split validation runs what has no validation record, whatever test records exist."""
+    (tmp_path / "lead_3.json").write_text("{}")  # a test-set record of the same run
+    args = ["methods", "--only", "lead_3", "--data", data_dir, "--out", tmp_path, "--eval-split", "validation"]
+    first = run("sweep.py", *args)
+    assert "=== lead_3\n" in first.stdout
+    record = json.loads((tmp_path / "lead_3.validation.json").read_text())
+    assert record["n_examples"] == {"validation": 6} and record["validation"]["rougeLsum"] > 0
+    assert "=== lead_3: skipped" in run("sweep.py", *args).stdout
+    assert (tmp_path / "lead_3.json").read_text() == "{}"

@@ -137,3 +137,31 @@ def test_each_method_s_configuration_chosen_on_validation_is_starred_and_a_bette
     assert "| prompt tuning ★ |" in text and "| prompt tuning, lr 0.003 |" in text
     assert "for LoRA that is LoRA, lr 0.003, not the shipped weights' settings" in text
     assert "prompt tuning that is" not in text
+
+
+def test_the_temperature_is_chosen_on_validation_records_and_compared_on_test_at_each_choice(tmp_path, capsys):
+    """Records scored on the validation articles (<run>.validation.json, --eval-split validation) are never read as
+    test results; they choose each method's and the chat template's temperature (highest validation ROUGE-Lsum),
+    and the test set then compares each method with the chat template at the temperatures chosen."""
+    import report
+    runs = tmp_path / "runs"
+    synthetic_runs(runs)
+    for name, t, val in (("lora", 0.5, 30.0), ("lora", 0.9, 25.0), ("chat", 0.5, 20.0), ("chat", 0.9, 22.0)):
+        rec, ex = record(name if name == "lora" else "baseline", temperature=t, seed=int(val))
+        rec["validation"], rec["test"] = {"rougeLsum": val}, None
+        (runs / f"temperature-{name}-{t}.validation.json").write_text(json.dumps(rec))
+        (runs / f"temperature-{name}-{t}.validation.predictions.jsonl").write_text(
+            "\n".join(json.dumps(e) for e in ex) + "\n")
+    write(runs, "temperature-chat-0.9", record("baseline", temperature=0.9, seed=9))  # the chat template's on test
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:runs:start -->\n<!-- results:runs:end -->\n")
+    report.report(runs, tmp_path / "plots", readme, "runs", "")
+    assert "skipped" not in capsys.readouterr().out
+    assert set(report.load_runs(runs, "validation")) == {f"temperature-{n}" for n in
+                                                          ("lora-0.5", "lora-0.9", "chat-0.5", "chat-0.9")}
+    assert not any(n.endswith(".validation") for n in report.load_runs(runs))
+    text = readme.read_text()
+    assert "temperature --eval-split validation`): LoRA 0.5 (30.00), chat template 0.9 (22.00)." in text
+    assert "- LoRA, temperature 0.5 − chat template, temperature 0.9: " in text  # each at its chosen temperature
+    assert "- LoRA, temperature 0.5 − chat template: " in text  # and against the chat template at the default
+    assert (tmp_path / "plots" / "rouge_vs_temperature.png").exists()
