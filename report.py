@@ -64,7 +64,8 @@ def load_runs(folder: Path, split: str = "test") -> dict[str, dict]:
     file) are skipped with a line."""
     runs, suffix = {}, VALIDATION if split == "validation" else ".json"
     for f in sorted(folder.glob("*" + suffix)):
-        if f.name.endswith(NEXT_TOKENS) or (split == "test" and f.name.endswith(VALIDATION)):  # read elsewhere
+        if f.name.endswith(NEXT_TOKENS) or (split == "test" and f.name.endswith(VALIDATION)) or \
+                f.name == "data_ids.json":  # read elsewhere; the ids of the set's articles
             continue
         try:
             record = json.loads(f.read_text())
@@ -252,9 +253,11 @@ class Report:
         fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4), squeeze=False, sharey=True)
         for ax, (split, runs) in zip(axes[0], panels):
             for m, what in TEMPERATURE_RUNS.items():
-                pts = sorted((runs[n]["config"]["temperature"], runs[n][split]["rougeLsum"],
-                              *bootstrap_ci(scores(runs[n], "rougeLsum")))
-                             for n in runs if n.startswith(f"temperature-{m}-"))
+                named = {runs[n]["config"]["temperature"]: n for n in runs if n.startswith(f"temperature-{m}-")}
+                if m in runs and not runs[m]["config"].get("greedy"):  # m's own run, at the default temperature
+                    named.setdefault(runs[m]["config"]["temperature"], m)
+                pts = sorted((t, runs[n][split]["rougeLsum"], *bootstrap_ci(scores(runs[n], "rougeLsum")))
+                             for t, n in named.items())
                 if pts:
                     t, mean, lo, hi = zip(*pts)
                     ax.plot(t, mean, "-o", color=COLORS.get(m, "black"), label=f"{what}, top-p 0.9")
