@@ -1,6 +1,5 @@
 """The data layout: prompt + article + separator + summary + EOS, loss on summary + EOS only."""
 import pytest
-import torch
 
 from peftsum import runtime
 from peftsum.errors import UsageError
