@@ -27,7 +27,8 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 from peftsum.config import Config  # noqa: E402  (imports no torch)
-from peftsum.records import BASELINES, METHODS, NEXT_TOKENS, VALIDATION, label, variant_of  # noqa: E402  (imports no torch)
+from peftsum.records import (  # noqa: E402  (imports no torch)
+    BASELINES, METHODS, NEXT_TOKENS, VALIDATION, label, record_suffix, variant_of)
 
 LABELS = {**BASELINES, **METHODS}
 ROUGE = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum"}
@@ -62,7 +63,7 @@ def load_runs(folder: Path, split: str = "test") -> dict[str, dict]:
     """{run name: record with its per-article predictions under "examples"} of the runs scored on `split` (test:
     <name>.json; validation: <name>.validation.json); files that are not run records of ours (other JSON, a broken
     file) are skipped with a line."""
-    runs, suffix = {}, VALIDATION if split == "validation" else ".json"
+    runs, suffix = {}, record_suffix(split)
     for f in sorted(folder.glob("*" + suffix)):
         if f.name.endswith(NEXT_TOKENS) or (split == "test" and f.name.endswith(VALIDATION)) or \
                 f.name == "data_ids.json":  # read elsewhere; the ids of the set's articles
@@ -248,8 +249,8 @@ class Report:
         names = [n for n in self.runs if n.startswith("temperature-")]
         if not self.need(names or ["temperature-*"], "temperature"):
             return
-        panels = [("validation", self.validation), ("test", self.runs)] if self.chosen_temperatures() else \
-            [("test", self.runs)]
+        chosen = self.chosen_temperatures()
+        panels = [("validation", self.validation), ("test", self.runs)] if chosen else [("test", self.runs)]
         fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4), squeeze=False, sharey=True)
         for ax, (split, runs) in zip(axes[0], panels):
             for m, what in TEMPERATURE_RUNS.items():
@@ -265,8 +266,8 @@ class Report:
                 if split == "test" and f"greedy-{m}" in runs:
                     ax.axhline(runs[f"greedy-{m}"]["test"]["rougeLsum"], color=COLORS.get(m, "black"), ls=":",
                                label=f"{what}, greedy")
-                if split == "validation" and m in self.chosen_temperatures():
-                    t, value = self.chosen_temperatures()[m]
+                if split == "validation" and m in chosen:
+                    t, value = chosen[m]
                     ax.plot([t], [value], "*", color=COLORS.get(m, "black"), markersize=15, markeredgecolor="black")
             ax.axvline(Config.temperature, color="grey", ls="--", lw=1,
                        label=f"the scripts' default, {Config.temperature:g}")

@@ -23,8 +23,8 @@ Options of the sweep itself:
 
 Every other flag goes to every run, e.g. `--model DIR --data DIR --out runs/mine --max-steps 20`.
 
-A run whose record is in --out already is skipped (<name>.json; with --eval-split validation,
-<name>.validation.json) (--overwrite runs it again). Ctrl-C or SIGTERM reaches the run
+A run whose record is in --out already (<name>.json; with --eval-split validation, <name>.validation.json) is
+skipped (--overwrite runs it again). Ctrl-C or SIGTERM reaches the run
 under way once: it finishes its step and writes its checkpoint, and the same command continues the sweep (that run
 resumes from its checkpoint).
 """
@@ -95,7 +95,7 @@ class NoMethod:
 
 
 def lead_3(flags: list[str]) -> None:
-    """Lead-3 needs no model: the first three sentences of each test article."""
+    """Lead-3 needs no model: the first three sentences of each article (of the test set, or --eval-split)."""
     cfg = common.parse_args(NoMethod, "", flags).cfg
     rows = common.load_splits(cfg, (cfg.eval_split,))[cfg.eval_split]
     record = RunRecord(method="lead_3", base_model=None, config=vars(cfg), data=portable_path(cfg.data),
@@ -119,9 +119,8 @@ def main(argv: list[str]) -> None:
     shared, _ = SHARED_FLAGS.parse_known_args(flags)
     out = out_folder(shared.out)
     for name, script, extra in runs:
-        written = out / (name + (NEXT_TOKENS if "--inspect" in extra else record_suffix(shared.eval_split)))
-        if written.exists() and not shared.overwrite:
-            print(f"=== {name}: skipped, {written} is there (--overwrite runs it again)", flush=True)
+        if done(name, out / (name + (NEXT_TOKENS if "--inspect" in extra else record_suffix(shared.eval_split))),
+                shared.overwrite):
             continue
         weights = Path(extra[extra.index("--weights") + 1]) if "--train" in extra else None
         resume = weights is not None and checkpoint_path(weights).exists() and not (shared.resume or shared.overwrite)
@@ -135,12 +134,18 @@ def main(argv: list[str]) -> None:
         if code:
             raise common.UsageError(f"a run failed (exit code {code}): {script} {' '.join(extra)} --run-name {name}")
     if family == "methods" and any(fnmatch.fnmatch("lead_3", o) for o in own.only):
-        written = out / ("lead_3" + record_suffix(shared.eval_split))
-        if written.exists() and not shared.overwrite:
-            print(f"=== lead_3: skipped, {written} is there (--overwrite runs it again)", flush=True)
+        if done("lead_3", out / ("lead_3" + record_suffix(shared.eval_split)), shared.overwrite):
             return
         print("=== lead_3", flush=True)
         lead_3(flags)
+
+
+def done(name: str, written: Path, overwrite: bool) -> bool:
+    """Whether the run `name` is done (its record `written` is there) and is skipped, as it says."""
+    if written.exists() and not overwrite:
+        print(f"=== {name}: skipped, {written} is there (--overwrite runs it again)", flush=True)
+        return True
+    return False
 
 
 SHARED_FLAGS = argparse.ArgumentParser(add_help=False)  # the flags of the runs that the sweep itself reads

@@ -175,8 +175,8 @@ def preflight(job: Job) -> None:
             if p.is_dir():
                 raise UsageError(f"{p} is a folder, where this run writes its record: pass another --run-name")
             check_name_length(p, "--run-name", "--out")
-        for p in (job.out / (job.record_name + suffix), (job.out / (job.record_name + suffix)).with_suffix(
-                ".predictions.jsonl")):
+        own = job.out / (job.record_name + suffix)
+        for p in (own, own.with_suffix(".predictions.jsonl")):
             remove_orphans(p)
     if mode == "inspect":
         check_writable(job.out)
