@@ -48,7 +48,8 @@ CAPTIONS = {  # each figure's caption in the README: what to read in it
                                 "articles; the dashed line is the scripts' default.",
     "sweeps.png": "Each hyperparameter sweep: best validation loss (left) and test ROUGE-Lsum (right); the star is "
                   "the setting chosen on validation loss.",
-    "cost.png": "What each method costs to train: peak memory, seconds per epoch, trainable parameters.",
+    "cost.png": "What each method costs to train: peak memory, seconds per epoch, trainable parameters, and the "
+                "bytes its trained weights take (at the precision the run saved them in).",
 }
 FIGURES = tuple(CAPTIONS)
 
@@ -147,10 +148,17 @@ class Report:
 
     def save(self, fig, name: str, title: str) -> None:
         fig.suptitle(title + (f"\n({self.subtitle})" if self.subtitle else ""), fontsize=9)
-        for ax in fig.axes:  # one plot: its legend beside it, off the data; several: each where it covers least
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=7, framealpha=0.85, **dict(loc="upper left", bbox_to_anchor=(1.02, 1),
-                                                              borderaxespad=0) if len(fig.axes) == 1 else {})
+        rows = {}  # each row of plots: one legend beside its last plot, off the data, with every line of the row once
+        for ax in fig.axes:
+            rows.setdefault(ax.get_subplotspec().rowspan.start, []).append(ax)
+        for axes in rows.values():
+            lines = {}
+            for ax in axes:
+                for handle, text in zip(*ax.get_legend_handles_labels()):
+                    lines.setdefault(text, handle)
+            if lines:
+                axes[-1].legend(lines.values(), lines.keys(), fontsize=7, framealpha=0.85, loc="upper left",
+                                bbox_to_anchor=(1.02, 1), borderaxespad=0)
         fig.tight_layout()
         fig.savefig(self.out / name, dpi=110, bbox_inches="tight")
         plt.close(fig)
@@ -355,18 +363,21 @@ class Report:
         methods = [m for m in METHODS if self.runs.get(m, {}).get("history")]
         if not self.need(methods or list(METHODS), "methods"):
             return
-        fig, axes = plt.subplots(1, 3, figsize=(10, 3.4))
+        fig, axes = plt.subplots(1, 4, figsize=(13, 3.4))
         labels, colors = [METHODS[m] for m in methods], [COLORS[m] for m in methods]
         cuda = any("cuda" in str(self.runs[m]["config"].get("device")) for m in methods)
         hist = lambda m: self.runs[m]["history"]
+        stored = lambda r: r["trainable_parameters"] * (2 if r["config"].get("save_dtype") == "bf16" else 4)
         values = [[max(e["peak_memory_mb"] for e in hist(m)) for m in methods],
                   [sum(e["seconds"] for e in hist(m)) / len(hist(m)) for m in methods],
-                  [self.runs[m]["trainable_parameters"] for m in methods]]
+                  [self.runs[m]["trainable_parameters"] for m in methods],
+                  [stored(self.runs[m]) / 1e6 for m in methods]]
         specs = [dict(ylabel="peak memory (MB)", title="GPU memory (allocator peak)" if cuda else
                       "memory (process peak RSS)"),
                  dict(ylabel="seconds per epoch (mean)", title="time"),
-                 dict(ylabel="trainable parameters", yscale="log", title="parameters (log scale)")]
-        for ax, vals, spec, fmt in zip(axes, values, specs, ("{:,.0f}", "{:,.1f}", "{:,}")):
+                 dict(ylabel="trainable parameters", yscale="log", title="parameters (log scale)"),
+                 dict(ylabel="MB", yscale="log", title="weights stored per task (log scale)")]
+        for ax, vals, spec, fmt in zip(axes, values, specs, ("{:,.0f}", "{:,.1f}", "{:,}", "{:,.2f}")):
             bars = ax.bar(labels, vals, color=colors)
             ax.bar_label(bars, [fmt.format(v) for v in vals], fontsize=7)
             ax.set(**spec)
