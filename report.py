@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 from peftsum.config import Config  # noqa: E402  (imports no torch)
 from peftsum.records import (  # noqa: E402  (imports no torch)
-    BASELINES, METHODS, NEXT_TOKENS, VALIDATION, label, record_suffix, variant_of)
+    BASELINES, METHODS, NEXT_TOKENS, best_val, chosen_runs, label, load_runs, variant_of)
 
 LABELS = {**BASELINES, **METHODS}
 ROUGE = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum"}
@@ -58,27 +58,6 @@ def atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     tmp.replace(path)
-
-
-def load_runs(folder: Path, split: str = "test") -> dict[str, dict]:
-    """{run name: record with its per-article predictions under "examples"} of the runs scored on `split` (test:
-    <name>.json; validation: <name>.validation.json); files that are not run records of ours (other JSON, a broken
-    file) are skipped with a line."""
-    runs, suffix = {}, record_suffix(split)
-    for f in sorted(folder.glob("*" + suffix)):
-        if f.name.endswith(NEXT_TOKENS) or (split == "test" and f.name.endswith(VALIDATION)) or \
-                f.name == "data_ids.json":  # read elsewhere; the ids of the set's articles
-            continue
-        try:
-            record = json.loads(f.read_text())
-            assert isinstance(record, dict) and isinstance(record.get(split), dict)
-        except (ValueError, AssertionError):
-            print(f"skipped {f}: not a run record")
-            continue
-        preds = f.with_suffix(".predictions.jsonl")
-        record["examples"] = [json.loads(line) for line in open(preds)] if preds.exists() else []
-        runs[f.name[:-len(suffix)]] = record
-    return runs
 
 
 def load_next_tokens(folder: Path) -> dict[str, dict]:
@@ -128,10 +107,6 @@ def repeats(text: str, n: int = 8) -> bool:
     words = text.split()
     runs = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
     return len(runs) != len(set(runs))
-
-
-def best_val(record: dict) -> float:
-    return min((h["val_loss"] for h in record.get("history", [])), default=float("nan"))
 
 
 def scores(record: dict, key: str) -> list[float]:
@@ -386,16 +361,7 @@ class Report:
         self.save(fig, "cost.png", "What each method costs")
 
     def chosen(self) -> dict[str, str]:
-        """{method: its trained run with the lowest best validation loss}: the configuration validation chooses
-        (runs that only decode saved weights again, greedy or at another temperature, are not configurations; on a
-        tie, the method's run at its defaults)."""
-        best = {}
-        for n in sorted(self.runs, key=lambda n: n not in METHODS):
-            r, m = self.runs[n], self.runs[n].get("method")
-            if m in METHODS and r.get("history") and not n.startswith(("greedy-", "temperature-")) and \
-                    (m not in best or best_val(r) < best_val(self.runs[best[m]])):
-                best[m] = n
-        return best
+        return chosen_runs(self.runs)
 
     def chosen_line(self) -> str:
         chosen = self.chosen()

@@ -16,10 +16,18 @@
   python3 sweep.py next_tokens    the next-token table of a test article and what follows its end token, for the
                                   saved weights of `methods` and zero-shot (--inspect: <out>/<run>.next_tokens.json)
 
+  python3 sweep.py ship           no run: each method's configuration chosen on validation (its trained run in --out
+                                  with the lowest validation loss) becomes its shipped weights, the file the script
+                                  reads by default (models/<method>.safetensors), copied from --weights-dir; the
+                                  weights it replaces are kept there under their run's name. Then run
+                                  temperature, decoding and next_tokens again (--overwrite): they decode the shipped
+                                  weights. --only METHOD ships only that method's
+
 Options of the sweep itself:
   --only PATTERN [PATTERN ...]    run only the runs whose names match (shell patterns: 'temperature-lora-*')
   --weights-dir DIR               where weights go and are read (default: models/ for `methods` and the
-                                  inference families, runs/ for the hyperparameter sweeps)
+                                  inference families, runs/ for the hyperparameter sweeps and for ship)
+  --to DIR                        ship: where the chosen weights go (default: models/, where the scripts read)
 
 Every other flag goes to every run, e.g. `--model DIR --data DIR --out runs/mine --max-steps 20`.
 
@@ -38,18 +46,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import common
-from peftsum.records import (NEXT_TOKENS, RunRecord, checkpoint_path, out_folder, portable_path, record_suffix,
-                             variant_name)
+from peftsum.files import copy_file, read_record, weights_lock
+from peftsum.records import (METHODS, NEXT_TOKENS, RunRecord, checkpoint_path, chosen_runs, load_runs, out_folder,
+                             portable_path, record_suffix, variant_name)
 
 ROOT = Path(__file__).resolve().parent
 SCRIPTS = {"prompt_tuning": "main.py", "last_layer": "main1.py", "lora": "main2.py"}
 FAMILIES = ("methods", "chat", "chat_train", "separator", "full", "lr", "prompt_tokens", "lora_rank", "temperature",
             "decoding", "next_tokens")
+SHIPPED = ROOT / "models"  # where each script reads its method's weights by default
 
 
 def family_runs(family: str, weights_dir: Path | None = None) -> list[tuple[str, str, list[str]]]:
     """(run name, script, flags) of every run of a family."""
-    method_weights = lambda m: ["--weights", str((weights_dir or ROOT / "models") / f"{m}.safetensors")]
+    method_weights = lambda m: ["--weights", str((weights_dir or SHIPPED) / f"{m}.safetensors")]
     sweep_weights = lambda name: ["--weights", str((weights_dir or ROOT / "runs") / f"{name}.safetensors")]
     if family == "methods":
         return [(m, s, ["--train", *method_weights(m)]) for m, s in SCRIPTS.items()] + [
@@ -111,8 +121,15 @@ def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="sweep.py", add_help=False)
     p.add_argument("--only", nargs="+", default=["*"])
     p.add_argument("--weights-dir", type=Path)
+    p.add_argument("--to", type=Path)
     own, flags = p.parse_known_args(argv[1:])
     family = argv[0]
+    if family == "ship":
+        shared, _ = SHARED_FLAGS.parse_known_args(flags)
+        ship(out_folder(shared.out), own.weights_dir or ROOT / "runs", own.to or SHIPPED, own.only, flags)
+        return
+    if own.to:
+        raise common.UsageError("--to says where `sweep.py ship` copies the chosen weights: only with ship")
     runs = [r for r in family_runs(family, own.weights_dir) if any(fnmatch.fnmatch(r[0], o) for o in own.only)]
     if not runs and not (family == "methods" and any(fnmatch.fnmatch("lead_3", o) for o in own.only)):
         raise common.UsageError(f"no run of '{family}' matches --only {' '.join(own.only)}")
@@ -138,6 +155,66 @@ def main(argv: list[str]) -> None:
             return
         print("=== lead_3", flush=True)
         lead_3(flags)
+
+
+def ship(out: Path, weights_dir: Path, to: Path, only: list[str], flags: list[str]) -> None:
+    """Each method's configuration chosen on validation becomes the weights its script reads by default. The file
+    shipped is checked to be that run's (its record's name and every epoch's validation loss), and the weights it
+    replaces are kept in `weights_dir` under their own run's name: shipping loses nothing, and shipping again after
+    more sweeps (or a `methods` run) undoes it."""
+    runs = load_runs(out)
+    chosen = {m: n for m, n in chosen_runs(runs).items()  # full fine-tuning is measured, not shipped
+              if m in SCRIPTS and any(fnmatch.fnmatch(m, o) for o in only)}
+    if not chosen:
+        asked = ", ".join(SCRIPTS if only == ["*"] else only)
+        raise common.UsageError(f"no trained run of {asked} in {out} to ship: train one first (python3 sweep.py "
+                                "methods, or any sweep that trains)")
+    changed = []
+    for method, name in chosen.items():
+        target = to / f"{method}.safetensors"
+        if is_run(target, name, runs[name]):
+            print(f"{METHODS[method]}: {name} (lowest validation loss) is shipped already: {portable_path(str(target))}")
+            continue
+        source = weights_dir / f"{name}.safetensors"
+        if not is_run(source, name, runs[name]):
+            raise common.UsageError(f"{source} is not the weights of {name}, the run of {METHODS[method]} with the "
+                                    f"lowest validation loss in {out}: pass the folder its sweep trained into as "
+                                    f"--weights-dir, or train it again there (python3 sweep.py ... --only {name})")
+        kept = None
+        with weights_lock(target):  # no training writes the shipped file meanwhile
+            if target.exists():
+                kept = weights_dir / f"{run_name_of(target) or method + '.replaced'}.safetensors"
+                if not kept.exists():
+                    copy_file(target, kept)
+                elif kept.read_bytes() != target.read_bytes():
+                    raise common.UsageError(f"{target} is to be kept as {kept}, where another file of that name is: "
+                                            "move that away, then ship again")
+            copy_file(source, target)
+        print(f"{METHODS[method]}: shipped {name} (lowest validation loss) as {portable_path(str(target))}" +
+              (f"; the weights it replaced are kept as {portable_path(str(kept))}" if kept else ""))
+        changed.append(method)
+    if changed:  # what decodes the shipped weights (with `flags`: the same --out, model and data) is out of date
+        rest = shlex.join([f for f in flags if f != "--overwrite"] + ["--weights-dir", str(to)] * (to != SHIPPED))
+        print("the records that decode the shipped weights are now those of the weights replaced; make them again:",
+              *[f"  python3 sweep.py {family} --overwrite --only {' '.join(patterns)} {rest}" for family, patterns in (
+                  ("temperature --eval-split validation", [f"'temperature-{m}-*'" for m in changed]),
+                  ("temperature", [f"'temperature-{m}-*'" for m in changed]),
+                  ("decoding", [f"greedy-{m}" for m in changed]), ("next_tokens", changed))], sep="\n")
+
+
+def run_name_of(weights: Path) -> str:
+    """The name of the run that trained a weights file: its --run-name, else its method's ('' where the file holds
+    no record of ours)."""
+    record = read_record(weights)
+    return str(record.get("config", {}).get("run_name") or record.get("method") or "")
+
+
+def is_run(weights: Path, name: str, record: dict) -> bool:
+    """Whether `weights` holds what the run `name` with this record trained: its name and its epochs' validation
+    losses (a file trained again under the same name, or under another --out, differs in them)."""
+    saved = read_record(weights)
+    return run_name_of(weights) == name and \
+        [e.get("val_loss") for e in saved.get("history", [])] == [e["val_loss"] for e in record.get("history", [])]
 
 
 def done(name: str, written: Path, overwrite: bool) -> bool:

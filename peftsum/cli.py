@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from peftsum import evaluation, gguf_export, interop, runtime, training
 from peftsum.config import (ROOT, TRAINING_FIELDS, Args, Config, check_config, check_context, fields_where, flag,
@@ -24,8 +23,8 @@ from peftsum.config import (ROOT, TRAINING_FIELDS, Args, Config, check_config, c
 from peftsum.data import (chat_instruction_ids, data_files, data_folder, encode_examples, hub_dataset_cached,
                           load_splits, offline_dataset_error)
 from peftsum.errors import Interrupted, UsageError, first_line
-from peftsum.files import (check_free_space, check_name_length, check_writable, load_weights, remove_orphans,
-                           save_weights, weights_lock, weights_record, write_text)
+from peftsum.files import (check_free_space, check_name_length, check_writable, load_weights, read_record,
+                           remove_orphans, save_weights, weights_lock, weights_record, write_text)
 from peftsum.generation import prepare_inference
 from peftsum.interop import export_merged, export_peft, load_adapter
 from peftsum.methods import apply_learned_separator, count_parameters, hard_prompt_ids, trainable_state
@@ -126,18 +125,6 @@ def follow_record(path: Path, cfg: Config, hp, given: frozenset[str]) -> tuple[C
     for note in notes:
         print(note, file=sys.stderr)
     return cfg, hp
-
-
-def read_record(path: Path, key: str = "record") -> dict:
-    """The JSON object under `key` in a safetensors file's metadata: a weights file's run record ("record"), a
-    checkpoint's state ("state"); {} for a peft adapter folder or an unreadable file (loading the weights then says
-    what is wrong with it)."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            value = json.loads((f.metadata() or {}).get(key, "{}"))
-    except Exception:  # a folder, or not safetensors: loading explains
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 def preflight(job: Job) -> None:

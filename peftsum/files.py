@@ -70,6 +70,18 @@ def weights_record(path: Path) -> dict:
     return json_object(metadata["record"], f"the run record in {path}", WEIGHTS_HINT)
 
 
+def read_record(path: Path, key: str = "record") -> dict:
+    """The JSON object under `key` in a safetensors file's metadata: a weights file's run record ("record"), a
+    checkpoint's state ("state"); {} for a peft adapter folder or an unreadable file (loading the weights then says
+    what is wrong with it)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            value = json.loads((f.metadata() or {}).get(key, "{}"))
+    except Exception:  # a folder, or not safetensors: loading explains
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def check_finite_weights(tensors: dict[str, torch.Tensor], what: str) -> None:
     bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
@@ -104,6 +116,12 @@ def json_object(text: str | None, what: str, hint: str) -> dict:
     if not isinstance(value, dict):
         raise UsageError(f"{what} is missing or not a JSON object: {hint}")
     return value
+
+
+def copy_file(source: Path, target: Path) -> None:
+    """`source` copied to `target` atomically: a reader sees the old file or the new one whole, never a part."""
+    with atomic_path(target) as tmp:
+        shutil.copyfile(source, tmp)
 
 
 def write_text(path: Path, text: str) -> None:

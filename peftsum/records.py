@@ -5,6 +5,7 @@ here. Imports no torch.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,3 +124,42 @@ def label(name: str, record: dict) -> str:
     if name.startswith("separator-") and record.get("method") in METHODS:
         return f"{method}, a learned separator token"
     return name
+
+
+def load_runs(folder: Path, split: str = "test") -> dict[str, dict]:
+    """{run name: record with its per-article predictions under "examples"} of the runs scored on `split` (test:
+    <name>.json; validation: <name>.validation.json); files that are not run records of ours (other JSON, a broken
+    file) are skipped with a line."""
+    runs, suffix = {}, record_suffix(split)
+    for f in sorted(folder.glob("*" + suffix)):
+        if f.name.endswith(NEXT_TOKENS) or (split == "test" and f.name.endswith(VALIDATION)) or \
+                f.name == "data_ids.json":  # read elsewhere; the ids of the set's articles
+            continue
+        try:
+            record = json.loads(f.read_text())
+            assert isinstance(record, dict) and isinstance(record.get(split), dict)
+        except (ValueError, AssertionError):
+            print(f"skipped {f}: not a run record")
+            continue
+        preds = f.with_suffix(".predictions.jsonl")
+        record["examples"] = [json.loads(line) for line in open(preds)] if preds.exists() else []
+        runs[f.name[:-len(suffix)]] = record
+    return runs
+
+
+def best_val(record: dict) -> float:
+    """A run's lowest validation loss over its epochs (NaN for a run that trained nothing)."""
+    return min((h["val_loss"] for h in record.get("history", [])), default=float("nan"))
+
+
+def chosen_runs(runs: dict[str, dict]) -> dict[str, str]:
+    """{method: its trained run with the lowest best validation loss}: the configuration validation chooses, never
+    the test set (runs that only decode saved weights again, greedy or at another temperature, are not
+    configurations; on a tie, the method's run at its defaults)."""
+    best = {}
+    for n in sorted(runs, key=lambda n: n not in METHODS):
+        r, m = runs[n], runs[n].get("method")
+        if m in METHODS and r.get("history") and not n.startswith(("greedy-", "temperature-")) and \
+                (m not in best or best_val(r) < best_val(runs[best[m]])):
+            best[m] = n
+    return best

@@ -235,3 +235,37 @@ def test_a_sweep_on_the_validation_split_skips_by_its_own_records(data_dir, tmp_
     assert record["n_examples"] == {"validation": 6} and record["validation"]["rougeLsum"] > 0
     assert "=== lead_3: skipped" in run("sweep.py", *args).stdout
     assert (tmp_path / "lead_3.json").read_text() == "{}"
+
+
+def test_ship_copies_each_methods_run_with_the_lowest_validation_loss(common_args, tmp_path):
+    """Issue 25, item 9: `sweep.py ship` makes each method's configuration chosen on validation (lowest validation
+    loss among its trained runs in --out) the weights its script reads; the weights it replaces are kept, nothing
+    is copied twice, and a chosen run whose weights are not where they should be is refused in one line."""
+    from peftsum.records import best_val
+    sweeps, shipped = tmp_path / "sweeps", tmp_path / "models"
+    shipped.mkdir()
+    run("main2.py", *common_args[:4], "--out", tmp_path / "elsewhere", *common_args[6:], "--train", "--max-steps", 1,
+        "--weights", shipped / "lora.safetensors", "--run-name", "before")  # shipped weights from another study
+    before = (shipped / "lora.safetensors").read_bytes()
+    for name, lr in (("lora", "1e-3"), ("lr-lora-3e-2", "3e-2")):
+        run("main2.py", *common_args, "--train", "--max-steps", 2, "--lr", lr, "--weights",
+            sweeps / f"{name}.safetensors", "--run-name", name)
+    records = {n: json.loads((tmp_path / "runs" / f"{n}.json").read_text()) for n in ("lora", "lr-lora-3e-2")}
+    chosen = min(records, key=lambda n: best_val(records[n]))
+    args = ["ship", "--out", tmp_path / "runs", "--weights-dir", sweeps, "--to", shipped]
+
+    p = run("sweep.py", *args)
+    assert f"LoRA: shipped {chosen} (lowest validation loss) as {shipped / 'lora.safetensors'}" in p.stdout, p.stdout
+    assert (shipped / "lora.safetensors").read_bytes() == (sweeps / f"{chosen}.safetensors").read_bytes()
+    assert (sweeps / "before.safetensors").read_bytes() == before  # what it replaced, kept
+    assert f"python3 sweep.py decoding --overwrite --only greedy-lora --out {tmp_path / 'runs'}" in p.stdout
+    assert not (shipped / "prompt_tuning.safetensors").exists()  # no run of it: nothing shipped
+    assert "is shipped already" in run("sweep.py", *args).stdout
+
+    (shipped / "lora.safetensors").unlink()
+    (sweeps / f"{chosen}.safetensors").unlink()
+    gone = run("sweep.py", *args, check=False)
+    assert gone.returncode == 2 and f"is not the weights of {chosen}" in gone.stderr, gone.stderr
+    assert "Traceback" not in gone.stderr and not (shipped / "lora.safetensors").exists()
+    elsewhere = run("sweep.py", "lr", "--to", shipped, "--out", tmp_path / "runs", check=False)
+    assert elsewhere.returncode == 2 and "only with ship" in elsewhere.stderr
