@@ -109,6 +109,11 @@ def repeats(text: str, n: int = 8) -> bool:
     return len(runs) != len(set(runs))
 
 
+def natural(name: str) -> list:
+    """A run name's sort key with its numbers as numbers: rank 4 before rank 16 before rank 32."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
 def scores(record: dict, key: str) -> list[float]:
     return [e[key] for e in record["examples"] if key in e]
 
@@ -376,9 +381,9 @@ class Report:
     def table_rows(self) -> list[str]:
         """Baselines, then the methods, then their variants (other learning rates, prompt lengths, ranks, formats,
         greedy decoding); ★ on each method's configuration chosen on validation."""
-        variants = sorted(n for n in self.runs
+        variants = sorted((n for n in self.runs
                           if n.startswith(("lr-", "prompt_tokens-", "lora_rank-", "chat-", "separator-", "greedy-",
-                                           "hard_prompt-")) and n not in LABELS)
+                                           "hard_prompt-")) and n not in LABELS), key=natural)
         chosen = set(self.chosen().values())
         rows = ["| run | trainable parameters | best val loss | " + " | ".join(f"{v} (95 % CI)" for v in ROUGE.values())
                 + " | repeating summaries | epochs | s / epoch | tokens / s | peak memory (MB) |", "|---" * 12 + "|"]
@@ -402,15 +407,15 @@ class Report:
     def differences(self) -> list[str]:
         """Paired-bootstrap differences in ROUGE-Lsum on the same test articles, significant where the 95 % interval
         excludes zero: each method against each baseline and each other method, then each run of a variant
-        (greedy decoding, another learning rate) against the run it varies, and a method trained in the chat format
+        (greedy decoding, another learning rate, rank or prompt length) against the run it varies, and a method trained in the chat format
         against the chat prompt with no training and against the method trained with the separator, and a method
         with a learned separator token against the same method with the text separator."""
         names = [n for n in LABELS if n in self.runs and scores(self.runs[n], "rougeLsum")]
         pairs = [(a, b) for i, a in enumerate(names) if a in METHODS for b in names[:i]]
-        for name in sorted(self.runs):
+        for name in sorted(self.runs, key=natural):
             kind, rest = variant_of(name)
-            base = self.runs[name].get("method") if kind == "lr" else rest  # lr-<method>-<lr>, greedy-<run>
-            if kind in ("greedy", "lr") and base in self.runs:
+            base = rest if kind == "greedy" else self.runs[name].get("method")  # greedy-<run>; lr-<method>-<lr>, ...
+            if kind in ("greedy", "lr", "lora_rank", "prompt_tokens") and base in self.runs:
                 pairs.append((base, name))
             if name.startswith("chat-") and self.runs[name].get("method") in METHODS:  # trained in the chat format:
                 pairs += [(name, b) for b in ("chat", self.runs[name]["method"]) if b in self.runs]  # vs its prompt

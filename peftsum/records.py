@@ -115,8 +115,10 @@ def label(name: str, record: dict) -> str:
     if family == "temperature":  # temperature-<run>-<t>
         run, _, t = rest.rpartition("-")
         return f"{labels.get(run, run)}, temperature {t}"
-    if family in ("prompt_tokens", "lora_rank"):
-        return f"{method}, {family.replace('_', ' ')} {rest}"
+    if family == "lora_rank":
+        return f"{method}, rank {rest}"
+    if family == "prompt_tokens":
+        return f"{method}, {rest} prompt token{'s' * (rest != '1')}"
     if name.startswith("hard_prompt-"):
         return f"hard prompt x {name.removeprefix('hard_prompt-')}"
     if name.startswith("chat-") and record.get("method") in METHODS:

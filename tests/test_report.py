@@ -70,6 +70,8 @@ def test_report_writes_every_figure_and_the_readme_section_then_removes_stale_fi
     assert "- LoRA, trained in the chat format − chat template:" in text  # prompt and against LoRA
     assert "- LoRA, trained in the chat format − LoRA:" in text
     assert "| LoRA, a learned separator token |" in text and "- LoRA, a learned separator token − LoRA:" in text
+    assert "- LoRA − LoRA, rank 4:" in text and "- prompt tuning − prompt tuning, 1 prompt token:" in text
+    assert text.index("| LoRA, rank 4 |") < text.index("| LoRA, rank 16 |")  # numbers sorted as numbers
 
     for f in (tmp_path / "runs").glob("temperature-*"):  # a later report without those runs
         f.unlink()
