@@ -47,8 +47,8 @@ from pathlib import Path
 
 import common
 from peftsum.files import copy_file, read_record, weights_lock
-from peftsum.records import (METHODS, NEXT_TOKENS, RunRecord, checkpoint_path, chosen_runs, load_runs, out_folder,
-                             portable_path, record_suffix, variant_name)
+from peftsum.records import (METHODS, NEXT_TOKENS, VALIDATION, RunRecord, checkpoint_path, chosen_runs, load_runs,
+                             out_folder, portable_path, record_suffix, variant_name)
 
 ROOT = Path(__file__).resolve().parent
 SCRIPTS = {"prompt_tuning": "main.py", "last_layer": "main1.py", "lora": "main2.py"}
@@ -169,18 +169,21 @@ def ship(out: Path, weights_dir: Path, to: Path, only: list[str], flags: list[st
         asked = ", ".join(SCRIPTS if only == ["*"] else only)
         raise common.UsageError(f"no trained run of {asked} in {out} to ship: train one first (python3 sweep.py "
                                 "methods, or any sweep that trains)")
-    changed = []
+    plan = []  # (method, run, its weights): every file found before any is copied
     for method, name in chosen.items():
         target = to / f"{method}.safetensors"
         if is_run(target, name, runs[name]):
             print(f"{METHODS[method]}: {name} (lowest validation loss) is shipped already: {portable_path(str(target))}")
             continue
-        source = weights_dir / f"{name}.safetensors"
-        if not is_run(source, name, runs[name]):
-            raise common.UsageError(f"{source} is not the weights of {name}, the run of {METHODS[method]} with the "
+        places = (weights_dir / f"{name}.safetensors", SHIPPED / f"{method}.safetensors")  # sweeps', `methods`'
+        source = next((p for p in places if is_run(p, name, runs[name])), None)
+        if source is None:
+            raise common.UsageError(f"{places[0]} is not the weights of {name}, the run of {METHODS[method]} with the "
                                     f"lowest validation loss in {out}: pass the folder its sweep trained into as "
                                     f"--weights-dir, or train it again there (python3 sweep.py ... --only {name})")
-        kept = None
+        plan.append((method, name, source))
+    for method, name, source in plan:
+        target, kept = to / f"{method}.safetensors", None
         with weights_lock(target):  # no training writes the shipped file meanwhile
             if target.exists():
                 kept = weights_dir / f"{run_name_of(target) or method + '.replaced'}.safetensors"
@@ -192,14 +195,18 @@ def ship(out: Path, weights_dir: Path, to: Path, only: list[str], flags: list[st
             copy_file(source, target)
         print(f"{METHODS[method]}: shipped {name} (lowest validation loss) as {portable_path(str(target))}" +
               (f"; the weights it replaced are kept as {portable_path(str(kept))}" if kept else ""))
-        changed.append(method)
-    if changed:  # what decodes the shipped weights (with `flags`: the same --out, model and data) is out of date
-        rest = shlex.join([f for f in flags if f != "--overwrite"] + ["--weights-dir", str(to)] * (to != SHIPPED))
-        print("the records that decode the shipped weights are now those of the weights replaced; make them again:",
-              *[f"  python3 sweep.py {family} --overwrite --only {' '.join(patterns)} {rest}" for family, patterns in (
-                  ("temperature --eval-split validation", [f"'temperature-{m}-*'" for m in changed]),
-                  ("temperature", [f"'temperature-{m}-*'" for m in changed]),
-                  ("decoding", [f"greedy-{m}" for m in changed]), ("next_tokens", changed))], sep="\n")
+    changed = [method for method, *_ in plan]
+    stale = {family: found for family, patterns, ending in (  # the records of `out` that decode shipped weights
+        ("temperature --eval-split validation", [f"temperature-{m}-*" for m in changed], VALIDATION),
+        ("temperature", [f"temperature-{m}-*" for m in changed], ".json"),
+        ("decoding", [f"greedy-{m}" for m in changed], ".json"),
+        ("next_tokens", changed, NEXT_TOKENS))
+        if (found := [p for p in patterns if any(out.glob(p + ending))])}
+    if stale:  # each made again with `flags`: the same --out, model and data
+        rest = [f for f in flags if f != "--overwrite"] + ["--weights-dir", str(to)] * (to != SHIPPED)
+        print("these records decode the weights that were shipped before; make them again:", *[
+            "  " + shlex.join(["python3", "sweep.py", *family.split(), "--overwrite", "--only", *patterns, *rest])
+            for family, patterns in stale.items()], sep="\n")
 
 
 def run_name_of(weights: Path) -> str:

@@ -247,6 +247,7 @@ def test_ship_copies_each_methods_run_with_the_lowest_validation_loss(common_arg
     run("main2.py", *common_args[:4], "--out", tmp_path / "elsewhere", *common_args[6:], "--train", "--max-steps", 1,
         "--weights", shipped / "lora.safetensors", "--run-name", "before")  # shipped weights from another study
     before = (shipped / "lora.safetensors").read_bytes()
+    run("sweep.py", "decoding", "--only", "greedy-lora", *common_args, "--weights-dir", shipped)  # decodes them
     for name, lr in (("lora", "1e-3"), ("lr-lora-3e-2", "3e-2")):
         run("main2.py", *common_args, "--train", "--max-steps", 2, "--lr", lr, "--weights",
             sweeps / f"{name}.safetensors", "--run-name", name)
@@ -258,7 +259,8 @@ def test_ship_copies_each_methods_run_with_the_lowest_validation_loss(common_arg
     assert f"LoRA: shipped {chosen} (lowest validation loss) as {shipped / 'lora.safetensors'}" in p.stdout, p.stdout
     assert (shipped / "lora.safetensors").read_bytes() == (sweeps / f"{chosen}.safetensors").read_bytes()
     assert (sweeps / "before.safetensors").read_bytes() == before  # what it replaced, kept
-    assert f"python3 sweep.py decoding --overwrite --only greedy-lora --out {tmp_path / 'runs'}" in p.stdout
+    assert f"python3 sweep.py decoding --overwrite --only greedy-lora --out {tmp_path / 'runs'} --weights-dir" \
+        in p.stdout and "sweep.py temperature" not in p.stdout  # what decoded the replaced weights; no more
     assert not (shipped / "prompt_tuning.safetensors").exists()  # no run of it: nothing shipped
     assert "is shipped already" in run("sweep.py", *args).stdout
 
