@@ -46,8 +46,8 @@ CAPTIONS = {  # each figure's caption in the README: what to read in it
     "rouge_vs_temperature.png": "ROUGE-Lsum against sampling temperature (top-p 0.9; dotted: greedy), on the "
                                 "validation articles (left, where the starred temperature is chosen) and the test "
                                 "articles; the dashed line is the scripts' default.",
-    "sweeps.png": "Each hyperparameter sweep: best validation loss (left) and test ROUGE-Lsum (right); the star is "
-                  "the setting chosen on validation loss.",
+    "sweeps.png": "Each hyperparameter sweep: best validation loss (left) and test ROUGE-Lsum (right; the band is its "
+                  "95 % bootstrap interval over the test articles); the star is the setting chosen on validation loss.",
     "cost.png": "What each method costs to train: peak memory, seconds per epoch, trainable parameters, and the "
                 "bytes its trained weights take (at the precision the run saved them in).",
 }
@@ -313,6 +313,8 @@ class Report:
                 xs = [p[0] for p in pts]
                 a_loss.plot(xs, [p[1] for p in pts], "-o", color=COLORS.get(m), label=METHODS.get(m, m))
                 a_rouge.plot(xs, [p[2] for p in pts], "-o", color=COLORS.get(m), label=METHODS.get(m, m))
+                a_rouge.fill_between(xs, [p[3] for p in pts], [p[4] for p in pts], color=COLORS.get(m), alpha=0.12,
+                                     linewidth=0)  # the 95 % bootstrap interval over the test articles
                 chosen = min(pts, key=lambda p: p[1])  # chosen on validation loss, never on the test set
                 for ax, y in ((a_loss, chosen[1]), (a_rouge, chosen[2])):
                     ax.plot([chosen[0]], [y], "*", color=COLORS.get(m), markersize=14, markeredgecolor="black")
@@ -326,15 +328,17 @@ class Report:
         self.save(fig, "sweeps.png", "Validation loss and ROUGE-Lsum against each hyperparameter")
 
     def sweep_points(self, family: str, value) -> dict[str, list[tuple]]:
-        """{method: [(setting, best validation loss, test ROUGE-Lsum), ...] by setting}: the family's runs, and each
-        method's run at its defaults, the same configuration as the family's run at that setting (kept once)."""
+        """{method: [(setting, best validation loss, test ROUGE-Lsum, its 95 % interval's ends), ...] by setting}: the
+        family's runs, and each method's run at its defaults, the same configuration as the family's run at that
+        setting (kept once)."""
         groups = {}
         for n, r in self.runs.items():
             if n.startswith(family + "-") or (n in METHODS and any(o.startswith(f"{family}-") and
                                                                    self.runs[o].get("method") == n for o in self.runs)):
                 try:
-                    groups.setdefault(r["method"], {}).setdefault(value(r), (value(r), best_val(r),
-                                                                              r["test"]["rougeLsum"]))
+                    rouge = r["test"]["rougeLsum"]
+                    groups.setdefault(r["method"], {}).setdefault(value(r), (value(r), best_val(r), rouge, *(
+                        bootstrap_ci(scores(r, "rougeLsum")) if scores(r, "rougeLsum") else (rouge, rouge))))
                 except KeyError:  # a record without that hyperparameter (another method's default run)
                     continue
         return {m: sorted(points.values()) for m, points in groups.items()}
