@@ -169,7 +169,7 @@ def ship(out: Path, weights_dir: Path, to: Path, only: list[str], flags: list[st
         asked = ", ".join(SCRIPTS if only == ["*"] else only)
         raise common.UsageError(f"no trained run of {asked} in {out} to ship: train one first (python3 sweep.py "
                                 "methods, or any sweep that trains)")
-    plan = []  # (method, run, its weights): every file found before any is copied
+    plan = []  # (method, run, its weights, where the weights it replaces go): all checked before any file is copied
     for method, name in chosen.items():
         target = to / f"{method}.safetensors"
         if is_run(target, name, runs[name]):
@@ -181,17 +181,16 @@ def ship(out: Path, weights_dir: Path, to: Path, only: list[str], flags: list[st
             raise common.UsageError(f"{places[0]} is not the weights of {name}, the run of {METHODS[method]} with the "
                                     f"lowest validation loss in {out}: pass the folder its sweep trained into as "
                                     f"--weights-dir, or train it again there (python3 sweep.py ... --only {name})")
-        plan.append((method, name, source))
-    for method, name, source in plan:
-        target, kept = to / f"{method}.safetensors", None
+        kept = weights_dir / f"{run_name_of(target) or method + '.replaced'}.safetensors" if target.exists() else None
+        if kept and kept.exists() and kept.read_bytes() != target.read_bytes():
+            raise common.UsageError(f"{target} is to be kept as {kept}, where another file of that name is: move that "
+                                    "away, then ship again")
+        plan.append((method, name, source, kept))
+    for method, name, source, kept in plan:
+        target = to / f"{method}.safetensors"
         with weights_lock(target):  # no training writes the shipped file meanwhile
-            if target.exists():
-                kept = weights_dir / f"{run_name_of(target) or method + '.replaced'}.safetensors"
-                if not kept.exists():
-                    copy_file(target, kept)
-                elif kept.read_bytes() != target.read_bytes():
-                    raise common.UsageError(f"{target} is to be kept as {kept}, where another file of that name is: "
-                                            "move that away, then ship again")
+            if kept and not kept.exists():
+                copy_file(target, kept)
             copy_file(source, target)
         print(f"{METHODS[method]}: shipped {name} (lowest validation loss) as {portable_path(str(target))}" +
               (f"; the weights it replaced are kept as {portable_path(str(kept))}" if kept else ""))
