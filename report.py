@@ -411,9 +411,9 @@ class Report:
     def differences(self) -> list[str]:
         """Paired-bootstrap differences in ROUGE-Lsum on the same test articles, significant where the 95 % interval
         excludes zero: each method against each baseline and each other method, then each run of a variant
-        (greedy decoding, another learning rate, rank or prompt length) against the run it varies, and a method trained in the chat format
-        against the chat prompt with no training and against the method trained with the separator, and a method
-        with a learned separator token against the same method with the text separator."""
+        (greedy decoding, another learning rate, rank or prompt length) against the run it varies, and a method
+        trained in the chat format against the chat prompt with no training and against the method trained with the
+        separator, and a method with a learned separator token against the same method with the text separator."""
         names = [n for n in LABELS if n in self.runs and scores(self.runs[n], "rougeLsum")]
         pairs = [(a, b) for i, a in enumerate(names) if a in METHODS for b in names[:i]]
         for name in sorted(self.runs, key=natural):

@@ -21,7 +21,7 @@
                                   reads by default (models/<method>.safetensors), copied from --weights-dir; the
                                   weights it replaces are kept there under their run's name. Then run
                                   temperature, decoding and next_tokens again (--overwrite): they decode the shipped
-                                  weights. --only METHOD ships only that method's
+                                  weights. --only METHOD ships that method alone
 
 Options of the sweep itself:
   --only PATTERN [PATTERN ...]    run only the runs whose names match (shell patterns: 'temperature-lora-*')
@@ -55,12 +55,13 @@ SCRIPTS = {"prompt_tuning": "main.py", "last_layer": "main1.py", "lora": "main2.
 FAMILIES = ("methods", "chat", "chat_train", "separator", "full", "lr", "prompt_tokens", "lora_rank", "temperature",
             "decoding", "next_tokens")
 SHIPPED = ROOT / "models"  # where each script reads its method's weights by default
+SWEPT = ROOT / "runs"  # where the hyperparameter sweeps train into by default (gitignored)
 
 
 def family_runs(family: str, weights_dir: Path | None = None) -> list[tuple[str, str, list[str]]]:
     """(run name, script, flags) of every run of a family."""
     method_weights = lambda m: ["--weights", str((weights_dir or SHIPPED) / f"{m}.safetensors")]
-    sweep_weights = lambda name: ["--weights", str((weights_dir or ROOT / "runs") / f"{name}.safetensors")]
+    sweep_weights = lambda name: ["--weights", str((weights_dir or SWEPT) / f"{name}.safetensors")]
     if family == "methods":
         return [(m, s, ["--train", *method_weights(m)]) for m, s in SCRIPTS.items()] + [
             ("hard_prompt-24", "main2.py", ["--baseline"]),
@@ -126,7 +127,7 @@ def main(argv: list[str]) -> None:
     family = argv[0]
     if family == "ship":
         shared, _ = SHARED_FLAGS.parse_known_args(flags)
-        ship(out_folder(shared.out), own.weights_dir or ROOT / "runs", own.to or SHIPPED, own.only, flags)
+        ship(out_folder(shared.out), own.weights_dir or SWEPT, own.to or SHIPPED, own.only, flags)
         return
     if own.to:
         raise common.UsageError("--to says where `sweep.py ship` copies the chosen weights: only with ship")
@@ -181,7 +182,8 @@ def ship(out: Path, weights_dir: Path, to: Path, only: list[str], flags: list[st
             raise common.UsageError(f"{places[0]} is not the weights of {name}, the run of {METHODS[method]} with the "
                                     f"lowest validation loss in {out}: pass the folder its sweep trained into as "
                                     f"--weights-dir, or train it again there (python3 sweep.py ... --only {name})")
-        kept = weights_dir / f"{run_name_of(target) or method + '.replaced'}.safetensors" if target.exists() else None
+        replaced = run_name_of(read_record(target)) or f"{method}.replaced"
+        kept = weights_dir / f"{replaced}.safetensors" if target.exists() else None
         if kept and kept.exists() and kept.read_bytes() != target.read_bytes():
             raise common.UsageError(f"{target} is to be kept as {kept}, where another file of that name is: move that "
                                     "away, then ship again")
@@ -200,7 +202,8 @@ def ship(out: Path, weights_dir: Path, to: Path, only: list[str], flags: list[st
         ("temperature", [f"temperature-{m}-*" for m in changed], ".json"),
         ("decoding", [f"greedy-{m}" for m in changed], ".json"),
         ("next_tokens", changed, NEXT_TOKENS))
-        if (found := [p for p in patterns if any(out.glob(p + ending))])}
+        if (found := [p for p in patterns if any(ending == VALIDATION or not f.name.endswith(VALIDATION)
+                                                 for f in out.glob(p + ending))])}
     if stale:  # each made again with `flags`: the same --out, model and data
         rest = [f for f in flags if f != "--overwrite"] + ["--weights-dir", str(to)] * (to != SHIPPED)
         print("these records decode the weights that were shipped before; make them again:", *[
@@ -208,18 +211,16 @@ def ship(out: Path, weights_dir: Path, to: Path, only: list[str], flags: list[st
             for family, patterns in stale.items()], sep="\n")
 
 
-def run_name_of(weights: Path) -> str:
-    """The name of the run that trained a weights file: its --run-name, else its method's ('' where the file holds
-    no record of ours)."""
-    record = read_record(weights)
-    return str(record.get("config", {}).get("run_name") or record.get("method") or "")
+def run_name_of(saved: dict) -> str:
+    """The name of the run whose record a weights file holds: its --run-name, else its method's ('' for no record)."""
+    return str(saved.get("config", {}).get("run_name") or saved.get("method") or "")
 
 
 def is_run(weights: Path, name: str, record: dict) -> bool:
     """Whether `weights` holds what the run `name` with this record trained: its name and its epochs' validation
     losses (a file trained again under the same name, or under another --out, differs in them)."""
     saved = read_record(weights)
-    return run_name_of(weights) == name and \
+    return run_name_of(saved) == name and \
         [e.get("val_loss") for e in saved.get("history", [])] == [e["val_loss"] for e in record.get("history", [])]
 
 
