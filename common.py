@@ -3,7 +3,7 @@ concern. Each module imports only modules above it in this list; none does work 
 
   errors      UsageError (one line, exit code 2), Interrupted (a training stopped by a signal)
   config      the settings: the dataclass the CLI is generated from, its checks, the run's mode (imports no torch)
-  records     the run record, the run names and the run validation chooses: shared by the CLI, sweep.py, report.py
+  records     the run record (in <out> and in a weights file), run names, the run validation chooses, the one shipped
   runtime     device and precision, decided once; torchrun ranks; the machine's name; whether the hub answers
   model       one transformer that is GPT-2 or Llama as its config says, its KV cache, its inference-only forms
   methods     prompt tuning, the last layer, LoRA: each one change to a frozen model

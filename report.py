@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 from peftsum.config import Config  # noqa: E402  (imports no torch)
 from peftsum.records import (  # noqa: E402  (imports no torch)
-    BASELINES, METHODS, NEXT_TOKENS, best_val, chosen_runs, label, load_runs, variant_of)
+    BASELINES, METHODS, NEXT_TOKENS, SHIPPED, best_val, chosen_runs, label, load_runs, shipped_runs, variant_of)
 
 LABELS = {**BASELINES, **METHODS}
 ROUGE = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum"}
@@ -120,8 +120,9 @@ def scores(record: dict, key: str) -> list[float]:
 
 class Report:
     def __init__(self, runs: dict, out: Path, note: str, next_tokens: dict | None = None,
-                 validation: dict | None = None):
+                 validation: dict | None = None, shipped: dict | None = None):
         self.runs, self.out, self.written, self.validation = runs, out, [], validation or {}
+        self.shipped = shipped or {}  # {method: the run whose weights models/ holds}
         lines = note.strip().split("\n")
         self.subtitle, self.note = lines[0].strip(), " ".join(" ".join(lines[1:] or lines).split())
         self.tables = {n: next_tokens[n] for n in (*BASELINES, *METHODS) if n in (next_tokens or {})}
@@ -373,14 +374,19 @@ class Report:
         return chosen_runs(self.runs)
 
     def chosen_line(self) -> str:
+        """What ★ means, and which runs the weights in `models/` are (when they come from these records)."""
         chosen = self.chosen()
         if not chosen:
             return ""
-        other = [f"for {METHODS[m]} that is {label(n, self.runs[n])}, not the shipped weights' settings"
-                 for m, n in chosen.items() if n != m]
-        return ("★ marks each method's configuration with the lowest validation loss: the one chosen on the 40 "
-                "validation articles, never on the test set" + ("; " + "; ".join(other) if other else
-                                                                 ", and each is the shipped weights' (`models/`)") + ".")
+        line = ("★ marks each method's configuration with the lowest validation loss: the one chosen on the 40 "
+                "validation articles, never on the test set.")
+        shipped = self.shipped
+        if not shipped:
+            return line
+        rows = [label(n, self.runs[n]) + (" ★" if chosen.get(m) == n else f" (not {METHODS[m]}'s ★)")
+                for m, n in shipped.items()]
+        return line + f" The weights in `models/`, which the scripts read with no flags, are these rows: " \
+            f"{'; '.join(rows)}."
 
     def table_rows(self) -> list[str]:
         """Baselines, then the methods, then their variants (other learning rates, prompt lengths, ranks, formats,
@@ -511,9 +517,9 @@ def write_section(readme: Path, section: str, text: str) -> None:
     atomic_write(readme, pattern.sub(lambda _: f"{start}\n{text}{end}", content))
 
 
-def report(runs_dir: Path, out: Path, readme: Path | None, section: str, note: str) -> None:
+def report(runs_dir: Path, out: Path, readme: Path | None, section: str, note: str, shipped: Path = SHIPPED) -> None:
     """The figures of the runs in `runs_dir` into `out`, and their section into `readme` between its markers (None:
-    printed here)."""
+    printed here); the section says which runs the weights in `shipped` are."""
     runs = load_runs(runs_dir)
     if not runs:
         print(f"error: no run records in {runs_dir}: run main*.py or sweep.py first", file=sys.stderr)
@@ -521,7 +527,8 @@ def report(runs_dir: Path, out: Path, readme: Path | None, section: str, note: s
     if not note and (runs_dir / "NOTE").is_file():
         note = (runs_dir / "NOTE").read_text()
     out.mkdir(parents=True, exist_ok=True)
-    rep = Report(runs, out, note, load_next_tokens(runs_dir), load_runs(runs_dir, "validation"))
+    rep = Report(runs, out, note, load_next_tokens(runs_dir), load_runs(runs_dir, "validation"),
+                 shipped_runs(runs, shipped))
     for figure in (rep.loss_curves, rep.formats, rep.overfitting, rep.rouge_bars, rep.temperature, rep.sweeps, rep.cost):
         figure()
     for stale in sorted(set(FIGURES) - set(rep.written)):

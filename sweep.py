@@ -46,15 +46,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import common
-from peftsum.files import copy_file, read_record, weights_lock
-from peftsum.records import (METHODS, NEXT_TOKENS, VALIDATION, RunRecord, checkpoint_path, chosen_runs, load_runs,
-                             out_folder, portable_path, record_suffix, variant_name)
+from peftsum.files import copy_file, weights_lock
+from peftsum.records import (METHODS, NEXT_TOKENS, SHIPPED, VALIDATION, RunRecord, checkpoint_path, chosen_runs,
+                             is_run, load_runs, out_folder, portable_path, read_record, record_suffix, run_name_of,
+                             variant_name)
 
 ROOT = Path(__file__).resolve().parent
 SCRIPTS = {"prompt_tuning": "main.py", "last_layer": "main1.py", "lora": "main2.py"}
 FAMILIES = ("methods", "chat", "chat_train", "separator", "full", "lr", "prompt_tokens", "lora_rank", "temperature",
             "decoding", "next_tokens")
-SHIPPED = ROOT / "models"  # where each script reads its method's weights by default
 SWEPT = ROOT / "runs"  # where the hyperparameter sweeps train into by default (gitignored)
 
 
@@ -209,19 +209,6 @@ def ship(out: Path, weights_dir: Path, to: Path, only: list[str], flags: list[st
         print("these records decode the weights that were shipped before; make them again:", *[
             "  " + shlex.join(["python3", "sweep.py", *family.split(), "--overwrite", "--only", *patterns, *rest])
             for family, patterns in stale.items()], sep="\n")
-
-
-def run_name_of(saved: dict) -> str:
-    """The name of the run whose record a weights file holds: its --run-name, else its method's ('' for no record)."""
-    return str(saved.get("config", {}).get("run_name") or saved.get("method") or "")
-
-
-def is_run(weights: Path, name: str, record: dict) -> bool:
-    """Whether `weights` holds what the run `name` with this record trained: its name and its epochs' validation
-    losses (a file trained again under the same name, or under another --out, differs in them)."""
-    saved = read_record(weights)
-    return run_name_of(saved) == name and \
-        [e.get("val_loss") for e in saved.get("history", [])] == [e["val_loss"] for e in record.get("history", [])]
 
 
 def done(name: str, written: Path, overwrite: bool) -> bool:

@@ -239,7 +239,8 @@ def check_config(cfg: Config, hp) -> str:
                          f"{'--chat, which has no separator' if cfg.chat else '--baseline, which trains nothing'}")
     if cfg.learned_separator and (cfg.export_peft or cfg.export_merged or cfg.export_gguf):
         raise UsageError("weights trained with --learned-separator hold a token embedding that peft adapters, "
-                         "transformers checkpoints and GGUF files have no place for: evaluate them with these scripts")
+                         "transformers checkpoints and GGUF files have no place for: evaluate them with these scripts, "
+                         "or export weights trained with a text --separator (models/lora-tldr.safetensors is LoRA's)")
     if mode == "train" and cfg.epochs < 1:
         raise UsageError("--epochs must be >= 1 with --train (0 would save untrained weights as trained)")
     return mode

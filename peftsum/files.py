@@ -70,18 +70,6 @@ def weights_record(path: Path) -> dict:
     return json_object(metadata["record"], f"the run record in {path}", WEIGHTS_HINT)
 
 
-def read_record(path: Path, key: str = "record") -> dict:
-    """The JSON object under `key` in a safetensors file's metadata: a weights file's run record ("record"), a
-    checkpoint's state ("state"); {} for a peft adapter folder or an unreadable file (loading the weights then says
-    what is wrong with it)."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            value = json.loads((f.metadata() or {}).get(key, "{}"))
-    except Exception:  # a folder, or not safetensors: loading explains
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
 def check_finite_weights(tensors: dict[str, torch.Tensor], what: str) -> None:
     bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:

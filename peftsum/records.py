@@ -10,11 +10,14 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from safetensors import safe_open
+
 from peftsum.config import ROOT
 
 METHODS = {"prompt_tuning": "prompt tuning", "last_layer": "last layer", "lora": "LoRA", "full": "full fine-tuning"}
 BASELINES = {"lead_3": "lead-3", "zero_shot": "zero-shot TL;DR", "hard_prompt-24": "hard prompt",
              "chat": "chat template"}
+SHIPPED = ROOT / "models"  # where each script reads its method's weights by default
 VARIANTS = ("lr", "prompt_tokens", "lora_rank", "temperature", "greedy")  # families of runs that vary one setting
 
 
@@ -111,10 +114,10 @@ def label(name: str, record: dict) -> str:
     if family == "lr":
         return f"{method}, lr {record['hparams']['lr']:g}"
     if family == "greedy":
-        return f"{labels.get(rest, rest)}, greedy"
+        return f"{decoded(rest, record)}, greedy"
     if family == "temperature":  # temperature-<run>-<t>
         run, _, t = rest.rpartition("-")
-        return f"{labels.get(run, run)}, temperature {t}"
+        return f"{decoded(run, record)}, temperature {t}"
     if family == "lora_rank":
         return f"{method}, rank {rest}"
     if family == "prompt_tokens":
@@ -126,6 +129,15 @@ def label(name: str, record: dict) -> str:
     if name.startswith("separator-") and record.get("method") in METHODS:
         return f"{method}, a learned separator token"
     return name
+
+
+def decoded(run: str, record: dict) -> str:
+    """The label of the weights a decoding variant (greedy-<run>, temperature-<run>-<t>) decoded: a method's shipped
+    weights say the format they were trained in, which need not be the method's default."""
+    labels, config = {**BASELINES, **METHODS}, record.get("config", {})
+    trained_in = ", a learned separator token" if config.get("learned_separator") else \
+        ", trained in the chat format" if config.get("chat") else ""
+    return labels.get(run, run) + (trained_in if run in METHODS else "")
 
 
 def load_runs(folder: Path, split: str = "test") -> dict[str, dict]:
@@ -165,3 +177,39 @@ def chosen_runs(runs: dict[str, dict]) -> dict[str, str]:
                 (m not in best or best_val(r) < best_val(runs[best[m]])):
             best[m] = n
     return best
+
+
+def read_record(path: Path, key: str = "record") -> dict:
+    """The JSON object under `key` in a safetensors file's metadata: a weights file's run record ("record"), a
+    checkpoint's state ("state"); {} for a peft adapter folder or an unreadable file (loading the weights then says
+    what is wrong with it). Reads the header only."""
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            value = json.loads((f.metadata() or {}).get(key, "{}"))
+    except Exception:  # a folder, or not safetensors: loading explains
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def run_name_of(saved: dict) -> str:
+    """The name of the run whose record a weights file holds: its --run-name, else its method's ('' for no record)."""
+    return str(saved.get("config", {}).get("run_name") or saved.get("method") or "")
+
+
+def is_run(weights: Path, name: str, record: dict) -> bool:
+    """Whether `weights` holds what the run `name` with this record trained: its name and its epochs' validation
+    losses (a file trained again under the same name, or under another --out, differs in them)."""
+    saved = read_record(weights)
+    return run_name_of(saved) == name and \
+        [e.get("val_loss") for e in saved.get("history", [])] == [e["val_loss"] for e in record.get("history", [])]
+
+
+def shipped_runs(runs: dict[str, dict], folder: Path = SHIPPED) -> dict[str, str]:
+    """{method: the run of `runs` whose weights are <folder>/<method>.safetensors}, for the methods shipped from
+    these records (weights trained elsewhere, or on another base model, are none of them)."""
+    shipped = {}
+    for method in METHODS:
+        name = run_name_of(read_record(folder / f"{method}.safetensors"))
+        if name in runs and is_run(folder / f"{method}.safetensors", name, runs[name]):
+            shipped[method] = name
+    return shipped

@@ -241,7 +241,8 @@ def test_ship_copies_each_methods_run_with_the_lowest_validation_loss(common_arg
     """Issue 25, item 9: `sweep.py ship` makes each method's configuration chosen on validation (lowest validation
     loss among its trained runs in --out) the weights its script reads; the weights it replaces are kept, nothing
     is copied twice, and a chosen run whose weights are not where they should be is refused in one line."""
-    from peftsum.records import best_val
+    from peftsum.records import best_val, load_runs, shipped_runs
+    assert shipped_runs({}, tmp_path) == {}  # nothing shipped there
     sweeps, shipped = tmp_path / "sweeps", tmp_path / "models"
     shipped.mkdir()
     run("main2.py", *common_args[:4], "--out", tmp_path / "elsewhere", *common_args[6:], "--train", "--max-steps", 1,
@@ -262,6 +263,7 @@ def test_ship_copies_each_methods_run_with_the_lowest_validation_loss(common_arg
     assert f"python3 sweep.py decoding --overwrite --only greedy-lora --out {tmp_path / 'runs'} --weights-dir" \
         in p.stdout and "sweep.py temperature" not in p.stdout  # what decoded the replaced weights; no more
     assert not (shipped / "prompt_tuning.safetensors").exists()  # no run of it: nothing shipped
+    assert shipped_runs(load_runs(tmp_path / "runs"), shipped) == {"lora": chosen}  # what report.py says is shipped
     assert "is shipped already" in run("sweep.py", *args).stdout
 
     (shipped / "lora.safetensors").unlink()

@@ -4,6 +4,8 @@ import random
 import subprocess
 import sys
 
+import numpy as np
+from safetensors.numpy import save_file
 from test_cli import ROOT
 
 METHODS = ("prompt_tuning", "last_layer", "lora")
@@ -131,14 +133,35 @@ def test_each_method_s_configuration_chosen_on_validation_is_starred_and_a_bette
         rec, ex = record("lora" if "lora" in name else "prompt_tuning", lr=3e-3 if "lr-" in name else 1e-3, seed=seed)
         rec["history"] = [dict(rec["history"][0], val_loss=val)]
         write(runs, name, (rec, ex))
-    readme = tmp_path / "README.md"
+    readme, shipped = tmp_path / "README.md", tmp_path / "models"
     readme.write_text("<!-- results:runs:start -->\n<!-- results:runs:end -->\n")
-    report.report(runs, tmp_path / "plots", readme, "runs", "")
+    report.report(runs, tmp_path / "plots", readme, "runs", "", shipped)
     text = readme.read_text()
     assert "| LoRA, lr 0.003 ★ |" in text and "| LoRA |" in text and "| LoRA, greedy |" in text
     assert "| prompt tuning ★ |" in text and "| prompt tuning, lr 0.003 |" in text
-    assert "for LoRA that is LoRA, lr 0.003, not the shipped weights' settings" in text
-    assert "prompt tuning that is" not in text
+    assert "The weights in `models/`" not in text  # none of these runs is shipped there
+
+    shipped.mkdir()  # weights files, as trained, whose records are these runs'
+    for method, name in (("prompt_tuning", "prompt_tuning"), ("lora", "lora"), ("last_layer", "lr-lora-0.003")):
+        rec = json.loads((runs / f"{name}.json").read_text())
+        if method == "last_layer":  # another run's record, under this method's name: not shipped from here
+            rec["history"][0]["val_loss"] += 1
+        save_file({"w": np.zeros(1, np.float32)}, str(shipped / f"{method}.safetensors"),
+                  metadata={"record": json.dumps(rec)})
+    report.report(runs, tmp_path / "plots", readme, "runs", "", shipped)
+    assert "The weights in `models/`, which the scripts read with no flags, are these rows: prompt tuning ★; LoRA " \
+           "(not LoRA's ★)." in readme.read_text()
+
+
+def test_a_decoding_variant_says_the_format_its_weights_were_trained_in():
+    """Shipped weights need not be trained in the method's default format (issue 25: LoRA's ★ has a learned
+    separator token): greedy and temperature rows say which weights they decoded."""
+    from peftsum.records import label
+    learned, chat = {"config": {"learned_separator": True}}, {"config": {"chat": True}}
+    assert label("temperature-lora-0.7", learned) == "LoRA, a learned separator token, temperature 0.7"
+    assert label("greedy-prompt_tuning", chat) == "prompt tuning, trained in the chat format, greedy"
+    assert label("greedy-lora", {"config": {}}) == "LoRA, greedy"
+    assert label("temperature-chat-0.3", chat) == "chat template, temperature 0.3"  # a baseline: its own name
 
 
 def test_the_temperature_is_chosen_on_validation_records_and_compared_on_test_at_each_choice(tmp_path, capsys):
