@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 from peftsum.config import Config  # noqa: E402  (imports no torch)
 from peftsum.records import (  # noqa: E402  (imports no torch)
-    BASELINES, METHODS, NEXT_TOKENS, SHIPPED, best_val, chosen_runs, label, load_runs, shipped_runs, variant_of)
+    BASELINES, METHODS, NEXT_TOKENS, SHIPPED, best_val, chosen_runs, decoded, label, load_runs, shipped_runs,
+    variant_of)
 
 LABELS = {**BASELINES, **METHODS}
 ROUGE = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum"}
@@ -242,8 +243,9 @@ class Report:
         panels = [("validation", self.validation), ("test", self.runs)] if chosen else [("test", self.runs)]
         fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4), squeeze=False, sharey=True)
         for ax, (split, runs) in zip(axes[0], panels):
-            for m, what in TEMPERATURE_RUNS.items():
+            for m in TEMPERATURE_RUNS:
                 named = {runs[n]["config"]["temperature"]: n for n in runs if n.startswith(f"temperature-{m}-")}
+                what = self.decoded(m, runs)
                 if m in runs and not runs[m]["config"].get("greedy"):  # m's own run, at the default temperature
                     named.setdefault(runs[m]["config"]["temperature"], m)
                 pts = sorted((t, runs[n][split]["rougeLsum"], *bootstrap_ci(scores(runs[n], "rougeLsum")))
@@ -265,6 +267,12 @@ class Report:
                    "test set" if len(panels) > 1 else "")
             ax.title.set_fontsize(8)
         self.save(fig, "rouge_vs_temperature.png", "ROUGE-Lsum against sampling temperature (95 % bootstrap band)")
+
+    def decoded(self, m: str, runs: dict) -> str:
+        """The label of the weights the temperature runs of `m` decoded (the shipped ones, in the format they were
+        trained in)."""
+        names = [n for n in runs if n.startswith(f"temperature-{m}-")]
+        return decoded(m, runs[names[0]]) if names else TEMPERATURE_RUNS[m]
 
     def chosen_temperatures(self) -> dict[str, tuple[float, float]]:
         """{method or "chat": (temperature, validation ROUGE-Lsum)} with the highest validation ROUGE-Lsum among
@@ -288,7 +296,7 @@ class Report:
             return m if name not in self.runs and chosen[m][0] == Config.temperature and m in self.runs else name
         lines = ["The sampling temperature chosen on the validation articles (highest validation ROUGE-Lsum, "
                  "`python3 sweep.py temperature --eval-split validation`): " + ", ".join(
-                     f"{TEMPERATURE_RUNS[m]} {t:g} ({v:.2f})" for m, (t, v) in chosen.items()) + ".", ""]
+                     f"{self.decoded(m, self.validation)} {t:g} ({v:.2f})" for m, (t, v) in chosen.items()) + ".", ""]
         pairs = [(at(m), at("chat")) for m in chosen if m != "chat" and "chat" in chosen]
         pairs += [(at(m), "chat") for m in chosen if m != "chat" and ("chat" not in chosen or at("chat") != "chat")]
         found = [line for a, b in pairs if a in self.runs and b in self.runs and (line := self.difference(a, b))]
@@ -380,11 +388,10 @@ class Report:
             return ""
         line = ("★ marks each method's configuration with the lowest validation loss: the one chosen on the 40 "
                 "validation articles, never on the test set.")
-        shipped = self.shipped
-        if not shipped:
+        if not self.shipped:
             return line
         rows = [label(n, self.runs[n]) + (" ★" if chosen.get(m) == n else f" (not {METHODS[m]}'s ★)")
-                for m, n in shipped.items()]
+                for m, n in self.shipped.items()]
         return line + f" The weights in `models/`, which the scripts read with no flags, are these rows: " \
             f"{'; '.join(rows)}."
 
