@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 from peftsum.config import Config  # noqa: E402  (imports no torch)
 from peftsum.records import (  # noqa: E402  (imports no torch)
-    BASELINES, METHODS, NEXT_TOKENS, SHIPPED, best_val, chosen_runs, decoded, label, load_runs, shipped_runs,
-    variant_of)
+    BASELINES, METHODS, NEXT_TOKENS, SHIPPED, best_val, chosen_runs, label, load_runs, shipped_runs,
+    source_run, variant_of)
 
 LABELS = {**BASELINES, **METHODS}
 ROUGE = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum"}
@@ -245,9 +245,9 @@ class Report:
         for ax, (split, runs) in zip(axes[0], panels):
             for m in TEMPERATURE_RUNS:
                 named = {runs[n]["config"]["temperature"]: n for n in runs if n.startswith(f"temperature-{m}-")}
-                what = self.decoded(m, runs)
-                if m in runs and not runs[m]["config"].get("greedy"):  # m's own run, at the default temperature
-                    named.setdefault(runs[m]["config"]["temperature"], m)
+                what, own = self.decoded(m)
+                if own in runs and not runs[own]["config"].get("greedy"):  # that run itself, at its temperature
+                    named.setdefault(runs[own]["config"]["temperature"], own)
                 pts = sorted((t, runs[n][split]["rougeLsum"], *bootstrap_ci(scores(runs[n], "rougeLsum")))
                              for t, n in named.items())
                 if pts:
@@ -268,11 +268,13 @@ class Report:
             ax.title.set_fontsize(8)
         self.save(fig, "rouge_vs_temperature.png", "ROUGE-Lsum against sampling temperature (95 % bootstrap band)")
 
-    def decoded(self, m: str, runs: dict) -> str:
-        """The label of the weights the temperature runs of `m` decoded (the shipped ones, in the format they were
-        trained in)."""
-        names = [n for n in runs if n.startswith(f"temperature-{m}-")]
-        return decoded(m, runs[names[0]]) if names else TEMPERATURE_RUNS[m]
+    def decoded(self, m: str) -> tuple[str, str]:
+        """(label, run) of the weights that the temperature runs of `m` decoded: a method's shipped weights, which
+        need not be its run at the defaults; the chat template is itself."""
+        names = [n for n in (*self.runs, *self.validation) if n.startswith(f"temperature-{m}-")]
+        record = self.runs.get(names[0]) or self.validation[names[0]] if names else {}
+        own = source_run(record, self.runs) or m
+        return label(own, self.runs[own]) if own in self.runs else TEMPERATURE_RUNS[m], own
 
     def chosen_temperatures(self) -> dict[str, tuple[float, float]]:
         """{method or "chat": (temperature, validation ROUGE-Lsum)} with the highest validation ROUGE-Lsum among
@@ -292,11 +294,11 @@ class Report:
         if not chosen:
             return []
         def at(m: str) -> str:  # the test run of m at its chosen temperature (at the default: m's own run too)
-            name = f"temperature-{m}-{chosen[m][0]:g}"
-            return m if name not in self.runs and chosen[m][0] == Config.temperature and m in self.runs else name
+            name, own = f"temperature-{m}-{chosen[m][0]:g}", self.decoded(m)[1]
+            return own if name not in self.runs and chosen[m][0] == Config.temperature and own in self.runs else name
         lines = ["The sampling temperature chosen on the validation articles (highest validation ROUGE-Lsum, "
                  "`python3 sweep.py temperature --eval-split validation`): " + ", ".join(
-                     f"{self.decoded(m, self.validation)} {t:g} ({v:.2f})" for m, (t, v) in chosen.items()) + ".", ""]
+                     f"{self.decoded(m)[0]} {t:g} ({v:.2f})" for m, (t, v) in chosen.items()) + ".", ""]
         pairs = [(at(m), at("chat")) for m in chosen if m != "chat" and "chat" in chosen]
         pairs += [(at(m), "chat") for m in chosen if m != "chat" and ("chat" not in chosen or at("chat") != "chat")]
         found = [line for a, b in pairs if a in self.runs and b in self.runs and (line := self.difference(a, b))]
@@ -390,7 +392,7 @@ class Report:
                 "validation articles, never on the test set.")
         if not self.shipped:
             return line
-        rows = [label(n, self.runs[n]) + (" ★" if chosen.get(m) == n else f" (not {METHODS[m]}'s ★)")
+        rows = [label(n, self.runs[n], self.runs) + (" ★" if chosen.get(m) == n else f" (not {METHODS[m]}'s ★)")
                 for m, n in self.shipped.items()]
         return line + f" The weights in `models/`, which the scripts read with no flags, are these rows: " \
             f"{'; '.join(rows)}."
@@ -406,7 +408,7 @@ class Report:
                 + " | repeating summaries | epochs | s / epoch | tokens / s | peak memory (MB) |", "|---" * 12 + "|"]
         for n in [n for n in LABELS if n in self.runs] + variants:
             r, h = self.runs[n], self.runs[n].get("history", [])
-            cells = [label(n, r) + " ★" * (n in chosen), f"{r.get('trainable_parameters', 0):,}",
+            cells = [label(n, r, self.runs) + " ★" * (n in chosen), f"{r.get('trainable_parameters', 0):,}",
                      f"{best_val(r):.3f}" if h else "–"]
             for k in ROUGE:
                 lo, hi = bootstrap_ci(scores(r, k)) if scores(r, k) else (r["test"][k],) * 2
@@ -431,7 +433,8 @@ class Report:
         pairs = [(a, b) for i, a in enumerate(names) if a in METHODS for b in names[:i]]
         for name in sorted(self.runs, key=natural):
             kind, rest = variant_of(name)
-            base = rest if kind == "greedy" else self.runs[name].get("method")  # greedy-<run>; lr-<method>-<lr>, ...
+            base = (source_run(self.runs[name], self.runs) or rest) if kind == "greedy" else \
+                self.runs[name].get("method")  # greedy-<run>: the run it decoded again; lr-<method>-<lr>, ...
             if kind in ("greedy", "lr", "lora_rank", "prompt_tokens") and base in self.runs:
                 pairs.append((base, name))
             if name.startswith("chat-") and self.runs[name].get("method") in METHODS:  # trained in the chat format:
@@ -449,7 +452,7 @@ class Report:
         verdict = "**significant**" if lo > 0 or hi < 0 else "not significant"
         n = max(len(scores_a), len(scores_b))
         cover = f" (the {len(common)} of {n} articles both runs summarized)" if len(common) < n else ""
-        return (f"- {label(a, self.runs[a])} − {label(b, self.runs[b])}: {mean:+.2f} ({lo:+.2f} to {hi:+.2f}), "
+        return (f"- {label(a, self.runs[a], self.runs)} − {label(b, self.runs[b], self.runs)}: {mean:+.2f} ({lo:+.2f} to {hi:+.2f}), "
                 f"{verdict}{cover}")
 
     def samples(self, k: int = 3) -> list[str]:
@@ -478,10 +481,13 @@ class Report:
         code = lambda text: "`" + repr(text).replace("`", "'") + "`"
         cell = lambda text: code(text).replace("|", "\\|")  # a table cell: GitHub reads | as the next cell
         first = next(iter(tables.values()))
+        name = {r: label(self.shipped[r], self.runs[self.shipped[r]]) if r in self.shipped and
+                Path(t.get("weights", "")) == Path("models", f"{r}.safetensors") else LABELS[r]
+                for r, t in tables.items()}  # a method's table decodes its shipped weights: the run they are
         lines = [f"The next-token table of test article {first['article_id']} (`python3 sweep.py next_tokens`): "
                  f"its reference summary teacher-forced, each run's most likely next token (**bold**: the "
                  f"reference's), the first {n} of {len(first['rows'])} positions:", "",
-                 "| context | reference next | " + " | ".join(LABELS[r] for r in tables) + " |",
+                 "| context | reference next | " + " | ".join(name[r] for r in tables) + " |",
                  "|---" * (2 + len(tables)) + "|"]
         for i, (context, reference, _) in enumerate(first["rows"][:n]):
             guesses = [t["rows"][i][2] for t in tables.values()]
@@ -489,9 +495,9 @@ class Report:
                 f"**{cell(g)}**" if g == reference else cell(g) for g in guesses) + " |")
         hits = {r: sum(a == b for _, b, a in t["rows"]) for r, t in tables.items()}
         lines += ["", "Top-1 accuracy over the whole summary: " + ", ".join(
-            f"{LABELS[r]} {hits[r]}/{len(t['rows'])} ({hits[r] / len(t['rows']):.0%})" for r, t in tables.items())
+            f"{name[r]} {hits[r]}/{len(t['rows'])} ({hits[r] / len(t['rows']):.0%})" for r, t in tables.items())
             + f". Past the summary's end token {code(first['end_token'])}, where training puts no target:", ""]
-        lines += [f"- {LABELS[r]}: most likely next " + ", ".join(f"{code(w)} {p:.1%}" for w, p in t["after_end"][:3])
+        lines += [f"- {name[r]}: most likely next " + ", ".join(f"{code(w)} {p:.1%}" for w, p in t["after_end"][:3])
                   + f"; greedy decoding goes on with {code(t['continuation'])}" for r, t in tables.items()]
         return lines + [""]
 

@@ -104,20 +104,21 @@ def variant_of(name: str) -> tuple[str, str]:
     return (family, rest) if family in VARIANTS and rest else ("", name)
 
 
-def label(name: str, record: dict) -> str:
-    """A table label for a run: the method or baseline, and what differs from its defaults."""
+def label(name: str, record: dict, runs: dict[str, dict] | None = None) -> str:
+    """A table label for a run: the method or baseline, and what differs from its defaults. A decoding variant is
+    labelled by the trained run among `runs` whose weights it decoded (see `source_run`), else by its method."""
     labels = {**BASELINES, **METHODS}
     if name in labels:
         return labels[name]
     family, rest = variant_of(name)
     method = labels.get(record.get("method"), record.get("method"))
+    if family in ("greedy", "temperature"):  # greedy-<run>, temperature-<run>-<t>
+        run, _, t = rest.rpartition("-") if family == "temperature" else (rest, "", "")
+        source = source_run(record, runs or {})
+        decoded = label(source, runs[source]) if source else labels.get(run, run)
+        return f"{decoded}, greedy" if family == "greedy" else f"{decoded}, temperature {t}"
     if family == "lr":
         return f"{method}, lr {record['hparams']['lr']:g}"
-    if family == "greedy":
-        return f"{decoded(rest, record)}, greedy"
-    if family == "temperature":  # temperature-<run>-<t>
-        run, _, t = rest.rpartition("-")
-        return f"{decoded(run, record)}, temperature {t}"
     if family == "lora_rank":
         return f"{method}, rank {rest}"
     if family == "prompt_tokens":
@@ -131,13 +132,15 @@ def label(name: str, record: dict) -> str:
     return name
 
 
-def decoded(run: str, record: dict) -> str:
-    """The label of the weights a decoding variant (greedy-<run>, temperature-<run>-<t>) decoded: a method's shipped
-    weights say the format they were trained in, which need not be the method's default."""
-    labels, config = {**BASELINES, **METHODS}, record.get("config", {})
-    trained_in = ", a learned separator token" if config.get("learned_separator") else \
-        ", trained in the chat format" if config.get("chat") else ""
-    return labels.get(run, run) + (trained_in if run in METHODS else "")
+def source_run(record: dict, runs: dict[str, dict]) -> str | None:
+    """The trained run of `runs` whose weights a decoding variant (greedy-<run>, temperature-<run>-<t>) decoded:
+    an evaluation copies the weights' training history into its record, so it is the run of the same method with
+    the same epochs' validation losses (the method's own run if several match). None for a baseline, or when that
+    run is not among `runs`."""
+    losses = [e.get("val_loss") for e in record.get("history", [])]
+    found = [n for n, r in runs.items() if losses and variant_of(n)[0] not in ("greedy", "temperature")
+             and r.get("method") == record.get("method") and [e.get("val_loss") for e in r.get("history", [])] == losses]
+    return record.get("method") if record.get("method") in found else next(iter(found), None)
 
 
 def load_runs(folder: Path, split: str = "test") -> dict[str, dict]:

@@ -153,16 +153,36 @@ def test_each_method_s_configuration_chosen_on_validation_is_starred_and_a_bette
            "(not LoRA's ★)." in readme.read_text()
 
 
-def test_a_decoding_variant_says_the_format_its_weights_were_trained_in():
-    """Shipped weights need not be trained in the method's default format (issue 25: LoRA's ★ has a learned
-    separator token): greedy and temperature rows say which weights they decoded."""
+def test_a_decoding_variant_is_labelled_and_compared_by_the_run_whose_weights_it_decoded(tmp_path):
+    """Shipped weights need not be a method's run at its defaults (issue 25: LoRA's ★ has a learned separator
+    token, prompt tuning's another rate): a greedy or temperature run names the trained run it decoded (the one
+    whose epochs' validation losses its record carries) and is compared with that run, not the default one."""
+    import report
     from peftsum.records import label
-    learned, chat = {"config": {"learned_separator": True}}, {"config": {"chat": True}}
-    assert label("temperature-lora-0.7", learned) == "LoRA, a learned separator token, temperature 0.7"
-    assert label("greedy-prompt_tuning", chat) == "prompt tuning, trained in the chat format, greedy"
-    assert label("greedy-lora", {"config": {}}) == "LoRA, greedy"
-    assert label("temperature-chat-0.3", chat) == "chat template, temperature 0.3"  # a baseline: its own name
-
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for name, seed in (("lora", 1), ("separator-lora", 2), ("prompt_tuning", 3)):
+        rec, ex = record("lora" if "lora" in name else "prompt_tuning", seed=seed)
+        rec["history"] = [dict(h, val_loss=h["val_loss"] - seed / 100) for h in rec["history"]]
+        write(runs, name, (rec, ex))
+    shipped = json.loads((runs / "separator-lora.json").read_text())
+    write(runs, "greedy-lora", (shipped, record("lora", seed=4)[1]))
+    write(runs, "temperature-lora-0.5", (dict(shipped, config=dict(shipped["config"], temperature=0.5)),
+                                         record("lora", seed=5)[1]))
+    write(runs, "greedy-prompt_tuning", (json.loads((runs / "prompt_tuning.json").read_text()),
+                                         record("prompt_tuning", seed=6)[1]))
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- results:runs:start -->\n<!-- results:runs:end -->\n")
+    report.report(runs, tmp_path / "plots", readme, "runs", "", tmp_path / "models")
+    text = readme.read_text()
+    assert "| LoRA, a learned separator token, greedy |" in text and "| prompt tuning, greedy |" in text
+    assert "- LoRA, a learned separator token − LoRA, a learned separator token, greedy:" in text
+    assert "- LoRA − LoRA, a learned separator token, greedy" not in text
+    assert "- prompt tuning − prompt tuning, greedy:" in text
+    loaded = report.load_runs(runs)
+    assert label("temperature-lora-0.5", loaded["temperature-lora-0.5"], loaded) == \
+        "LoRA, a learned separator token, temperature 0.5"
+    assert label("temperature-lora-0.5", loaded["temperature-lora-0.5"]) == "LoRA, temperature 0.5"  # no runs: method
 
 def test_the_temperature_is_chosen_on_validation_records_and_compared_on_test_at_each_choice(tmp_path, capsys):
     """Records scored on the validation articles (<run>.validation.json, --eval-split validation) are never read as
