@@ -269,9 +269,9 @@ class Report:
         self.save(fig, "rouge_vs_temperature.png", "ROUGE-Lsum against sampling temperature (95 % bootstrap band)")
 
     def decoded(self, m: str) -> tuple[str, str]:
-        """(label, run) of the weights that the temperature runs of `m` decoded: a method's shipped weights, which
-        need not be its run at the defaults; the chat template is itself."""
-        names = [n for n in (*self.runs, *self.validation) if n.startswith(f"temperature-{m}-")]
+        """(label, run) of the weights that the temperature and greedy runs of `m` decoded: a method's shipped
+        weights, which need not be its run at the defaults; the chat template is itself."""
+        names = [n for n in (*self.runs, *self.validation) if n.startswith(f"temperature-{m}-") or n == f"greedy-{m}"]
         record = self.runs.get(names[0]) or self.validation[names[0]] if names else {}
         own = source_run(record, self.runs) or m
         return label(own, self.runs[own]) if own in self.runs else TEMPERATURE_RUNS[m], own
