@@ -104,8 +104,8 @@ def follow_record(path: Path, cfg: Config, hp, given: frozenset[str]) -> tuple[C
         if not isinstance(recorded, dict):
             continue
         for name in fields_where(type(obj), "recorded"):
-            if name not in recorded:
-                continue
+            if name not in recorded or (name == "learned_separator" and cfg.baseline):
+                continue  # a baseline trains no token: it takes the text separator the learned one started from
             value, default = recorded[name], getattr(obj, name)
             if type(value) is not type(default) and not (isinstance(default, float) and type(value) is int):
                 raise UsageError(f"the run record in {path} gives {flag(name)} as {value!r}, not a "

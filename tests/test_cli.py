@@ -126,6 +126,9 @@ def test_a_learned_separator_trains_with_each_method_and_evaluation_follows_it(s
 
     loaded = run(script, *common_args, "--weights", weights, "--run-name", "again", "--inspect")
     assert "a learned separator token" in loaded.stdout and "'<learned separator>'" in loaded.stdout
+    if script == "main2.py":  # a baseline beside such weights (the shipped LoRA) trains no token: the text it began as
+        baseline = run(script, *common_args, "--weights", weights, "--baseline", "--max-new-tokens", 2)
+        assert "separator ' TL;DR:'" in baseline.stdout, baseline.stdout
     import common
     model, tok = common.load_model(str(common_args[1]))
     {"main.py": lambda: common.apply_prompt_tuning(model, common.hard_prompt_ids(tok, 24)),
