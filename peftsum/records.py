@@ -137,9 +137,9 @@ def source_run(record: dict, runs: dict[str, dict]) -> str | None:
     an evaluation copies the weights' training history into its record, so it is the run of the same method with
     the same epochs' validation losses (the method's own run if several match). None for a baseline, or when that
     run is not among `runs`."""
-    losses = [e.get("val_loss") for e in record.get("history", [])]
+    losses = epoch_losses(record)
     found = [n for n, r in runs.items() if losses and variant_of(n)[0] not in ("greedy", "temperature")
-             and r.get("method") == record.get("method") and [e.get("val_loss") for e in r.get("history", [])] == losses]
+             and r.get("method") == record.get("method") and epoch_losses(r) == losses]
     return record.get("method") if record.get("method") in found else next(iter(found), None)
 
 
@@ -203,8 +203,13 @@ def is_run(weights: Path, name: str, record: dict) -> bool:
     """Whether `weights` holds what the run `name` with this record trained: its name and its epochs' validation
     losses (a file trained again under the same name, or under another --out, differs in them)."""
     saved = read_record(weights)
-    return run_name_of(saved) == name and \
-        [e.get("val_loss") for e in saved.get("history", [])] == [e["val_loss"] for e in record.get("history", [])]
+    return run_name_of(saved) == name and epoch_losses(saved) == epoch_losses(record)
+
+
+def epoch_losses(record: dict) -> list:
+    """A run's validation loss after each epoch: what identifies its trained weights wherever its record is copied
+    (into the weights file, into the record of an evaluation of them)."""
+    return [e.get("val_loss") for e in record.get("history", [])]
 
 
 def shipped_runs(runs: dict[str, dict], folder: Path = SHIPPED) -> dict[str, str]:
