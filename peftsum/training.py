@@ -293,6 +293,16 @@ def train(model: GPT, train_set, val_set, cfg: Config, lr: float, device, dtype,
 SIGNAL_GRACE_S = 10.0  # how long a step may still run after SIGINT/SIGTERM before the step before it is saved
 
 
+def say_in_handler(text: str) -> None:
+    """A line to stderr from a signal handler, past Python's buffered stderr: the signal can arrive while the main
+    thread is inside a write to it (the progress bar writes there all the time), and a buffered write entered again
+    raises RuntimeError instead of stopping with a checkpoint."""
+    try:
+        os.write(sys.stderr.fileno(), (text + "\n").encode())
+    except (AttributeError, OSError, ValueError):  # a stderr with no file descriptor (a test's capture)
+        print(text, file=sys.stderr, flush=True)
+
+
 @contextmanager
 def stop_signals(save_now=None):
     """While training, SIGINT (Ctrl-C) and SIGTERM (what torchrun and cluster schedulers send, then SIGKILL after
@@ -306,12 +316,11 @@ def stop_signals(save_now=None):
 
     def handle(signum, frame):
         if received and signum == signal.SIGINT:
-            print("\nsecond Ctrl-C: exiting at once, without a checkpoint", file=sys.stderr, flush=True)
+            say_in_handler("\nsecond Ctrl-C: exiting at once, without a checkpoint")
             os._exit(128 + signum)
         received.append(signum)
-        print(f"\n{signal.Signals(signum).name}: finishing this step, then writing a checkpoint (of the step before "
-              f"it if this one is still running in {SIGNAL_GRACE_S:g} s; Ctrl-C again to exit at once)",
-              file=sys.stderr, flush=True)
+        say_in_handler(f"\n{signal.Signals(signum).name}: finishing this step, then writing a checkpoint (of the step "
+                       f"before it if this one is still running in {SIGNAL_GRACE_S:g} s; Ctrl-C again to exit at once)")
 
     def first() -> int:
         if received:
