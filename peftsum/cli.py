@@ -247,7 +247,8 @@ def run(job: Job) -> RunRecord:
     record = RunRecord(method="baseline" if cfg.baseline else job.method, base_model=model.name,
                        config=dataclasses.asdict(dataclasses.replace(cfg, data=portable_path(cfg.data))),
                        hparams={} if cfg.baseline else vars(job.hp), data=portable_path(cfg.data),
-                       trainable_parameters=trainable, total_parameters=total)
+                       trainable_parameters=trainable, total_parameters=total,
+                       machine={"hardware": runtime.machine(job.device), "precision": runtime.precision_name(job.dtype)})
     if world()[0] != 0 and job.mode != "train":
         return record  # under torchrun, only the training runs on every rank
     splits = load_splits(cfg, splits_read(cfg, job.mode))
@@ -263,7 +264,7 @@ def describe(job: Job, splits: dict) -> str:
     precision, and (training) steps. The full configuration goes into the run record."""
     cfg, hp, model = job.cfg, job.hp, job.model
     c, (trainable, total) = model.config, count_parameters(model)
-    precision = "fp32" if job.dtype == torch.float32 else f"{str(job.dtype).removeprefix('torch.')} autocast"
+    precision = runtime.precision_name(job.dtype)
     doing = {"train": "training", "evaluate": "evaluating", "inspect": "inspecting", "article": "summarizing with",
              "export": "exporting"}[job.mode]
     lines = [f"{doing} {'baseline' if cfg.baseline else job.method} on {model.name} ({c.family}, {c.n_layer} layers "

@@ -38,6 +38,8 @@ class RunRecord:
     best_epoch: int | None = None  # the epoch whose weights were kept (best validation loss)
     test: dict | None = None  # mean ROUGE F1 (%) over the test articles
     validation: dict | None = None  # the same over the validation articles, for --eval-split validation
+    machine: dict = field(default_factory=dict)  # what it ran on and in: {"hardware", "precision"}. --dtype auto
+    # is bf16 autocast on a CPU with bf16 units and fp32 elsewhere, so the same command's numbers depend on it
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -88,6 +88,11 @@ def cpu_has_native_bf16() -> bool:
                                                                         "_is_avx512_bf16_supported"))
 
 
+def precision_name(dtype: torch.dtype) -> str:
+    """How a run's arithmetic is said in its first lines and its record: "fp32", or "bf16 autocast"."""
+    return "fp32" if dtype == torch.float32 else f"{str(dtype).removeprefix('torch.')} autocast"
+
+
 def autocast(device: torch.device, dtype: torch.dtype):
     return nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
 

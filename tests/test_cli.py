@@ -50,7 +50,12 @@ def test_train_save_reload_evaluate(script, common_args, tmp_path):
 def test_baseline_runs_without_weights(common_args, tmp_path):
     p = run("main2.py", *common_args, "--baseline")
     assert "rougeLsum" in p.stdout
-    assert (tmp_path / "runs" / "hard_prompt-24.json").is_file()  # named by its prompt, not by the script
+    record = json.loads((tmp_path / "runs" / "hard_prompt-24.json").read_text())  # named by its prompt
+    # --dtype auto: bf16 autocast on a CPU with bf16 units, fp32 elsewhere; the record says which this run was
+    assert record["machine"]["precision"] in ("fp32", "bf16 autocast") and record["config"]["dtype"] == "auto"
+    assert "native bf16:" in record["machine"]["hardware"]
+    fixed = run("main2.py", *common_args, "--baseline", "--dtype", "fp32", "--run-name", "fp32")
+    assert json.loads((tmp_path / "runs" / "fp32.json").read_text())["machine"]["precision"] == "fp32", fixed.stdout
 
 
 def test_missing_weights_exit_2_with_one_line(common_args, tmp_path):
