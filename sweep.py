@@ -32,9 +32,9 @@ Options of the sweep itself:
 Every other flag goes to every run, e.g. `--model DIR --data DIR --out runs/mine --max-steps 20`.
 
 A run whose record is in --out already (<name>.json; with --eval-split validation, <name>.validation.json) is
-skipped (--overwrite runs it again). Ctrl-C or SIGTERM reaches the run
-under way once: it finishes its step and writes its checkpoint, and the same command continues the sweep (that run
-resumes from its checkpoint).
+skipped (--overwrite runs it again). Ctrl-C or SIGTERM reaches the run under way once: it finishes its step and
+writes its checkpoint, and the command the sweep prints continues it (that run resumes from its checkpoint): the
+same command, or with --overwrite the same for the runs it had not finished.
 """
 import argparse
 import fnmatch
@@ -136,22 +136,25 @@ def main(argv: list[str]) -> None:
         raise common.UsageError(f"no run of '{family}' matches --only {' '.join(own.only)}")
     shared, _ = SHARED_FLAGS.parse_known_args(flags)
     out = out_folder(shared.out)
-    for name, script, extra in runs:
+    with_lead_3 = family == "methods" and any(fnmatch.fnmatch("lead_3", o) for o in own.only)
+    for i, (name, script, extra) in enumerate(runs):
         if done(name, out / (name + (NEXT_TOKENS if "--inspect" in extra else record_suffix(shared.eval_split))),
                 shared.overwrite):
             continue
         weights = Path(extra[extra.index("--weights") + 1]) if "--train" in extra else None
-        resume = weights is not None and checkpoint_path(weights).exists() and not (shared.resume or shared.overwrite)
+        # a checkpoint is this run's unfinished training (--overwrite too: it replaces records, not work under way)
+        resume = weights is not None and checkpoint_path(weights).exists() and not shared.resume
         print(f"=== {name}: {script} {' '.join(extra)}" + (" --resume (from its checkpoint)" if resume else ""),
               flush=True)
         code = run([sys.executable, str(ROOT / script), *extra, *["--resume"] * resume, "--run-name", name, *flags])
         if code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
-            print(f"the sweep stopped in {name}; continue it with: {shlex.join(['python3', *sys.argv])}",
+            left = [n for n, *_ in runs[i:]] + ["lead_3"] * with_lead_3
+            print(f"the sweep stopped in {name}; continue it with: {continuation(family, own, flags, left)}",
                   file=sys.stderr)
             sys.exit(code)
         if code:
             raise common.UsageError(f"a run failed (exit code {code}): {script} {' '.join(extra)} --run-name {name}")
-    if family == "methods" and any(fnmatch.fnmatch("lead_3", o) for o in own.only):
+    if with_lead_3:
         if done("lead_3", out / ("lead_3" + record_suffix(shared.eval_split)), shared.overwrite):
             return
         print("=== lead_3", flush=True)
@@ -209,6 +212,16 @@ def ship(out: Path, weights_dir: Path, to: Path, only: list[str], flags: list[st
         print("these records decode the weights that were shipped before; make them again:", *[
             "  " + shlex.join(["python3", "sweep.py", *family.split(), "--overwrite", "--only", *patterns, *rest])
             for family, patterns in stale.items()], sep="\n")
+
+
+def continuation(family: str, own: argparse.Namespace, flags: list[str], left: list[str]) -> str:
+    """The command that continues a stopped sweep: the same one, which skips the runs whose records are written and
+    resumes the stopped run from its checkpoint; with --overwrite, which would run the finished ones again too,
+    the same one for the runs `left` alone."""
+    if "--overwrite" not in flags:
+        return shlex.join(["python3", *sys.argv])
+    return shlex.join(["python3", "sweep.py", family, "--only", *left, *flags,
+                       *(["--weights-dir", str(own.weights_dir)] if own.weights_dir else [])])
 
 
 def done(name: str, written: Path, overwrite: bool) -> bool:

@@ -335,12 +335,15 @@ def test_a_killed_rank_ends_the_other_in_one_line(tiny_dir, data_dir, tmp_path):
 def test_a_stopped_sweep_keeps_the_work_of_its_run_and_the_same_command_continues_it(tiny_dir, data_dir, tmp_path):
     """A SIGTERM sent to sweep.py alone (as a scheduler sends it) reaches the run under way, which writes its
     checkpoint (before, the sweep's own exit killed it 0.25 s later, with its step's work and its lock file); the
-    sweep prints the command that continues; that command resumes the run from its checkpoint, and once the run's
-    record is there, skips it."""
+    sweep prints the command that continues; that command resumes the run from its checkpoint (--overwrite too: it
+    replaces the earlier record, not the unfinished training), and once the run's record is there, skips it."""
     flags = [str(a) for a in train_args(tiny_dir, data_dir, tmp_path)]
     flags = [a for i, a in enumerate(flags) if a != "--train" and "--weights" not in flags[max(i - 1, 0):i + 1]]
     command = [str(ROOT / "sweep.py"), "lora_rank", "--only", "lora_rank-4", "--weights-dir", str(tmp_path), *flags]
-    p = subprocess.Popen([sys.executable, *command], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    (tmp_path / "runs").mkdir()  # a record of an earlier run, which --overwrite replaces
+    (tmp_path / "runs" / "lora_rank-4.json").write_text("{}")
+    p = subprocess.Popen([sys.executable, *command, "--overwrite"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         text=True)
     checkpoint = tmp_path / "lora_rank-4.ckpt.safetensors"
     deadline = time.time() + 200
     while not checkpoint.exists() and p.poll() is None and time.time() < deadline:
@@ -355,6 +358,8 @@ def test_a_stopped_sweep_keeps_the_work_of_its_run_and_the_same_command_continue
     assert not list(tmp_path.glob("*.lock"))
 
     again = shlex.split(last.split("continue it with: ", 1)[1])
+    # with --overwrite, the same command would run again what had finished: it names the runs left instead
+    assert again[again.index("--only") + 1] == "lora_rank-4" and "--overwrite" in again, again
     resumed = subprocess.run([sys.executable, *again[1:]], capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "--resume (from its checkpoint)" in resumed.stdout and "resumed from" in resumed.stdout
