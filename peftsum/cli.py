@@ -83,6 +83,7 @@ def setup(args: Args, method: str | Callable[[object], str]) -> Job:
                          "untrained model with --baseline")
     if mode != "train" and path.exists():  # a baseline is measured on the same model, data and prompt format
         cfg, hp = follow_record(path, cfg, hp, args.given)
+        precision_note(path, cfg, dtype)
     cfg = dataclasses.replace(cfg, compile=device.type == "cuda" if cfg.compile is None else cfg.compile)
     cfg = dataclasses.replace(cfg, model=cfg.model or default_base_model(cfg, mode, path))
     job = Job(name(hp), mode, cfg, hp, device, dtype, None, None)
@@ -125,6 +126,18 @@ def follow_record(path: Path, cfg: Config, hp, given: frozenset[str]) -> tuple[C
     for note in notes:
         print(note, file=sys.stderr)
     return cfg, hp
+
+
+def precision_note(path: Path, cfg: Config, dtype: torch.dtype) -> None:
+    """Say it when these weights' record was made in other arithmetic than this run's (--dtype auto is bf16 autocast
+    on a CPU with bf16 units, fp32 elsewhere): sampling turns the last bits of a logit into other words, so the
+    summaries, and ROUGE, differ from the record's by chance, not by a fault."""
+    recorded, now = read_record(path).get("machine", {}).get("precision"), runtime.precision_name(dtype)
+    if recorded and recorded != now:
+        why = f"--dtype {cfg.dtype}" if cfg.dtype != "auto" else "this CPU has no bf16 units" if now == "fp32" else \
+            "--dtype auto on this machine"
+        print(f"note: {path.name} was trained and scored in {recorded}, this run is {now} ({why}): its summaries and "
+              "ROUGE will differ a little from its record's", file=sys.stderr)
 
 
 def preflight(job: Job) -> None:

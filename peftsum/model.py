@@ -317,9 +317,12 @@ def fuse_projections(model: GPT) -> GPT:
 
 
 def can_pack(model: GPT) -> bool:
-    w = model.lm_head.weight
+    """Whether PackedLinear can run here: a bf16 model on a CPU whose oneDNN has a bf16 path (AVX-512 or
+    AVX-NE-CONVERT; on an AVX2 CPU packing raises, and --dtype bf16 runs plain, emulated nn.Linear)."""
+    w, mkldnn = model.lm_head.weight, torch.ops.mkldnn
     return (w.device.type == "cpu" and w.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+            and hasattr(mkldnn, "_reorder_linear_weight") and hasattr(mkldnn, "_is_mkldnn_bf16_supported")
+            and mkldnn._is_mkldnn_bf16_supported())
 
 
 def pack_linears(model: GPT) -> GPT:

@@ -90,7 +90,7 @@ def cpu_has_native_bf16() -> bool:
 
 def precision_name(dtype: torch.dtype) -> str:
     """How a run's arithmetic is said in its first lines and its record: "fp32", or "bf16 autocast"."""
-    return "fp32" if dtype == torch.float32 else f"{str(dtype).removeprefix('torch.')} autocast"
+    return {torch.float32: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}[dtype]
 
 
 def autocast(device: torch.device, dtype: torch.dtype):

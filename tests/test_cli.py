@@ -58,6 +58,18 @@ def test_baseline_runs_without_weights(common_args, tmp_path):
     assert json.loads((tmp_path / "runs" / "fp32.json").read_text())["machine"]["precision"] == "fp32", fixed.stdout
 
 
+def test_weights_scored_in_other_arithmetic_say_so(common_args, tmp_path):
+    """Sampling turns the last bits of a logit into other words: weights whose record was made in fp32, scored in
+    bf16 autocast (or the reverse, --dtype auto on another CPU), print other ROUGE, and the run says why."""
+    weights = tmp_path / "w.safetensors"
+    run("main2.py", *common_args, "--weights", weights, "--train", "--max-steps", 1, "--dtype", "fp32")
+    same = run("main2.py", *common_args, "--weights", weights, "--dtype", "fp32", "--run-name", "same")
+    assert "note:" not in same.stderr
+    other = run("main2.py", *common_args, "--weights", weights, "--dtype", "bf16", "--run-name", "other")
+    assert ("note: w.safetensors was trained and scored in fp32, this run is bf16 autocast (--dtype bf16): its "
+            "summaries and ROUGE will differ a little from its record's") in other.stderr, other.stderr
+
+
 def test_missing_weights_exit_2_with_one_line(common_args, tmp_path):
     p = run("main.py", *common_args, "--weights", tmp_path / "nope.safetensors", check=False)
     assert p.returncode == 2
