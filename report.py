@@ -397,6 +397,21 @@ class Report:
         return line + f" The weights in `models/`, which the scripts read with no flags, are these rows: " \
             f"{'; '.join(rows)}."
 
+    def machines_line(self) -> str:
+        """Which records name the machine and precision they ran in (records have since 2026-12-03; --dtype auto is
+        bf16 autocast on a CPU with bf16 units and fp32 elsewhere), so that a row made on other hardware than the
+        note's says so."""
+        made = {}
+        for n, r in self.runs.items():
+            if (m := r.get("machine")) and m.get("precision"):
+                made.setdefault(f"{m['precision']} on {m.get('hardware', '?')}", []).append(label(n, r, self.runs))
+        if not made:
+            return ""
+        return "Records that name their machine: " + "; ".join(
+            f"{', '.join(sorted(rows, key=natural))} ran in {where}" for where, rows in sorted(made.items())) + \
+            ("." if not (n := len(self.runs) - sum(map(len, made.values()))) else
+             f"; the other {n}, {'as the note above says' if self.note else 'made before records did, do not say'}.")
+
     def table_rows(self) -> list[str]:
         """Baselines, then the methods, then their variants (other learning rates, prompt lengths, ranks, formats,
         greedy decoding); ★ on each method's configuration chosen on validation."""
@@ -512,6 +527,8 @@ class Report:
         figures = [line for f in self.written for line in (f"![{f}]({figure_dir}/{f})", "", f"*{CAPTIONS[f]}*", "")]
         diffs = self.differences()
         chosen = [line, ""] if (line := self.chosen_line()) else []
+        if made := self.machines_line():
+            head += f"\n\n{made}"
         return "\n".join([head, "", *chosen, *self.table_rows(), "", *figures,
                           *(["Differences in ROUGE-Lsum (paired bootstrap over the same test articles, 95 %):", "",
                              *diffs, ""] if diffs else []),

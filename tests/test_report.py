@@ -210,3 +210,16 @@ def test_the_temperature_is_chosen_on_validation_records_and_compared_on_test_at
     assert "- LoRA, temperature 0.5 − chat template, temperature 0.9: " in text  # each at its chosen temperature
     assert "- LoRA, temperature 0.5 − chat template: " in text  # and against the chat template at the default
     assert (tmp_path / "plots" / "rouge_vs_temperature.png").exists()
+
+
+def test_records_that_name_their_machine_are_said_under_the_note():
+    """--dtype auto is bf16 autocast on a CPU with bf16 units and fp32 elsewhere: a row made on other hardware than
+    the note names says where it ran, from its record (records made before they kept it say nothing)."""
+    import report
+    runs = {"lora": record("lora")[0], "prompt_tuning": record("prompt_tuning", seed=1)[0],
+            "greedy-lora": record("lora", seed=2)[0]}
+    assert report.Report(runs, None, "note").machines_line() == ""
+    runs["prompt_tuning"]["machine"] = {"hardware": "AMD EPYC, 2 threads, native bf16: no", "precision": "fp32"}
+    assert report.Report(runs, None, "a note").machines_line() == (
+        "Records that name their machine: prompt tuning ran in fp32 on AMD EPYC, 2 threads, native bf16: no; "
+        "the other 2, as the note above says.")
