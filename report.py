@@ -407,8 +407,8 @@ class Report:
                 made.setdefault(f"{m['precision']} on {m.get('hardware', '?')}", []).append(label(n, r, self.runs))
         if not made:
             return ""
-        return "Records that name their machine: " + "; ".join(
-            f"{', '.join(sorted(rows, key=natural))} ran in {where}" for where, rows in sorted(made.items())) + \
+        return "Records that name their machine: the rows " + "; ".join(
+            " and ".join(f'"{row}"' for row in sorted(rows)) + f" ran in {where}" for where, rows in sorted(made.items())) + \
             ("." if not (n := len(self.runs) - sum(map(len, made.values()))) else
              f"; the other {n}, {'as the note above says' if self.note else 'made before records did, do not say'}.")
 

@@ -221,5 +221,5 @@ def test_records_that_name_their_machine_are_said_under_the_note():
     assert report.Report(runs, None, "note").machines_line() == ""
     runs["prompt_tuning"]["machine"] = {"hardware": "AMD EPYC, 2 threads, native bf16: no", "precision": "fp32"}
     assert report.Report(runs, None, "a note").machines_line() == (
-        "Records that name their machine: prompt tuning ran in fp32 on AMD EPYC, 2 threads, native bf16: no; "
+        'Records that name their machine: the rows "prompt tuning" ran in fp32 on AMD EPYC, 2 threads, native bf16: no; '
         "the other 2, as the note above says.")
