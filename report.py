@@ -407,10 +407,11 @@ class Report:
                 made.setdefault(f"{m['precision']} on {m.get('hardware', '?')}", []).append(label(n, r, self.runs))
         if not made:
             return ""
-        return "Records that name their machine: the rows " + "; ".join(
-            " and ".join(f'"{row}"' for row in sorted(rows)) + f" ran in {where}" for where, rows in sorted(made.items())) + \
-            ("." if not (n := len(self.runs) - sum(map(len, made.values()))) else
-             f"; the other {n}, {'as the note above says' if self.note else 'made before records did, do not say'}.")
+        said = "; ".join(" and ".join(f'"{row}"' for row in sorted(rows)) + f" ran in {where}"
+                         for where, rows in sorted(made.items()))
+        rest = len(self.runs) - sum(map(len, made.values()))
+        others = f"; the other {rest}, {'as the note above says' if self.note else 'made before records did, do not say'}"
+        return f"Records that name their machine: the rows {said}{others if rest else ''}."
 
     def table_rows(self) -> list[str]:
         """Baselines, then the methods, then their variants (other learning rates, prompt lengths, ranks, formats,
