@@ -18,7 +18,7 @@ from peftsum.config import Config, RUNTIME_FIELDS
 from peftsum.runtime import peak_memory_mb, world
 from peftsum.model import GPT
 from peftsum.methods import trainable_state
-from peftsum.files import json_object, read_safetensors, write_safetensors
+from peftsum.weights import json_object, read_safetensors, write_safetensors
 from peftsum.data import length_batches
 
 

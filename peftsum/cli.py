@@ -23,8 +23,8 @@ from peftsum.config import (ROOT, TRAINING_FIELDS, Args, Config, check_config, c
 from peftsum.data import (chat_instruction_ids, data_files, data_folder, encode_examples, hub_dataset_cached,
                           load_splits, offline_dataset_error)
 from peftsum.errors import Interrupted, UsageError, first_line
-from peftsum.files import (check_free_space, check_name_length, check_writable, load_weights, remove_orphans,
-                           save_weights, weights_lock, weights_record, write_text)
+from peftsum.files import (check_free_space, check_name_length, check_writable, remove_orphans, weights_lock,
+                           write_text)
 from peftsum.generation import prepare_inference
 from peftsum.interop import export_merged, export_peft, load_adapter
 from peftsum.methods import apply_learned_separator, count_parameters, hard_prompt_ids, trainable_state
@@ -34,6 +34,7 @@ from peftsum.records import (NEXT_TOKENS, RunRecord, checkpoint_path, local_path
 from peftsum.runtime import init_distributed, resolve_device, resume_command, world
 from peftsum.checkpoints import run_identity
 from peftsum.training import run_length
+from peftsum.weights import load_weights, save_weights, weights_record
 
 DATA_FIELDS = ("data", "data_config", "val_size", "test_size", "data_seed")  # which articles: not a contradiction
 

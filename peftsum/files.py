@@ -1,5 +1,6 @@
-"""Files: every one written atomically (a unique temporary name in the same folder, then a rename), safetensors
-read and written with clear errors, one lock per weights file, and the trained weights with their run record."""
+"""Files: every one written atomically (a unique temporary name in the same folder, then a rename), the
+temporary files a killed run leaves removed, one lock per weights file, and the checks that a folder can take what a
+run will write there, made before the work (imports no torch)."""
 from __future__ import annotations
 
 import glob
@@ -15,95 +16,9 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError  # (imports no torch)
 
 from peftsum.errors import UsageError, first_line
-from peftsum.model import GPT
-from peftsum.methods import trainable_state
-
-
-def save_weights(path: Path, tensors: dict[str, torch.Tensor], record: dict) -> None:
-    """The trained tensors with the run record as metadata. NaN or infinite values are refused: a diverged run is
-    never saved as a trained one."""
-    check_finite_weights(tensors, f"the trained weights for {path}")
-    write_safetensors(path, tensors, {"record": json.dumps(record)})
-
-
-def load_weights(path: Path, model: GPT, method: str) -> dict:
-    """Load trained tensors into `model` (already changed by the method); returns the file's run record."""
-    record = weights_record(path)
-    _, tensors = read_safetensors(path, WEIGHTS_HINT)
-    if record.get("method") != method:
-        raise UsageError(f"{path} holds weights of method '{record.get('method')}', not '{method}': "
-                         "use that method's script, or pass --weights")
-    expected = trainable_state(model)
-    if set(tensors) != set(expected) or any(tensors[k].shape != expected[k].shape for k in expected):
-        raise UsageError(f"{path} does not fit this model: trained on '{record.get('base_model')}' with other "
-                         f"hyperparameters; pass the same --model and method flags it was trained with")
-    check_finite_weights(tensors, str(path))
-    with torch.no_grad():
-        for k, p in expected.items():
-            p.copy_(tensors[k])
-    return record
-
-
-WEIGHTS_HINT = "retrain with --train or pass --weights"
-
-
-def weights_record(path: Path) -> dict:
-    """The run record in the metadata of a weights file (its header only), or a UsageError that names what the file
-    is instead: unreadable, a training checkpoint, or safetensors that these scripts did not write."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-    except (SafetensorError, OSError) as e:
-        raise UsageError(f"{path} is not a readable safetensors file ({type(e).__name__}): {WEIGHTS_HINT}") from None
-    if "state" in metadata and "record" not in metadata:
-        weights = path.name.removesuffix(".ckpt.safetensors") + ".safetensors"
-        raise UsageError(f"{path} is a training checkpoint, not finished weights: continue that training with "
-                         f"--train --resume --weights {path.with_name(weights)}, or wait for it to write {weights}")
-    if "record" not in metadata:
-        raise UsageError(f"{path} has no run record in its metadata, so it was not written by these scripts; "
-                         "pass a peft adapter as its folder, or retrain with --train")
-    return json_object(metadata["record"], f"the run record in {path}", WEIGHTS_HINT)
-
-
-def check_finite_weights(tensors: dict[str, torch.Tensor], what: str) -> None:
-    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
-    if bad:
-        raise UsageError(f"{what} hold NaN or infinite values (in {bad[0]}): a diverged run; retrain, e.g. with a "
-                         "lower --lr")
-
-
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Atomically. safetensors' save_file writes a temporary file of its own (`.tmpXXXXXX`, a name that says
-    neither whose it is nor for what) beside the file it is given, so it is given one inside our temporary folder:
-    a write killed at any moment leaves only that folder, which `remove_orphans` knows."""
-    with atomic_path(path, private_folder=True) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-
-
-def read_safetensors(path: Path, hint: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """(metadata, tensors) of a safetensors file; an unreadable one (empty, truncated, not safetensors) is a
-    UsageError that ends in `hint`."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise UsageError(f"{path} is not a readable safetensors file ({type(e).__name__}): {hint}") from None
-
-
-def json_object(text: str | None, what: str, hint: str) -> dict:
-    """The JSON object in `text`; anything else (no text, bad JSON, a list, a number) is a UsageError."""
-    try:
-        value = json.loads(text) if text is not None else None
-    except json.JSONDecodeError:
-        value = None
-    if not isinstance(value, dict):
-        raise UsageError(f"{what} is missing or not a JSON object: {hint}")
-    return value
 
 
 def copy_file(source: Path, target: Path) -> None:
@@ -112,9 +27,11 @@ def copy_file(source: Path, target: Path) -> None:
         shutil.copyfile(source, tmp)
 
 
+
 def write_text(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
 
 
 @contextmanager
@@ -140,9 +57,11 @@ def atomic_path(path: Path, private_folder: bool = False):
         remove_path(tmp)
 
 
+
 def temporary_name(name: str) -> str:
     """atomic_path's temporary name for `name`: `.<name>.<process id>-<8 hex digits>.tmp`."""
     return f".{name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+
 
 
 def remove_path(path: Path) -> None:
@@ -154,6 +73,7 @@ def remove_path(path: Path) -> None:
             path.unlink(missing_ok=True)
     except OSError:
         pass
+
 
 
 def remove_orphans(path: Path) -> None:
@@ -176,6 +96,7 @@ def remove_orphans(path: Path) -> None:
         print(f"removed {len(orphans)} temporary file(s) that a killed run left beside {path}")
 
 
+
 def safetensors_orphans(folder: Path) -> list[Path]:
     """safetensors' own temporary files (`.tmp` + 6 letters or digits) in `folder` that a killed run of these
     scripts left: those whose header holds our metadata (a run record or a training state), owned by this user,
@@ -189,6 +110,7 @@ def safetensors_orphans(folder: Path) -> list[Path]:
     return [p for p in candidates if (p.stat().st_dev, p.stat().st_ino) not in held]
 
 
+
 def written_by_us(path: Path) -> bool:
     """Whether a (possibly truncated) safetensors file's header holds our metadata: "record" or "state"."""
     try:
@@ -199,6 +121,7 @@ def written_by_us(path: Path) -> bool:
         return False
     metadata = header.get("__metadata__") if isinstance(header, dict) else None
     return isinstance(metadata, dict) and bool({"record", "state"} & set(metadata))
+
 
 
 def open_files() -> set[tuple[int, int]]:
@@ -218,6 +141,7 @@ def open_files() -> set[tuple[int, int]]:
     return held
 
 
+
 def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)  # signal 0: only asks whether the process exists (POSIX)
@@ -226,6 +150,7 @@ def process_alive(pid: int) -> bool:
     except PermissionError:  # it exists, as another user's
         return True
     return True
+
 
 
 @contextmanager
@@ -273,7 +198,9 @@ def weights_lock(path: Path):
         f.close()  # releases the lock
 
 
+
 HELD_LOCKS: set[Path] = set()  # the lock files this process holds
+
 
 
 def remove_held_locks() -> None:
@@ -283,12 +210,14 @@ def remove_held_locks() -> None:
         lock.unlink(missing_ok=True)
 
 
+
 def nearest_existing(folder: Path) -> Path:
     """`folder`, or while it does not exist the nearest folder above it: where its files will be created."""
     existing = folder.resolve()
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     return existing
+
 
 
 def check_writable(folder: Path) -> None:
@@ -305,6 +234,7 @@ def check_writable(folder: Path) -> None:
         raise UsageError(f"cannot write to {folder}: {e.strerror or e}") from None
 
 
+
 def name_max(folder: Path) -> int:
     """The longest file name, in bytes, that the file system of `folder` (or where it will be created) allows."""
     try:
@@ -312,6 +242,7 @@ def name_max(folder: Path) -> int:
     except (AttributeError, OSError, ValueError):  # no pathconf (Windows), or the file system does not say
         limit = None
     return limit if isinstance(limit, int) and limit > 0 else 255
+
 
 
 def check_name_length(path: Path, flag: str, folder_flag: str | None = None) -> None:
@@ -329,8 +260,10 @@ def check_name_length(path: Path, flag: str, folder_flag: str | None = None) -> 
                              f"pass a shorter {which}")
 
 
+
 def shorten(name: str, keep: int = 24) -> str:
     return name if len(name) <= 2 * keep + 3 else f"{name[:keep]}...{name[-keep:]}"
+
 
 
 def check_free_space(folder: Path, n_bytes: int, what: str, flag: str) -> None:

@@ -19,7 +19,8 @@ from peftsum.errors import UsageError, first_line
 from peftsum.runtime import hub_access
 from peftsum.model import GPT, GPTConfig
 from peftsum.methods import LoRALinear, PromptEmbedding, lora_layers, merge_lora, trainable_state
-from peftsum.files import atomic_path, check_finite_weights
+from peftsum.files import atomic_path
+from peftsum.weights import check_finite_weights
 
 
 SUPPORTED = ("GPT-2 (gpt2, distilgpt2, gpt2-medium, ...) and Llama (SmolLM2, TinyLlama, Llama 2, ...; "

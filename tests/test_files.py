@@ -17,7 +17,8 @@ from peftsum.errors import UsageError
 from peftsum import runtime
 from peftsum.runtime import peak_memory_mb
 from peftsum.methods import apply_lora
-from peftsum.files import weights_lock, write_safetensors
+from peftsum.files import weights_lock
+from peftsum.weights import write_safetensors
 from peftsum.interop import export_peft, load_model
 from conftest import ROOT, cli
 
@@ -112,10 +113,10 @@ def test_import_common_needs_no_posix_only_module(monkeypatch, tmp_path):
         assert list(tmp_path.iterdir()) == []  # no lock file: Windows has no flock (and no lock here)
 
 
-def test_the_settings_and_records_modules_import_no_torch():
-    """`--help`, the checks of the flags, sweep.py's names and report.py's labels need no torch: the torch-free
-    modules stay so."""
-    code = ("import sys; import peftsum.config, peftsum.records; "
+def test_the_torch_free_modules_import_no_torch():
+    """`--help`, the checks of the flags, sweep.py's names, atomic writes and all of report.py need no torch: the
+    torch-free modules stay so."""
+    code = ("import sys; import peftsum.config, peftsum.records, peftsum.files, peftsum.results, peftsum.figures; "
             "print(*sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))")
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 0 and p.stdout.strip() == "", p.stdout[:300] + p.stderr

@@ -98,16 +98,16 @@ def test_train_into_a_folder_is_refused_before_training(base, tmp_path, monkeypa
 def test_safetensors_writes_its_own_temporary_file_inside_ours(tmp_path, monkeypatch):
     """safetensors' save_file writes `.tmpXXXXXX` beside the file it is given and renames it: given a file inside
     our temporary folder, a write killed at any moment leaves nothing beside the weights but that folder."""
-    import peftsum.files
+    import peftsum.weights
     seen = []
-    real = peftsum.files.save_file
+    real = peftsum.weights.save_file
 
     def watched(tensors, filename, metadata=None):
         seen.append(sorted(p.name for p in tmp_path.iterdir()))
         real(tensors, filename, metadata=metadata)
         seen.append(sorted(p.name for p in tmp_path.iterdir()))
-    monkeypatch.setattr(peftsum.files, "save_file", watched)
-    files.write_safetensors(tmp_path / "w.safetensors", {"x": torch.zeros(4)}, {"state": "{}"})
+    monkeypatch.setattr(peftsum.weights, "save_file", watched)
+    peftsum.weights.write_safetensors(tmp_path / "w.safetensors", {"x": torch.zeros(4)}, {"state": "{}"})
     assert all(len(names) == 1 and names[0].startswith(f".w.safetensors.{os.getpid()}-") for names in seen), seen
     assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]
 
@@ -334,12 +334,12 @@ def test_tables_without_ids_keep_their_place_as_id_silently(capsys):
 def test_paired_statistics_cover_every_article_even_with_repeated_ids(tmp_path):
     """Four articles, differences 5, -5, 15, 5: the ids (null, null, "a", "a") collapsed them to one article, and
     the report said +5.00 (+5.00 to +5.00), significant."""
-    import report
+    from peftsum.results import Results, paired_difference
     examples = lambda scores: [{"id": i, "reference": "r", "prediction": "p", "rougeLsum": s}
                                for i, s in zip((None, None, "a", "a"), scores)]
     runs = {"lora": {"method": "lora", "examples": examples([25, 15, 35, 25])},
             "zero_shot": {"method": "baseline", "examples": examples([20, 20, 20, 20])}}
-    line = report.Report(runs, tmp_path, "").difference("lora", "zero_shot")
-    mean, lo, hi = report.paired_difference([5, -5, 15, 5], [0, 0, 0, 0])
+    line = Results(runs).difference("lora", "zero_shot")
+    mean, lo, hi = paired_difference([5, -5, 15, 5], [0, 0, 0, 0])
     assert line == f"- LoRA − zero-shot TL;DR: +5.00 ({lo:+.2f} to {hi:+.2f}), not significant"
     assert lo < 0 < hi

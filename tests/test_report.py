@@ -8,6 +8,9 @@ import numpy as np
 from safetensors.numpy import save_file
 from test_cli import ROOT
 
+from peftsum import results
+from peftsum.records import load_runs
+
 METHODS = ("prompt_tuning", "last_layer", "lora")
 
 
@@ -51,12 +54,13 @@ def synthetic_runs(runs):
 
 def test_report_writes_every_figure_and_the_readme_section_then_removes_stale_figures(tmp_path, capsys):
     import report
+    from peftsum import figures
     synthetic_runs(tmp_path / "runs")
     (tmp_path / "runs" / "NOTE").write_text("synthetic\nsynthetic records,\nnot a real model")
     readme = tmp_path / "README.md"
     readme.write_text("# x\n<!-- results:runs:start -->\nold\n<!-- results:runs:end -->\nrest\n")
     report.report(tmp_path / "runs", tmp_path / "plots", readme, "runs", "")
-    assert set(report.FIGURES) <= {f.name for f in (tmp_path / "plots").iterdir()}
+    assert set(figures.FIGURES) <= {f.name for f in (tmp_path / "plots").iterdir()}
     assert "skipped" not in capsys.readouterr().out
     text = readme.read_text()
     assert "old" not in text and text.endswith("<!-- results:runs:end -->\nrest\n")
@@ -85,10 +89,9 @@ def test_report_writes_every_figure_and_the_readme_section_then_removes_stale_fi
 
 
 def test_a_repeating_summary_is_one_with_a_run_of_eight_words_twice():
-    import report
     loop = "the police said the man was arrested on Monday . "
-    assert report.repeats(loop * 2) and not report.repeats(loop)
-    assert not report.repeats("one two three four five six seven eight one two three four five six seven nine")
+    assert results.repeats(loop * 2) and not results.repeats(loop)
+    assert not results.repeats("one two three four five six seven eight one two three four five six seven nine")
 
 
 def test_nothing_to_report_exits_2(tmp_path):
@@ -179,7 +182,7 @@ def test_a_decoding_variant_is_labelled_and_compared_by_the_run_whose_weights_it
     assert "- LoRA, a learned separator token − LoRA, a learned separator token, greedy:" in text
     assert "- LoRA − LoRA, a learned separator token, greedy" not in text
     assert "- prompt tuning − prompt tuning, greedy:" in text
-    loaded = report.load_runs(runs)
+    loaded = load_runs(runs)
     assert label("temperature-lora-0.5", loaded["temperature-lora-0.5"], loaded) == \
         "LoRA, a learned separator token, temperature 0.5"
     assert label("temperature-lora-0.5", loaded["temperature-lora-0.5"]) == "LoRA, temperature 0.5"  # no runs: method
@@ -202,9 +205,9 @@ def test_the_temperature_is_chosen_on_validation_records_and_compared_on_test_at
     readme.write_text("<!-- results:runs:start -->\n<!-- results:runs:end -->\n")
     report.report(runs, tmp_path / "plots", readme, "runs", "")
     assert "skipped" not in capsys.readouterr().out
-    assert set(report.load_runs(runs, "validation")) == {f"temperature-{n}" for n in
+    assert set(load_runs(runs, "validation")) == {f"temperature-{n}" for n in
                                                           ("lora-0.5", "lora-0.9", "chat-0.5", "chat-0.9")}
-    assert not any(n.endswith(".validation") for n in report.load_runs(runs))
+    assert not any(n.endswith(".validation") for n in load_runs(runs))
     text = readme.read_text()
     assert "temperature --eval-split validation`): LoRA 0.5 (30.00), chat template 0.9 (22.00)." in text
     assert "- LoRA, temperature 0.5 − chat template, temperature 0.9: " in text  # each at its chosen temperature
@@ -215,11 +218,10 @@ def test_the_temperature_is_chosen_on_validation_records_and_compared_on_test_at
 def test_records_that_name_their_machine_are_said_under_the_note():
     """--dtype auto is bf16 autocast on a CPU with bf16 units and fp32 elsewhere: a row made on other hardware than
     the note names says where it ran, from its record (records made before they kept it say nothing)."""
-    import report
     runs = {"lora": record("lora")[0], "prompt_tuning": record("prompt_tuning", seed=1)[0],
             "greedy-lora": record("lora", seed=2)[0]}
-    assert report.Report(runs, None, "note").machines_line() == ""
+    assert results.Results(runs, "note").machines_line() == ""
     runs["prompt_tuning"]["machine"] = {"hardware": "AMD EPYC, 2 threads, native bf16: no", "precision": "fp32"}
-    assert report.Report(runs, None, "a note").machines_line() == (
+    assert results.Results(runs, "a note").machines_line() == (
         'Records that name their machine: the rows "prompt tuning" ran in fp32 on AMD EPYC, 2 threads, native bf16: no; '
         "the other 2, as the note above says.")
