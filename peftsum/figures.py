@@ -5,15 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+from matplotlib import colormaps
+from matplotlib.figure import Figure  # a figure that only saves to files: no pyplot, no window, no global backend
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")  # files only, never a window
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from peftsum.config import Config  # noqa: E402
-from peftsum.records import METHODS  # noqa: E402
-from peftsum.results import LABELS, ROUGE, TEMPERATURE_RUNS, Results, bootstrap_ci, scores  # noqa: E402
+from peftsum.config import Config
+from peftsum.records import METHODS
+from peftsum.results import LABELS, ROUGE, TEMPERATURE_RUNS, Results, bootstrap_ci, scores
 
 COLORS = {"prompt_tuning": "tab:blue", "last_layer": "tab:orange", "lora": "tab:green", "full": "tab:red"}
 FORMATS = {"separator": ("-v", "a learned separator token"), "chat": ("-^", "the chat format")}  # prefix: style
@@ -34,6 +32,12 @@ CAPTIONS = {  # each figure's caption in the README: what to read in it
                 "bytes its trained weights take (at the precision the run saved them in).",
 }
 FIGURES = tuple(CAPTIONS)
+
+
+def subplots(*grid: int, figsize: tuple[float, float], **kw):
+    """(figure, axes) as pyplot's `subplots` makes them, on a figure of its own that pyplot never holds."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*grid, **kw)
 
 
 class Figures:
@@ -65,7 +69,6 @@ class Figures:
                                 bbox_to_anchor=(1.02, 1), borderaxespad=0)
         fig.tight_layout()
         fig.savefig(self.out / name, dpi=110, bbox_inches="tight")
-        plt.close(fig)
         self.written.append(name)
 
     def need(self, names: list[str], sweep: str) -> bool:
@@ -79,7 +82,7 @@ class Figures:
         methods = [m for m in METHODS if self.runs.get(m, {}).get("history")]
         if not self.need(methods or list(METHODS), "methods"):
             return
-        fig, ax = plt.subplots(figsize=(6.4, 4))
+        fig, ax = subplots(figsize=(6.4, 4))
         for m in methods:
             h = self.runs[m]["history"]
             epochs = [e["epoch"] for e in h]
@@ -101,7 +104,7 @@ class Figures:
                    any(self.runs.get(f"{p}-{m}", {}).get("history") for p in FORMATS)]
         if not self.need(methods or ["separator-lora"], "separator"):
             return
-        fig, axes = plt.subplots(1, len(methods), figsize=(6.4 * len(methods), 4), squeeze=False)
+        fig, axes = subplots(1, len(methods), figsize=(6.4 * len(methods), 4), squeeze=False)
         for ax, m in zip(axes[0], methods):
             for name, (style, what) in {m: ("-s", 'separator " TL;DR:"'), **{f"{p}-{m}": v for p, v in
                                                                             FORMATS.items()}}.items():
@@ -126,10 +129,10 @@ class Figures:
             print("skipped a figure: the last layer needs runs at two learning rates "
                   "(python3 sweep.py lr --only 'lr-last_layer-*')")
             return
-        fig, ax = plt.subplots(figsize=(7.5, 4.2))
+        fig, ax = subplots(figsize=(7.5, 4.2))
         for i, (lr, r) in enumerate(sorted(by_lr.items())):
             h = r["history"]
-            color = plt.cm.viridis(0.85 * i / max(1, len(by_lr) - 1))  # stop before the yellow end
+            color = colormaps["viridis"](0.85 * i / max(1, len(by_lr) - 1))  # stop before the yellow end
             epochs = [e["epoch"] for e in h]
             ax.plot(epochs, [e["train_loss"] for e in h], "--o", color=color, label=f"lr {lr:g}, train")
             ax.plot(epochs, [e["val_loss"] for e in h], "-s", color=color, label=f"lr {lr:g}, val")
@@ -141,7 +144,7 @@ class Figures:
         names = [n for n in LABELS if n in self.runs]
         if not self.need(names or ["lora"], "methods"):
             return
-        fig, ax = plt.subplots(figsize=(8, 4))
+        fig, ax = subplots(figsize=(8, 4))
         width = 0.8 / len(names)
         for i, n in enumerate(names):
             means = [self.runs[n]["test"][k] for k in ROUGE]
@@ -150,7 +153,7 @@ class Figures:
             err = [[m - lo for m, (lo, _) in zip(means, cis)], [hi - m for m, (_, hi) in zip(means, cis)]]
             xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(ROUGE))]
             ax.bar(xs, means, width, yerr=err, capsize=2, label=LABELS[n],
-                   color=COLORS.get(n, plt.cm.Greys(0.3 + 0.15 * i)))
+                   color=COLORS.get(n, colormaps["Greys"](0.3 + 0.15 * i)))
         ax.set_xticks(range(len(ROUGE)), list(ROUGE.values()))
         ax.set(ylabel="F1 (%)")
         self.save(fig, "rouge.png", "Test ROUGE (F1) with 95 % bootstrap intervals")
@@ -164,7 +167,7 @@ class Figures:
             return
         chosen = self.results.chosen_temperatures()
         panels = [("validation", self.validation), ("test", self.runs)] if chosen else [("test", self.runs)]
-        fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4), squeeze=False, sharey=True)
+        fig, axes = subplots(1, len(panels), figsize=(6.4 * len(panels), 4), squeeze=False, sharey=True)
         for ax, (split, runs) in zip(axes[0], panels):
             for m in TEMPERATURE_RUNS:
                 named = {runs[n]["config"]["temperature"]: n for n in runs if n.startswith(f"temperature-{m}-")}
@@ -202,7 +205,7 @@ class Figures:
                 self.need([f"{family}-*"], family)
         if not present:
             return
-        fig, axes = plt.subplots(len(present), 2, figsize=(8, 3 * len(present)), squeeze=False)
+        fig, axes = subplots(len(present), 2, figsize=(8, 3 * len(present)), squeeze=False)
         for (family, xlabel, value), (a_loss, a_rouge) in zip(present, axes):
             for m, pts in groups[family].items():
                 xs = [p[0] for p in pts]
@@ -226,7 +229,7 @@ class Figures:
         methods = [m for m in METHODS if self.runs.get(m, {}).get("history")]
         if not self.need(methods or list(METHODS), "methods"):
             return
-        fig, axes = plt.subplots(1, 4, figsize=(13, 3.4))
+        fig, axes = subplots(1, 4, figsize=(13, 3.4))
         labels, colors = [METHODS[m] for m in methods], [COLORS[m] for m in methods]
         cuda = any("cuda" in str(self.runs[m]["config"].get("device")) for m in methods)
         hist = lambda m: self.runs[m]["history"]
