@@ -14,6 +14,7 @@ trains; ours as `train` runs it. Gradient checkpointing: theirs by `gradient_che
   python3 bench/train.py --model gpt2-shape      # GPT-2's
   python3 bench/train.py --device cuda           # on a GPU
   python3 bench/train.py --profile --dtypes bf16 # where a step of ours goes, and its FLOP floor
+  python3 bench/train.py --attention --dtypes bf16  # one layer's attention in each kernel that could run it
 
 Every row runs in a process of its own, so that its peak memory (the process's, model included) is its own: a
 warm-up step, then --runs timed steps; rows take turns, ours right after theirs. The last lines are `speedup
@@ -248,6 +249,63 @@ def profile(args) -> None:
         print(f"  floor (all FLOPs at the peak): {floor:.2f} s; the step is {(fwd + bwd + upd) / floor:.2f}x it")
 
 
+def attention_kernels(args) -> None:
+    """One layer's causal attention on the step's shape (8 rows x ~577 tokens, the model's heads), forward and
+    backward, in each kernel that could run it: PyTorch's flash kernel as our model calls it (grouped keys and
+    values by enable_gqa), the same with keys and values repeated per query head, the math kernel, and FlexAttention
+    compiled with a causal block mask. Medians of --runs rounds, the kernels taking turns."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    F = torch.nn.functional
+    device, dtype = torch.device(args.device), DTYPES[args.dtypes[-1]]
+    c = common.config_from_hf(load_hf(args.model).config)
+    T = ARTICLE + 4 + round(statistics.mean(SUMMARIES)) + 1  # the batch's mean length
+    B, H, K, D = len(SUMMARIES), c.n_head, c.n_kv_head, c.head_dim
+    g = torch.Generator(device).manual_seed(0)
+    q, k, v = (torch.randn(B, n, T, D, generator=g, device=device, dtype=dtype).requires_grad_()
+               for n in (H, K, K))
+    grad = torch.randn(B, H, T, D, generator=g, device=device, dtype=dtype)
+    repeat = lambda x: x.repeat_interleave(H // K, dim=1)
+    causal = create_block_mask(lambda b, h, i, j: i >= j, None, None, T, T, device=device)
+    flex = torch.compile(lambda q, k, v: flex_attention(q, k, v, block_mask=causal, enable_gqa=K != H))
+
+    def math_kernel(q, k, v):
+        with sdpa_kernel(SDPBackend.MATH):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=K != H)
+    kernels = {"flash, enable_gqa (ours)": lambda q, k, v: F.scaled_dot_product_attention(
+                   q, k, v, is_causal=True, enable_gqa=K != H),
+               "flash, keys and values repeated": lambda q, k, v: F.scaled_dot_product_attention(
+                   q, repeat(k), repeat(v), is_causal=True),
+               "flash in fp32, inputs cast up, output down": lambda q, k, v: F.scaled_dot_product_attention(
+                   q.float(), k.float(), v.float(), is_causal=True, enable_gqa=K != H).to(dtype),
+               "math kernel": math_kernel,
+               "FlexAttention, compiled": flex}
+    times, failed = {n: [] for n in kernels}, {}
+    for _ in range(args.runs + 1):  # the first round warms up (and compiles)
+        for name, kernel in kernels.items():
+            if name in failed:
+                continue
+            try:
+                sync(device)
+                t0 = time.perf_counter()
+                out = kernel(q, k, v)
+                sync(device)
+                t1 = time.perf_counter()
+                out.backward(grad)
+                sync(device)
+                times[name].append((t1 - t0, time.perf_counter() - t1))
+            except Exception as e:  # a kernel this torch lacks on this device: said, not hidden
+                failed[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:150]}"
+    print(f"{args.model}; {common.machine(device)}; {args.dtypes[-1]}; one layer's attention: {B} x {H} heads "
+          f"({K} key/value heads) x {T} tokens x {D}, causal; medians of {args.runs}")
+    for name, ts in times.items():
+        if name in failed:
+            print(f"  {name}: {failed[name]}")
+        else:
+            fwd, bwd = (statistics.median(t[i] for t in ts[1:]) * 1e3 for i in (0, 1))
+            print(f"  {name}: forward {fwd:.1f} ms, backward {bwd:.1f} ms")
+
+
 def row_flags(args, side, method, dtype, checkpointing, compile=False) -> list[str]:
     return ["--row", "--side", side, "--method", method, "--dtype", dtype, "--model", args.model, "--device",
             args.device, "--runs", str(args.runs)] + (["--checkpointing"] if checkpointing else []) + \
@@ -264,6 +322,8 @@ def main():
     p.add_argument("--no-checkpointing", action="store_true", help="skip the gradient-checkpointing rows")
     p.add_argument("--profile", action="store_true", help="instead: where a step of ours goes (--dtypes' last), "
                                                           "and its FLOP floor")
+    p.add_argument("--attention", action="store_true", help="instead: one layer's attention, forward and backward, "
+                                                            "in each kernel that could run it (--dtypes' last)")
     p.add_argument("--compile", action="store_true", help="also time ours with the scripts' --compile (each method, "
                                                           "last --dtypes), its compiling step apart")
     # one row, in a process of its own (what main starts)
@@ -278,6 +338,9 @@ def main():
         return
     if args.profile:
         profile(args)
+        return
+    if args.attention:
+        attention_kernels(args)
         return
     device = torch.device(args.device)
     plan = [(m, d, False) for m in args.methods for d in args.dtypes]  # the head has no backward through the body
