@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 from peftsum.config import Config
-from peftsum.records import (BASELINES, METHODS, NEXT_TOKENS, best_val, chosen_runs, label, source_run, variant_of)
+from peftsum.records import BASELINES, METHODS, NEXT_TOKENS, best_val, chosen_runs, label, source_run, variant_of
 
 LABELS = {**BASELINES, **METHODS}
 ROUGE = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum"}
