@@ -14,14 +14,17 @@ from peftsum.records import METHODS
 from peftsum.results import LABELS, ROUGE, TEMPERATURE_RUNS, Results, bootstrap_ci, scores
 
 COLORS = {"prompt_tuning": "tab:blue", "last_layer": "tab:orange", "lora": "tab:green", "full": "tab:red"}
-FORMATS = {"separator": ("-v", "a learned separator token"), "chat": ("-^", "the chat format")}  # prefix: style
+FORMATS = {"": ("-s", 'separator " TL;DR:"', "tab:blue"),  # run-name prefix: line style, label, one color everywhere
+           "separator": ("-v", "a learned separator token", "tab:purple"),
+           "chat": ("-^", "the chat format", "tab:orange")}
 CAPTIONS = {  # each figure's caption in the README: what to read in it
     "loss_curves.png": "Training (dashed) and validation (solid) loss per epoch; the star is the epoch whose weights "
                        "each method keeps (early stopping on validation loss).",
     "formats.png": "The same method trained with the separator \" TL;DR:\", with a learned separator token and in the "
-                   "instruct model's chat format: validation (solid) and training (faded) loss per epoch.",
+                   "instruct model's chat format: validation (solid) and training (faded) loss per epoch, one color per "
+                   "format; the star is the epoch each run kept.",
     "last_layer_overfitting.png": "The head alone at each learning rate: the validation loss turns up while the "
-                                  "training loss keeps falling (overfitting).",
+                                  "training loss keeps falling (overfitting); the star is the epoch each run kept.",
     "rouge.png": "Test ROUGE F1 of every method and baseline with 95 % bootstrap intervals over the test articles.",
     "rouge_vs_temperature.png": "ROUGE-Lsum against sampling temperature (top-p 0.9; dotted: greedy), on the "
                                 "validation articles (left, where the starred temperature is chosen) and the test "
@@ -32,6 +35,13 @@ CAPTIONS = {  # each figure's caption in the README: what to read in it
                 "bytes its trained weights take (at the precision the run saved them in).",
 }
 FIGURES = tuple(CAPTIONS)
+
+
+def star_kept_epoch(ax, run: dict, color) -> None:
+    """A star on the validation curve of `run` at the epoch whose weights it kept (early stopping)."""
+    kept = [e for e in run["history"] if e["epoch"] == run.get("best_epoch")]
+    ax.plot([e["epoch"] for e in kept], [e["val_loss"] for e in kept], "*", color=color, markersize=15,
+            markeredgecolor="black")
 
 
 def subplots(*grid: int, figsize: tuple[float, float], **kw):
@@ -88,9 +98,7 @@ class Figures:
             epochs = [e["epoch"] for e in h]
             ax.plot(epochs, [e["train_loss"] for e in h], "--o", color=COLORS[m], label=f"{METHODS[m]}, train")
             ax.plot(epochs, [e["val_loss"] for e in h], "-s", color=COLORS[m], label=f"{METHODS[m]}, validation")
-            kept = [e for e in h if e["epoch"] == self.runs[m].get("best_epoch")]
-            ax.plot([e["epoch"] for e in kept], [e["val_loss"] for e in kept], "*", color=COLORS[m], markersize=15,
-                    markeredgecolor="black")
+            star_kept_epoch(ax, self.runs[m], COLORS[m])
         ax.set(xlabel="epoch", ylabel="loss (nats per summary token)", title="★ the epoch whose weights are kept "
                "(best validation loss)")
         ax.title.set_fontsize(8)
@@ -101,20 +109,20 @@ class Figures:
         """Each method's loss curves in each prompt format it was trained in: the separator " TL;DR:", a learned
         separator token (the seed: "a new token gives a better loss curve"), the instruct model's chat format."""
         methods = [m for m in METHODS if self.runs.get(m, {}).get("history") and
-                   any(self.runs.get(f"{p}-{m}", {}).get("history") for p in FORMATS)]
+                   any(self.runs.get(f"{p}-{m}", {}).get("history") for p in FORMATS if p)]
         if not self.need(methods or ["separator-lora"], "separator"):
             return
         fig, axes = subplots(1, len(methods), figsize=(6.4 * len(methods), 4), squeeze=False)
         for ax, m in zip(axes[0], methods):
-            for name, (style, what) in {m: ("-s", 'separator " TL;DR:"'), **{f"{p}-{m}": v for p, v in
-                                                                            FORMATS.items()}}.items():
-                h = self.runs.get(name, {}).get("history")
-                if h:
+            for prefix, (style, what, color) in FORMATS.items():
+                run = self.runs.get(f"{prefix}-{m}" if prefix else m, {})
+                if h := run.get("history"):
                     epochs = [e["epoch"] for e in h]
-                    line, = ax.plot(epochs, [e["val_loss"] for e in h], style, label=f"{what}, validation")
-                    ax.plot(epochs, [e["train_loss"] for e in h], style.replace("-", "--", 1).replace("-.", "--"),
-                            color=line.get_color(), alpha=0.5, label=f"{what}, train")
-            ax.set(xlabel="epoch", ylabel="loss (nats per summary token)", title=METHODS[m])
+                    ax.plot(epochs, [e["val_loss"] for e in h], style, color=color, label=f"{what}, validation")
+                    ax.plot(epochs, [e["train_loss"] for e in h], "--" + style[1:], color=color, alpha=0.5,
+                            label=f"{what}, train")
+                    star_kept_epoch(ax, run, color)
+            ax.set(xlabel="epoch", ylabel="loss (nats per summary token)", title=f"{METHODS[m]} (★ the epoch kept)")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         self.save(fig, "formats.png", "Loss per epoch in each prompt format")
 
@@ -136,7 +144,9 @@ class Figures:
             epochs = [e["epoch"] for e in h]
             ax.plot(epochs, [e["train_loss"] for e in h], "--o", color=color, label=f"lr {lr:g}, train")
             ax.plot(epochs, [e["val_loss"] for e in h], "-s", color=color, label=f"lr {lr:g}, val")
-        ax.set(xlabel="epoch", ylabel="loss (nats per summary token)")
+            star_kept_epoch(ax, r, color)
+        ax.set(xlabel="epoch", ylabel="loss (nats per summary token)", title="★ the epoch kept (best validation loss)")
+        ax.title.set_fontsize(8)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         self.save(fig, "last_layer_overfitting.png", "Last layer: training vs validation loss by learning rate")
 
