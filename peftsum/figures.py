@@ -240,7 +240,8 @@ class Figures:
         if not self.need(methods or list(METHODS), "methods"):
             return
         fig, axes = subplots(1, 4, figsize=(13, 3.4))
-        labels, colors = [METHODS[m] for m in methods], [COLORS[m] for m in methods]
+        labels = [METHODS[m].replace(" ", "\n", 1) for m in methods]  # two lines: four labels fit under four bars
+        colors = [COLORS[m] for m in methods]
         cuda = any("cuda" in str(self.runs[m]["config"].get("device")) for m in methods)
         hist = lambda m: self.runs[m]["history"]
         stored = lambda r: r["trainable_parameters"] * (2 if r["config"].get("save_dtype") == "bf16" else 4)
