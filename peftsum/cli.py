@@ -137,7 +137,7 @@ def precision_note(path: Path, cfg: Config, dtype: torch.dtype) -> None:
     if recorded and recorded != now:
         why = f"--dtype {cfg.dtype}" if cfg.dtype != "auto" else "this CPU has no bf16 units" if now == "fp32" else \
             "--dtype auto on this machine"
-        again = "; --dtype fp32 gives its record's numbers" if recorded == "fp32" and cfg.dtype == "auto" else ""
+        again = "; --dtype fp32 computes as it did" if recorded == "fp32" and cfg.dtype == "auto" else ""
         print(f"note: {path.name} was trained and scored in {recorded}, this run is {now} ({why}): its summaries and "
               f"ROUGE will differ a little from its record's{again}", file=sys.stderr)
 
