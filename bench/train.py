@@ -42,6 +42,7 @@ from shapes import load_hf  # noqa: E402
 METHODS = ("prompt_tuning", "last_layer", "lora")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 ARTICLE, SUMMARIES = 512, (58, 64, 55, 62, 60, 57, 63, 59)
+MEAN_TOKENS = ARTICLE + 4 + round(sum(SUMMARIES) / len(SUMMARIES)) + 1  # article, separator, summary, EOS
 
 
 def sync(device):
@@ -229,7 +230,7 @@ def profile(args) -> None:
     hf = load_hf(args.model)
     peak = matmul_peak(device, dtype)
     print(f"{args.model}; {common.machine(device)}; {args.dtypes[-1]}; batch {len(SUMMARIES)} x "
-          f"~{ARTICLE + 4 + round(statistics.mean(SUMMARIES)) + 1} tokens; matrix-product peak {peak / 1e9:.0f} GFLOPS")
+          f"~{MEAN_TOKENS} tokens; matrix-product peak {peak / 1e9:.0f} GFLOPS")
     for method in args.methods:
         with contextlib.ExitStack() as stack:
             model, step = ours(hf, method, device, dtype, False, False, stack, parts=True)
@@ -266,8 +267,7 @@ def attention_kernels(args) -> None:
     F = torch.nn.functional
     device, dtype = torch.device(args.device), DTYPES[args.dtypes[-1]]
     c = common.config_from_hf(load_hf(args.model).config)
-    T = ARTICLE + 4 + round(statistics.mean(SUMMARIES)) + 1  # the batch's mean length
-    B, H, K, D = len(SUMMARIES), c.n_head, c.n_kv_head, c.head_dim
+    B, H, K, T, D = len(SUMMARIES), c.n_head, c.n_kv_head, MEAN_TOKENS, c.head_dim
     g = torch.Generator(device).manual_seed(0)
     q, k, v = (torch.randn(B, n, T, D, generator=g, device=device, dtype=dtype).requires_grad_()
                for n in (H, K, K))
@@ -313,10 +313,16 @@ def attention_kernels(args) -> None:
             print(f"  {name}: forward {fwd:.1f} ms, backward {bwd:.1f} ms")
 
 
-def row_flags(args, side, method, dtype, checkpointing, compile=False, cached=False) -> list[str]:
-    return ["--row", "--side", side, "--method", method, "--dtype", dtype, "--model", args.model, "--device",
-            args.device, "--runs", str(args.runs)] + (["--checkpointing"] if checkpointing else []) + \
-        (["--compile"] if compile else []) + (["--cached-features"] if cached else [])
+def run_row(args, side, method, dtype, checkpointing=False, compile=False, cached=False) -> dict:
+    """One row, timed in a process of its own (`one_row`); a failed row ends the benchmark with its error."""
+    options = (["--checkpointing"] if checkpointing else []) + (["--compile"] if compile else []) + \
+        (["--cached-features"] if cached else [])
+    out = subprocess.run([sys.executable, __file__, "--row", "--side", side, "--method", method, "--dtype", dtype,
+                          "--model", args.model, "--device", args.device, "--runs", str(args.runs), *options],
+                         capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(f"{' '.join([side, method, dtype, *options])}: failed\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main():
@@ -356,33 +362,21 @@ def main():
     results = {}
     if args.compile:
         for method in args.methods:
-            out = subprocess.run([sys.executable, __file__, *row_flags(args, "ours", method, args.dtypes[-1], False,
-                                                                        compile=True)], capture_output=True, text=True)
-            if out.returncode:
-                sys.exit(f"ours {method} --compile: failed\n{out.stderr[-3000:]}")
-            results["compiled", method] = r = json.loads(out.stdout.strip().splitlines()[-1])
+            results["compiled", method] = r = run_row(args, "ours", method, args.dtypes[-1], compile=True)
             print(f"ours {method} {args.dtypes[-1]} --compile: {r['seconds']:.2f} s/step (first step, compiling: "
                   f"{r['first_seconds']:.0f} s), peak {r['peak_mb']:.0f} MB", flush=True)
     for method, dtype, checkpointing in plan:
         for side in ("theirs", "ours"):
-            out = subprocess.run([sys.executable, __file__, *row_flags(args, side, method, dtype, checkpointing)],
-                                 capture_output=True, text=True)
-            if out.returncode:
-                sys.exit(f"{side} {method} {dtype}: failed\n{out.stderr[-3000:]}")
-            results[side, method, dtype, checkpointing] = r = json.loads(out.stdout.strip().splitlines()[-1])
+            results[side, method, dtype, checkpointing] = r = run_row(args, side, method, dtype, checkpointing)
             print(f"{side} {method} {dtype}{' checkpointing' if checkpointing else ''}: {r['seconds']:.2f} s/step, "
                   f"peak {r['peak_mb']:.0f} MB", flush=True)
         if method == "last_layer":  # the head's step from the second epoch on, the body's outputs computed once
-            out = subprocess.run([sys.executable, __file__, *row_flags(args, "ours", method, dtype, False,
-                                                                        cached=True)], capture_output=True, text=True)
-            if out.returncode:
-                sys.exit(f"ours {method} {dtype} cached features: failed\n{out.stderr[-3000:]}")
-            results["cached", dtype] = r = json.loads(out.stdout.strip().splitlines()[-1])
+            results["cached", dtype] = r = run_row(args, "ours", method, dtype, cached=True)
             print(f"ours {method} {dtype}, body features cached: {r['seconds']:.3f} s/step, peak {r['peak_mb']:.0f} MB",
                   flush=True)
 
     print(f"\n{args.model}; {common.machine(device)}; torch {torch.__version__}; batch {len(SUMMARIES)} x "
-          f"~{ARTICLE + 4 + round(statistics.mean(SUMMARIES)) + 1} tokens; median of {args.runs} steps per row, "
+          f"~{MEAN_TOKENS} tokens; median of {args.runs} steps per row, "
           "each row in its own process")
     print("| method | precision | gradient checkpointing | transformers + peft (s/step) | peak memory (MB) | ours "
           "(s/step) | peak memory (MB) | speedup |\n|---|---|---|---|---|---|---|---|")
