@@ -331,7 +331,7 @@ def main():
     args.eos = real if args.eos is None else args.eos
 
     device = torch.device(args.device)
-    main_dtype = common.resolve_device(common.Config(device=args.device))[1]
+    main_dtype = common.resolve_device(args.device)[1]
     main_name = next(k for k, v in DTYPES.items() if v == main_dtype)
     args.dtypes = args.dtypes or list(dict.fromkeys([main_name, "fp32"]))
     if main_name not in args.dtypes:

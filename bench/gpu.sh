@@ -1,14 +1,31 @@
 #!/usr/bin/env bash
-# The GPU rows of the README's speed tables, as one prepared run for a lent GPU machine (sized for about 8 minutes on
-# one H100, not yet timed there; it needs only torch, transformers and peft, no network: random weights). Prints:
-# generation, ours (compiled decode step, a CUDA graph) vs transformers `generate`, bf16, batch 8 and 64, with
-# articles/s and the 3,000-article estimate; one training step per method vs transformers + peft (fp32, and bf16
-# both); each with the card's name. Not run on a GPU yet: no GPU was lent to this project so far.
-set -euo pipefail
+# The GPU rows of docs/speed.md, as one prepared run for a GPU lent for minutes: it needs only torch, transformers and
+# peft, no network (random weights of SmolLM2-135M's shape). Sized from one H200 lease, where each training row's
+# process took ~25 s (mostly starting) and eager generation of 16 prompts ~100 s: about 10 minutes. Prints the card,
+# then:
+# 1. a training step per method against transformers + peft in bf16, with the gradient-checkpointing rows and each
+#    row's peak memory;
+# 2. generation, ours against transformers `generate`, bf16, batch 8: eager, then with our decode step compiled
+#    (a CUDA graph, the scripts' default on CUDA).
+# Each step stops at its limit, so that one slow step cannot take the others' time; its log goes to LOGDIR.
+#
+#   bash bench/gpu.sh [LOGDIR]      # LOGDIR default runs/gpu-bench
+set -uo pipefail
 cd "$(dirname "$0")/.."
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-for shape in gpt2-shape smollm2-shape; do
-  python3 bench/generate.py --device cuda --model $shape --dtypes bf16 --compile --batches 8 64 --articles 128 \
-      --runs 3 --engines ours transformers
-  python3 bench/train.py --device cuda --model $shape --runs 5
-done
+logs=${1:-runs/gpu-bench}
+mkdir -p "$logs"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__,
+'peft', peft.__version__)"
+step() {  # step NAME SECONDS COMMAND...: the command's output on screen and in LOGDIR/NAME.log
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name (limit $limit s): $*"
+  timeout "$limit" "$@" 2>&1 | tee "$logs/$name.log"
+  echo "== $name: exit ${PIPESTATUS[0]}"
+}
+step train 300 python3 bench/train.py --device cuda --model smollm2-shape --dtypes bf16 --runs 10
+step generate 120 python3 bench/generate.py --device cuda --model smollm2-shape --dtypes bf16 --batches 8 \
+    --articles 16 --runs 1 --engines ours transformers
+step generate-compiled 180 python3 bench/generate.py --device cuda --model smollm2-shape --dtypes bf16 --compile \
+    --batches 8 --articles 16 --runs 1 --engines ours transformers

@@ -363,16 +363,16 @@ def main():
     if args.compile:
         for method in args.methods:
             results["compiled", method] = r = run_row(args, "ours", method, args.dtypes[-1], compile=True)
-            print(f"ours {method} {args.dtypes[-1]} --compile: {r['seconds']:.2f} s/step (first step, compiling: "
+            print(f"ours {method} {args.dtypes[-1]} --compile: {r['seconds']:.3g} s/step (first step, compiling: "
                   f"{r['first_seconds']:.0f} s), peak {r['peak_mb']:.0f} MB", flush=True)
     for method, dtype, checkpointing in plan:
         for side in ("theirs", "ours"):
             results[side, method, dtype, checkpointing] = r = run_row(args, side, method, dtype, checkpointing)
-            print(f"{side} {method} {dtype}{' checkpointing' if checkpointing else ''}: {r['seconds']:.2f} s/step, "
+            print(f"{side} {method} {dtype}{' checkpointing' if checkpointing else ''}: {r['seconds']:.3g} s/step, "
                   f"peak {r['peak_mb']:.0f} MB", flush=True)
         if method == "last_layer":  # the head's step from the second epoch on, the body's outputs computed once
             results["cached", dtype] = r = run_row(args, "ours", method, dtype, cached=True)
-            print(f"ours {method} {dtype}, body features cached: {r['seconds']:.3f} s/step, peak {r['peak_mb']:.0f} MB",
+            print(f"ours {method} {dtype}, body features cached: {r['seconds']:.3g} s/step, peak {r['peak_mb']:.0f} MB",
                   flush=True)
 
     print(f"\n{args.model}; {common.machine(device)}; torch {torch.__version__}; batch {len(SUMMARIES)} x "
@@ -382,16 +382,16 @@ def main():
           "(s/step) | peak memory (MB) | speedup |\n|---|---|---|---|---|---|---|---|")
     for method, dtype, checkpointing in plan:
         t, o = results["theirs", method, dtype, checkpointing], results["ours", method, dtype, checkpointing]
-        print(f"| {method} | {dtype} | {'yes' if checkpointing else 'no'} | {t['seconds']:.2f} | {t['peak_mb']:.0f} | "
-              f"{o['seconds']:.2f} | {o['peak_mb']:.0f} | {t['seconds'] / o['seconds']:.2f} |")
+        print(f"| {method} | {dtype} | {'yes' if checkpointing else 'no'} | {t['seconds']:.3g} | {t['peak_mb']:.0f} | "
+              f"{o['seconds']:.3g} | {o['peak_mb']:.0f} | {t['seconds'] / o['seconds']:.2f} |")
         if ("cached", dtype) in results and not checkpointing:
             o = results["cached", dtype]
             print(f"| {method}, the body's outputs cached (the scripts' step from epoch 2) | {dtype} | no | "
-                  f"{t['seconds']:.2f} | {t['peak_mb']:.0f} | {o['seconds']:.3f} | {o['peak_mb']:.0f} | "
+                  f"{t['seconds']:.3g} | {t['peak_mb']:.0f} | {o['seconds']:.3g} | {o['peak_mb']:.0f} | "
                   f"{t['seconds'] / o['seconds']:.1f} |")
     for method in args.methods if args.compile else ():
         t, o = results["ours", method, args.dtypes[-1], False], results["compiled", method]
-        print(f"ours {method} {args.dtypes[-1]} with --compile: {o['seconds']:.2f} s/step "
+        print(f"ours {method} {args.dtypes[-1]} with --compile: {o['seconds']:.3g} s/step "
               f"({t['seconds'] / o['seconds']:.2f}x eager), peak {o['peak_mb']:.0f} MB, compiling: first step "
               f"{o['first_seconds']:.0f} s")
     for method in args.methods:
