@@ -1,6 +1,7 @@
-"""The benchmarks run end to end on a tiny checkpoint, as a user starts them (`python3 bench/X.py`): their timings
-are not checked here (benchmarks are not timed tests), only that every row runs and the last line is the ratio. A
-benchmark that breaks when the code under it changes is caught here, not on a lent GPU."""
+"""The benchmarks still run, as a user starts them (`python3 bench/X.py`), on a tiny checkpoint: `bench/generate.py`
+end to end, to its last line's ratio, and one row of `bench/train.py` (the part that calls the training code).
+Their timings are not checked (benchmarks are not timed tests). A benchmark that breaks when the code under it
+changes is caught here, not on a lent GPU."""
 import json
 import subprocess
 import sys
