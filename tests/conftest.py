@@ -76,6 +76,20 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def gpt2_1024_dir(tmp_path_factory) -> Path:
+    """The same tiny GPT-2 with GPT-2's 1024 positions: the training benchmark's ~580-token rows fit, and a GGUF file
+    of it loads back in transformers' GGUF loader (which reads a GPT-2 file's context length into `n_ctx`, which
+    GPT2Config ignores, so a file of any other length would not load back there; llama.cpp reads it)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    folder = tmp_path_factory.mktemp("gpt2-1024")
+    tok = make_tokenizer(folder)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=1024, n_layer=2, n_head=2, n_embd=32,
+                               bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def hf_model(tiny_dir):
     from transformers import GPT2LMHeadModel
     return GPT2LMHeadModel.from_pretrained(tiny_dir).eval()

@@ -6,22 +6,7 @@ import json
 import subprocess
 import sys
 
-import pytest
-import torch
-
-from conftest import ROOT, make_tokenizer
-
-
-@pytest.fixture(scope="module")
-def bench_model(tmp_path_factory):
-    """A 2-layer GPT-2 with room for the training benchmark's ~580-token rows."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-    folder = tmp_path_factory.mktemp("bench-gpt2")
-    tok = make_tokenizer(folder)
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=1024, n_layer=2, n_head=2, n_embd=32,
-                               bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(folder)
-    return folder
+from conftest import ROOT
 
 
 def bench(script: str, *args) -> str:
@@ -31,17 +16,17 @@ def bench(script: str, *args) -> str:
     return p.stdout
 
 
-def test_generate_benchmark_runs(bench_model):
-    out = bench("generate.py", "--model", bench_model, "--dtypes", "fp32", "--batches", 2, "--articles", 3,
+def test_generate_benchmark_runs(gpt2_1024_dir):
+    out = bench("generate.py", "--model", gpt2_1024_dir, "--dtypes", "fp32", "--batches", 2, "--articles", 3,
                 "--prompt-len", 16, "--new-tokens", 3, "--runs", 1, "--engines", "ours", "transformers")
     assert "| 2 | transformers fp32 |" in out and "| 2 | ours fp32, continuous |" in out
     assert out.strip().splitlines()[-1].startswith("speedup: ")
 
 
-def test_train_benchmark_row_runs(bench_model):
+def test_train_benchmark_row_runs(gpt2_1024_dir):
     """One row of ours as `bench/train.py` starts each in a process of its own (the whole table: 3 processes, 16 s
     here; the row is the part that calls into the training code)."""
     out = bench("train.py", "--row", "--side", "ours", "--method", "lora", "--dtype", "fp32", "--checkpointing",
-                "--model", bench_model, "--device", "cpu", "--runs", 1)
+                "--model", gpt2_1024_dir, "--device", "cpu", "--runs", 1)
     row = json.loads(out.strip().splitlines()[-1])
     assert row["seconds"] > 0 and row["peak_mb"] > 0

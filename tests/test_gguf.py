@@ -14,28 +14,15 @@ from peftsum.errors import UsageError
 from peftsum.methods import apply_last_layer, apply_lora, lora_layers
 from peftsum.interop import load_model
 from peftsum.gguf_export import export_gguf, pre_tokenizer_name, rope_interleave
-from conftest import cli, make_tokenizer
+from conftest import cli
 from test_errors import assert_usage_error, files
 
 gguf = pytest.importorskip("gguf", reason="gguf is a dependency: pip install -r requirements.txt")
 
 
-@pytest.fixture(scope="module")
-def gpt2_dir(tmp_path_factory):
-    """A tiny GPT-2 with GPT-2's 1024 positions: transformers' GGUF loader reads a GPT-2 file's context length into
-    `n_ctx`, which GPT2Config ignores, so a file of any other length would not load back there (llama.cpp reads it)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-    folder = tmp_path_factory.mktemp("gpt2-1024")
-    tok = make_tokenizer(folder)
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=1024, n_layer=2, n_head=2, n_embd=32,
-                               bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture
-def folders(gpt2_dir, llama_dirs):
-    return {"gpt2": gpt2_dir, **llama_dirs}
+def folders(gpt2_1024_dir, llama_dirs):
+    return {"gpt2": gpt2_1024_dir, **llama_dirs}
 
 
 FAMILIES = ["gpt2", "gqa-tied", "mha-untied"]
@@ -188,13 +175,13 @@ def test_a_gguf_base_gives_its_tokenizer_unchanged(llama_dirs, tmp_path):
         torch.testing.assert_close(load_back(tmp_path / "out" / "m.gguf")(ids(model)).logits, ours, atol=1e-4, rtol=0)
 
 
-def test_a_split_llama_cpp_has_no_name_for_is_refused_before_writing(gpt2_dir, tmp_path):
+def test_a_split_llama_cpp_has_no_name_for_is_refused_before_writing(gpt2_1024_dir, tmp_path):
     from tokenizers import pre_tokenizers
     assert pre_tokenizer_name({"type": "ByteLevel", "use_regex": True}) == "gpt-2"
     assert pre_tokenizer_name({"type": "Sequence", "pretokenizers": [
         {"type": "Digits", "individual_digits": True}, {"type": "ByteLevel", "use_regex": True}]}) == "smollm"
     assert pre_tokenizer_name({"type": "Metaspace"}) is None
-    model, tok = trained(gpt2_dir, "last_layer")
+    model, tok = trained(gpt2_1024_dir, "last_layer")
     tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     with pytest.raises(UsageError, match="convert_hf_to_gguf"):
         export_gguf(model, tok, tmp_path / "m.gguf", "f16")
