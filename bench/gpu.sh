@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU rows of docs/speed.md, as one prepared run for a GPU lent for minutes: it needs only torch, transformers and
 # peft, no network (random weights of SmolLM2-135M's shape). Sized from one H200 lease, where each training row's
-# process took ~25 s (mostly starting) and eager generation of 16 prompts ~100 s: about 10 minutes. Prints the card,
-# then:
+# process took ~25 s (almost all outside its timed steps) and eager generation of 16 prompts ~85 s: about 10
+# minutes. Prints the card, then:
 # 1. a training step per method against transformers + peft in bf16, with the gradient-checkpointing rows and each
 #    row's peak memory;
 # 2. generation, ours against transformers `generate`, bf16, batch 8: eager, then with our decode step compiled
