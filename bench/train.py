@@ -166,6 +166,7 @@ def one_row(args) -> dict:
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    start = time.perf_counter()
     hf = load_hf(args.model)
     with contextlib.ExitStack() as stack:
         if args.side == "ours":
@@ -177,6 +178,7 @@ def one_row(args) -> dict:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         t = time.perf_counter()
+        setup = t - start  # the model built, the method applied, moved to the device
         step()  # warm-up (and with --compile, compiling)
         first, times = time.perf_counter() - t, []
         for _ in range(args.runs):
@@ -185,7 +187,8 @@ def one_row(args) -> dict:
             step()
             sync(device)
             times.append(time.perf_counter() - t)
-    return {"seconds": statistics.median(times), "first_seconds": first, "peak_mb": peak_memory_mb(device)}
+    return {"seconds": statistics.median(times), "first_seconds": first, "setup_seconds": setup,
+            "peak_mb": peak_memory_mb(device)}
 
 
 def step_flops(model, rows) -> tuple[float, float]:
@@ -314,15 +317,23 @@ def attention_kernels(args) -> None:
 
 
 def run_row(args, side, method, dtype, checkpointing=False, compile=False, cached=False) -> dict:
-    """One row, timed in a process of its own (`one_row`); a failed row ends the benchmark with its error."""
+    """One row, timed in a process of its own (`one_row`), with the process's whole time (`row_seconds`: starting
+    Python and imports too); a failed row ends the benchmark with its error."""
     options = (["--checkpointing"] if checkpointing else []) + (["--compile"] if compile else []) + \
         (["--cached-features"] if cached else [])
+    t = time.perf_counter()
     out = subprocess.run([sys.executable, __file__, "--row", "--side", side, "--method", method, "--dtype", dtype,
                           "--model", args.model, "--device", args.device, "--runs", str(args.runs), *options],
                          capture_output=True, text=True)
     if out.returncode:
         sys.exit(f"{' '.join([side, method, dtype, *options])}: failed\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return {**json.loads(out.stdout.strip().splitlines()[-1]), "row_seconds": time.perf_counter() - t}
+
+
+def costs(r: dict) -> str:
+    """Where a row's time went besides its timed steps: what sizes a run on a lent machine."""
+    return (f"(row {r['row_seconds']:.0f} s: model set up {r['setup_seconds']:.1f} s, warm-up step "
+            f"{r['first_seconds']:.1f} s)")
 
 
 def main():
@@ -369,11 +380,11 @@ def main():
         for side in ("theirs", "ours"):
             results[side, method, dtype, checkpointing] = r = run_row(args, side, method, dtype, checkpointing)
             print(f"{side} {method} {dtype}{' checkpointing' if checkpointing else ''}: {r['seconds']:.3g} s/step, "
-                  f"peak {r['peak_mb']:.0f} MB", flush=True)
+                  f"peak {r['peak_mb']:.0f} MB {costs(r)}", flush=True)
         if method == "last_layer":  # the head's step from the second epoch on, the body's outputs computed once
             results["cached", dtype] = r = run_row(args, "ours", method, dtype, cached=True)
-            print(f"ours {method} {dtype}, body features cached: {r['seconds']:.3g} s/step, peak {r['peak_mb']:.0f} MB",
-                  flush=True)
+            print(f"ours {method} {dtype}, body features cached: {r['seconds']:.3g} s/step, peak {r['peak_mb']:.0f} MB "
+                  f"{costs(r)}", flush=True)
 
     print(f"\n{args.model}; {common.machine(device)}; torch {torch.__version__}; batch {len(SUMMARIES)} x "
           f"~{MEAN_TOKENS} tokens; median of {args.runs} steps per row, "

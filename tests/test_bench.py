@@ -29,4 +29,4 @@ def test_train_benchmark_row_runs(gpt2_1024_dir):
     out = bench("train.py", "--row", "--side", "ours", "--method", "lora", "--dtype", "fp32", "--checkpointing",
                 "--model", gpt2_1024_dir, "--device", "cpu", "--runs", 1)
     row = json.loads(out.strip().splitlines()[-1])
-    assert row["seconds"] > 0 and row["peak_mb"] > 0
+    assert row["seconds"] > 0 and row["setup_seconds"] > 0 and row["peak_mb"] > 0
