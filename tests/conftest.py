@@ -62,17 +62,20 @@ def make_tokenizer(folder: Path):
     return fast
 
 
+def tiny_gpt2(folder: Path, n_positions: int) -> Path:
+    """A GPT-2 checkpoint in `folder`: 2 layers, 32 wide, the tokenizer above, random weights (seed 0)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    tok = make_tokenizer(folder)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=n_positions, n_layer=2, n_head=2, n_embd=32,
+                               bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     """A GPT-2 checkpoint folder: 2 layers, 32 wide, 256 positions, ~400-token vocabulary."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-    folder = tmp_path_factory.mktemp("tiny-gpt2")
-    tok = make_tokenizer(folder)
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tok), n_positions=256, n_layer=2, n_head=2, n_embd=32,
-                        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
-    GPT2LMHeadModel(config).save_pretrained(folder)
-    return folder
+    return tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"), n_positions=256)
 
 
 @pytest.fixture(scope="session")
@@ -80,13 +83,7 @@ def gpt2_1024_dir(tmp_path_factory) -> Path:
     """The same tiny GPT-2 with GPT-2's 1024 positions: the training benchmark's ~580-token rows fit, and a GGUF file
     of it loads back in transformers' GGUF loader (which reads a GPT-2 file's context length into `n_ctx`, which
     GPT2Config ignores, so a file of any other length would not load back there; llama.cpp reads it)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-    folder = tmp_path_factory.mktemp("gpt2-1024")
-    tok = make_tokenizer(folder)
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=1024, n_layer=2, n_head=2, n_embd=32,
-                               bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(folder)
-    return folder
+    return tiny_gpt2(tmp_path_factory.mktemp("gpt2-1024"), n_positions=1024)
 
 
 @pytest.fixture(scope="session")
