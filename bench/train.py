@@ -224,16 +224,33 @@ def matmul_peak(device, dtype) -> float:
     return 2 * a.shape[0] * a.shape[1] * b.shape[1] / best
 
 
+def kept_for_backward(model, device, dtype) -> float:
+    """MB that a forward pass of ours keeps for the backward pass (saved-tensor hooks, each storage once; the
+    weights it keeps are the model's own and not counted again)."""
+    x, y = common.collate(batch_rows(model.config.vocab_size, model.prompt_ids))
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        model(x.to(device), targets=y.to(device))
+    return sum(kept.values()) / 2**20
+
+
 def profile(args) -> None:
     """Where one step of ours goes: forward, backward and update timed apart, and the step's operators grouped
     (matrix products, attention, the rest) by torch.profiler; beside it the floor: the step's FLOPs at the
-    matrix-product peak measured here."""
+    matrix-product peak measured here, before and after each method's steps, the best of them (on a shared
+    machine one burst of products can land in a busy second and make the floor look near)."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
     device, dtype = torch.device(args.device), DTYPES[args.dtypes[-1]]
     hf = load_hf(args.model)
-    peak = matmul_peak(device, dtype)
-    print(f"{args.model}; {common.machine(device)}; {args.dtypes[-1]}; batch {len(SUMMARIES)} x "
-          f"~{MEAN_TOKENS} tokens; matrix-product peak {peak / 1e9:.0f} GFLOPS")
+    peaks, results = [matmul_peak(device, dtype)], []
     for method in args.methods:
         with contextlib.ExitStack() as stack:
             model, step = ours(hf, method, device, dtype, False, False, stack, parts=True)
@@ -244,12 +261,20 @@ def profile(args) -> None:
             fwd, bwd, upd = (statistics.median(p[i] for p in phases) for i in range(3))
             with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
                 step()
+            kept = kept_for_backward(model, device, dtype)
         groups = {"matrix products": 0.0, "attention": 0.0, "the rest": 0.0}
         for e in prof.key_averages():
             kind = "attention" if "scaled_dot_product" in e.key else \
                 "matrix products" if e.key in ("aten::mm", "aten::addmm", "aten::bmm") else "the rest"
             groups[kind] += e.self_cpu_time_total / 1e6
-        mm, attention = step_flops(model, batch_rows(model.config.vocab_size, model.prompt_ids))
+        flops = step_flops(model, batch_rows(model.config.vocab_size, model.prompt_ids))
+        results.append((method, (fwd, bwd, upd), groups, flops, kept))
+        peaks.append(matmul_peak(device, dtype))
+    peak = max(peaks)
+    print(f"{args.model}; {common.machine(device)}; {args.dtypes[-1]}; batch {len(SUMMARIES)} x "
+          f"~{MEAN_TOKENS} tokens; matrix-product peak {peak / 1e9:.0f} GFLOPS (best of "
+          f"{', '.join(f'{p / 1e9:.0f}' for p in peaks)})")
+    for method, (fwd, bwd, upd), groups, (mm, attention), kept in results:
         total = sum(groups.values())
         print(f"\n{method}: step {fwd + bwd + upd:.2f} s = forward {fwd:.2f} + backward {bwd:.2f} + update {upd:.3f}")
         print(f"  profiled {total:.2f} s: " + ", ".join(f"{k} {v:.2f} s ({v / total:.0%})" for k, v in groups.items()))
@@ -258,6 +283,7 @@ def profile(args) -> None:
               "GFLOPS")
         floor = (mm + attention) / peak
         print(f"  floor (all FLOPs at the peak): {floor:.2f} s; the step is {(fwd + bwd + upd) / floor:.2f}x it")
+        print(f"  kept for the backward pass: {kept:.0f} MB")
 
 
 def attention_kernels(args) -> None:

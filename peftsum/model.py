@@ -197,7 +197,24 @@ class MLP(nn.Module):
             gate, up = self.gate_up(x).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(SwiGLU.apply(gate, up) if gate.requires_grad else F.silu(gate) * up)
+
+
+class SwiGLU(torch.autograd.Function):
+    """silu(gate) · up in training, keeping only gate and up for the backward pass, which computes silu(gate) again:
+    autograd would also keep silu(gate), a third tensor as large (0.4 GB of a SmolLM2 step at batch 8). The same
+    gradients, bit for bit: the same operations as autograd's in the same order."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        d_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
+        return d_gate, grad * F.silu(gate) if ctx.needs_input_grad[1] else None
 
 
 class Block(nn.Module):

@@ -1,7 +1,7 @@
 """The benchmarks still run, as a user starts them (`python3 bench/X.py`), on a tiny checkpoint: `bench/generate.py`
-end to end, to its last line's ratio, and one row of `bench/train.py` (the part that calls the training code).
-Their timings are not checked (benchmarks are not timed tests). A benchmark that breaks when the code under it
-changes is caught here, not on a lent GPU."""
+end to end, to its last line's ratio, one row of `bench/train.py` (the part that calls the training code) and its
+`--profile`. Their timings are not checked (benchmarks are not timed tests). A benchmark that breaks when the code
+under it changes is caught here, not on a lent GPU."""
 import json
 import subprocess
 import sys
@@ -30,3 +30,11 @@ def test_train_benchmark_row_runs(gpt2_1024_dir):
                 "--model", gpt2_1024_dir, "--device", "cpu", "--runs", 1)
     row = json.loads(out.strip().splitlines()[-1])
     assert row["seconds"] > 0 and row["setup_seconds"] > 0 and row["peak_mb"] > 0
+
+
+def test_train_benchmark_profile_runs(gpt2_1024_dir):
+    """`--profile`: where a step goes, its FLOP floor and what it keeps for the backward pass (docs/speed.md)."""
+    out = bench("train.py", "--profile", "--methods", "lora", "--dtypes", "bf16", "--model", gpt2_1024_dir,
+                "--runs", 1)
+    assert "lora: step " in out and "floor (all FLOPs at the peak)" in out
+    assert float(out.split("kept for the backward pass: ")[1].split()[0]) > 0

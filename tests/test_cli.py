@@ -8,7 +8,7 @@ import torch
 
 from peftsum import runtime
 from peftsum.evaluation import ROUGE_KEYS
-from conftest import ROOT, cli  # noqa: F401  (ROOT: other test modules import it from here)
+from conftest import cli
 
 SCRIPTS = {"main.py": "prompt_tuning", "main1.py": "last_layer", "main2.py": "lora"}
 

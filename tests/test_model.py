@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from peftsum.model import PackedLinear, attend, attention_bias, pack_linears
+from peftsum.model import PackedLinear, SwiGLU, attend, attention_bias, pack_linears
 from peftsum.generation import compiled_decode_step, decode_step, generate, prefill, prepare_inference
 
 
@@ -154,3 +154,24 @@ def test_bf16_inference_to_compile_is_not_packed_and_compiles(tiny):
     with torch.no_grad():
         torch.testing.assert_close(step(model, token, pos, valid, slot).float(),
                                    decode_step(model, token, pos, valid, slot).float(), atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_gives_autograd_bits_and_keeps_two_tensors(dtype):
+    """`SwiGLU` against silu(gate) · up as autograd runs it: the same output and gradients, bit for bit, keeping
+    gate and up for the backward pass where autograd keeps silu(gate) too."""
+    g = torch.Generator().manual_seed(0)
+    gate, up, grad = (torch.randn(2, 33, 48, generator=g).to(dtype) for _ in range(3))
+
+    def run(f):
+        a, b = gate.clone().requires_grad_(), up.clone().requires_grad_()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = f(a, b)
+        out.backward(grad)
+        return out, a.grad, b.grad, {t.untyped_storage().data_ptr() for t in saved}
+
+    *ours, kept = run(SwiGLU.apply)
+    *reference, kept_by_autograd = run(lambda a, b: F.silu(a) * b)
+    assert all(torch.equal(x, y) for x, y in zip(ours, reference))
+    assert len(kept) == 2 and len(kept_by_autograd) == 3

@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 from safetensors.numpy import save_file
-from test_cli import ROOT
+from conftest import ROOT
 
 from peftsum import results
 from peftsum.records import load_runs
