@@ -26,13 +26,30 @@ from peftsum.records import SHIPPED, load_runs, shipped_runs  # noqa: E402
 from peftsum.results import Results, load_next_tokens  # noqa: E402
 
 
-def write_section(readme: Path, section: str, text: str) -> None:
-    content = readme.read_text()
+def readme_text(readme: Path, section: str) -> str:
+    """The README that will take the section, checked before any figure is drawn: a file, with both markers."""
     start, end = f"<!-- results:{section}:start -->", f"<!-- results:{section}:end -->"
+    if not readme.is_file():
+        raise UsageError(f"--readme {readme}: {'a folder' if readme.is_dir() else 'no such file'}; give the README "
+                         "whose results section to replace")
+    content = readme.read_text()
     if start not in content or end not in content:
-        raise SystemExit(f"error: {readme} has no {start} ... {end} markers: add them where the table goes")
+        raise UsageError(f"{readme} has no {start} ... {end} markers: add them where the table goes")
+    return content
+
+
+def write_section(readme: Path, content: str, section: str, text: str) -> None:
+    start, end = f"<!-- results:{section}:start -->", f"<!-- results:{section}:end -->"
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
     write_text(readme, pattern.sub(lambda _: f"{start}\n{text}{end}", content))
+
+
+def shown(path: Path) -> str:
+    """A path as the report names it: relative to the repository where it is inside it."""
+    try:
+        return path.resolve().relative_to(ROOT).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def report(runs_dir: Path, out: Path, readme: Path | None, section: str, note: str, shipped: Path = SHIPPED) -> None:
@@ -42,11 +59,14 @@ def report(runs_dir: Path, out: Path, readme: Path | None, section: str, note: s
     if not runs:
         print(f"error: no run records in {runs_dir}: run main*.py or sweep.py first", file=sys.stderr)
         sys.exit(2)
+    content = readme_text(readme, section) if readme is not None else None
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file: give a folder for the figures")
     if not note and (runs_dir / "NOTE").is_file():
         note = (runs_dir / "NOTE").read_text()
     out.mkdir(parents=True, exist_ok=True)
     results = Results(runs, note, load_next_tokens(runs_dir), load_runs(runs_dir, "validation"),
-                      shipped_runs(runs, shipped))
+                      shipped_runs(runs, shipped), source=shown(runs_dir))
     written = Figures(results, out).draw()
     for stale in sorted(set(FIGURES) - set(written)):
         if (out / stale).exists():
@@ -60,7 +80,7 @@ def report(runs_dir: Path, out: Path, readme: Path | None, section: str, note: s
         figure_dir = out.resolve().relative_to(readme.resolve().parent).as_posix()
     except ValueError:
         figure_dir = str(out)
-    write_section(readme, section, results.section({f: CAPTIONS[f] for f in written}, figure_dir))
+    write_section(readme, content, section, results.section({f: CAPTIONS[f] for f in written}, figure_dir))
     print(f"wrote {', '.join(written) or 'no figures'} to {out}; the '{section}' results into {readme}")
 
 

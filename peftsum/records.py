@@ -148,7 +148,7 @@ def source_run(record: dict, runs: dict[str, dict]) -> str | None:
 def load_runs(folder: Path, split: str = "test") -> dict[str, dict]:
     """{run name: record with its per-article predictions under "examples"} of the runs scored on `split` (test:
     <name>.json; validation: <name>.validation.json); files that are not run records of ours (other JSON, a broken
-    file) are skipped with a line."""
+    file, a run whose predictions file is broken) are skipped with a line."""
     runs, suffix = {}, record_suffix(split)
     for f in sorted(folder.glob("*" + suffix)):
         if f.name.endswith(NEXT_TOKENS) or (split == "test" and f.name.endswith(VALIDATION)) or \
@@ -161,7 +161,11 @@ def load_runs(folder: Path, split: str = "test") -> dict[str, dict]:
             print(f"skipped {f}: not a run record")
             continue
         preds = f.with_suffix(".predictions.jsonl")
-        record["examples"] = [json.loads(line) for line in open(preds)] if preds.exists() else []
+        try:
+            record["examples"] = [json.loads(line) for line in open(preds)] if preds.exists() else []
+        except ValueError:
+            print(f"skipped {f}: its predictions {preds.name} are not JSON lines")
+            continue
         runs[f.name[:-len(suffix)]] = record
     return runs
 

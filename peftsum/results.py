@@ -75,12 +75,12 @@ def scores(record: dict, key: str) -> list[float]:
 
 class Results:
     """One set of runs: {name: record} scored on the test set, those scored on validation, the next-token tables,
-    and {method: the run whose weights models/ holds}. `note` labels them: its first line is the figures' subtitle,
-    the rest the section's caption (one line: both)."""
+    and {method: the run whose weights models/ holds}, read from the folder `source` (as the section names it).
+    `note` labels them: its first line is the figures' subtitle, the rest the section's caption (one line: both)."""
 
     def __init__(self, runs: dict, note: str = "", next_tokens: dict | None = None, validation: dict | None = None,
-                 shipped: dict | None = None):
-        self.runs, self.validation, self.shipped = runs, validation or {}, shipped or {}
+                 shipped: dict | None = None, source: str = "runs"):
+        self.runs, self.validation, self.shipped, self.source = runs, validation or {}, shipped or {}, source
         lines = note.strip().split("\n")
         self.subtitle, self.note = lines[0].strip(), " ".join(" ".join(lines[1:] or lines).split())
         self.tables = {n: next_tokens[n] for n in (*BASELINES, *METHODS) if n in (next_tokens or {})}
@@ -286,7 +286,7 @@ class Results:
         test_n = sorted({r.get("n_examples", {}).get("test", r.get("test_examples")) for r in self.runs.values()}
                         - {None})
         head = (f"Base model: {', '.join(base) or '?'}; test articles: {', '.join(map(str, test_n)) or '?'}. "
-                f"Written by `python3 report.py` from the run records in `runs/`.")
+                f"Written by `python3 report.py` from the run records in `{self.source}/`.")
         if self.note:
             head = f"**{self.note}**\n\n" + head
         shown = [line for f, caption in figures.items()

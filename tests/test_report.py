@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from safetensors.numpy import save_file
 from conftest import ROOT
 
@@ -65,6 +66,7 @@ def test_report_writes_every_figure_and_the_readme_section_then_removes_stale_fi
     text = readme.read_text()
     assert "old" not in text and text.endswith("<!-- results:runs:end -->\nrest\n")
     assert "**synthetic records, not a real model**" in text  # the set's NOTE labels it
+    assert f"from the run records in `{tmp_path / 'runs'}/`" in text  # the folder it read, not runs/
     for label in ("lead-3", "zero-shot TL;DR", "hard prompt", "chat template", "prompt tuning", "last layer", "LoRA",
                   "LoRA, lr 0.001", "LoRA, greedy"):
         assert f"| {label} |" in text or f"| {label} ★ |" in text
@@ -99,6 +101,30 @@ def test_nothing_to_report_exits_2(tmp_path):
     p = subprocess.run([sys.executable, str(ROOT / "report.py"), "--runs", tmp_path / "runs", "--readme",
                         tmp_path / "README.md"], capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and p.stderr.startswith("error: no run records")
+
+
+@pytest.mark.parametrize("readme,out,says", [
+    ("missing.md", "plots", "no such file"), (".", "plots", "a folder"), ("README.md", "runs/lora.json", "is a file"),
+    ("nomarkers.md", "plots", "markers")])
+def test_a_readme_or_out_that_cannot_take_the_report_is_one_line_before_any_figure(tmp_path, readme, out, says):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    write(runs, "lora", record("lora"))
+    (tmp_path / "README.md").write_text("<!-- results:runs:start -->\n<!-- results:runs:end -->\n")
+    (tmp_path / "nomarkers.md").write_text("# no markers\n")
+    p = subprocess.run([sys.executable, str(ROOT / "report.py"), "--runs", runs, "--readme", tmp_path / readme,
+                        "--out", tmp_path / out], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and p.stderr.startswith("error: ") and says in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and not (tmp_path / "plots").exists()
+
+
+def test_a_run_whose_predictions_are_broken_is_skipped_with_a_line(tmp_path, capsys):
+    write(tmp_path, "lora", record("lora"))
+    write(tmp_path, "zero_shot", record("zero_shot"))
+    preds = tmp_path / "lora.predictions.jsonl"
+    preds.write_text(preds.read_text()[:50])  # cut mid-line, as a full disk or a kill would leave it
+    assert list(load_runs(tmp_path)) == ["zero_shot"]
+    assert "skipped" in capsys.readouterr().out
 
 
 def test_the_next_token_tables_stand_side_by_side_and_are_not_taken_for_run_records(tmp_path, capsys):
