@@ -249,6 +249,20 @@ def test_eval_split_is_refused_where_it_means_nothing(common_args, flags, says):
     assert p.returncode == 2 and says in p.stderr and "Traceback" not in p.stderr, p.stderr
 
 
+@pytest.mark.parametrize("args,flag,sets", [
+    (["temperature", "--temperature", "1.5"], "--temperature", "--temperature"),
+    (["lr", "--only", "lr-lora-*", "--lr=1e-3"], "--lr", "--lr"),
+    (["lora_rank", "--lora-a", "8"], "--lora-a", "--lora-alpha"),  # argparse's abbreviation of --lora-alpha
+    (["methods", "--weights", "w.safetensors"], "--weights", "--weights"),  # not the sweep's --weights-dir
+    (["decoding", "--run-name", "mine"], "--run-name", "--run-name")])
+def test_a_sweep_refuses_a_flag_it_sets_for_its_runs(tmp_path, args, flag, sets):
+    """The user's flags reach each run after the sweep's own, so the run would take theirs: every record of a
+    temperature sweep at --temperature 1.5 would be named after another temperature. Refused before any run."""
+    p = run("sweep.py", *args, "--out", tmp_path, check=False)
+    assert p.returncode == 2 and p.stderr.startswith(f"error: {flag}: `sweep.py {args[0]}` sets {sets} "), p.stderr
+    assert "===" not in p.stdout and not any(tmp_path.iterdir())
+
+
 def test_a_sweep_on_the_validation_split_skips_by_its_own_records(data_dir, tmp_path):
     """A sweep with --eval-split validation runs what has no validation record, whatever test records exist."""
     (tmp_path / "lead_3.json").write_text("{}")  # a test-set record of the same run
