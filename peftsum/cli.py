@@ -80,11 +80,24 @@ def setup(args: Args, method: str | Callable[[object], str]) -> Job:
     device, dtype = resolve_device(cfg.device, cfg.dtype)
     path = weights_path(cfg.weights, name(hp))
     if mode != "train" and not cfg.baseline and not path.exists():
+        if checkpoint_path(path).is_file():
+            raise UsageError(f"no weights at {portable_path(str(path))} yet: their training is unfinished (its "
+                             f"checkpoint is {checkpoint_path(path).name}); continue it with --train --resume")
         raise UsageError(f"no weights at {portable_path(str(path))}: train them with --train, or evaluate the "
                          "untrained model with --baseline")
+    if mode != "train" and path.is_dir() and not (path / "adapter_config.json").is_file():
+        raise UsageError(f"--weights {path} is a folder without adapter_config.json, so not a peft adapter: pass a "
+                         "weights file these scripts wrote, or a peft LoRA adapter folder")
     if mode != "train" and path.exists():  # a baseline is measured on the same model, data and prompt format
         cfg, hp = follow_record(path, cfg, hp, args.given)
-        precision_note(path, cfg, dtype)
+        if not cfg.baseline:  # a baseline loads none of these weights
+            precision_note(path, cfg, dtype)
+            check_method(path, name(hp))
+    if cfg.baseline and cfg.chat and "baseline_prompt_tokens" in args.given:
+        why = "--chat" if "chat" in args.given else f"{path.name} was trained in the chat format, which a baseline " \
+            "of it follows"
+        raise UsageError(f"--baseline-prompt-tokens is the length of a hard prompt before article + separator, and "
+                         f"the chat baseline has neither ({why}): drop one of them")
     cfg = dataclasses.replace(cfg, compile=device.type == "cuda" if cfg.compile is None else cfg.compile)
     cfg = dataclasses.replace(cfg, model=cfg.model or default_base_model(cfg, mode, path))
     job = Job(name(hp), mode, cfg, hp, device, dtype, None, None)
@@ -105,7 +118,11 @@ def follow_record(path: Path, cfg: Config, hp, given: frozenset[str]) -> tuple[C
     for obj, recorded in ((cfg, record.get("config")), (hp, record.get("hparams"))):
         if not isinstance(recorded, dict):
             continue
+        defaults = {f.name: f.default for f in dataclasses.fields(obj)}
+        shapes = fields_where(type(obj), "shapes")
         for name in fields_where(type(obj), "recorded"):
+            if name not in recorded and name in shapes:  # a record older than the setting: trained without it
+                recorded = {**recorded, name: defaults[name]}
             if name not in recorded or (name == "learned_separator" and cfg.baseline):
                 continue  # a baseline trains no token: it takes the text separator the learned one started from
             value, default = recorded[name], getattr(obj, name)
@@ -118,7 +135,7 @@ def follow_record(path: Path, cfg: Config, hp, given: frozenset[str]) -> tuple[C
             elif value != default and name in fields_where(type(obj), "shapes"):
                 raise UsageError(f"{flag(name)} {default!r}, but {path.name} was trained with {value!r}: drop the "
                                  "flag, or pass other --weights")
-            elif value != default and name not in DATA_FIELDS:
+            elif value != default and name not in DATA_FIELDS and not cfg.baseline:  # a baseline trained nothing
                 notes.append(f"warning: {flag(name)} {default!r} overrides the {value!r} that {path.name} was trained "
                              "with: its summaries will differ from what training made")
     cfg = dataclasses.replace(cfg, **{n: v for (o, n), v in taken.items() if o == id(cfg)})
@@ -127,6 +144,18 @@ def follow_record(path: Path, cfg: Config, hp, given: frozenset[str]) -> tuple[C
     for note in notes:
         print(note, file=sys.stderr)
     return cfg, hp
+
+
+SCRIPTS = {"prompt_tuning": "main.py", "last_layer": "main1.py", "lora": "main2.py", "full": "main1.py --full"}
+
+
+def check_method(path: Path, method: str) -> None:
+    """Weights of another method are refused from their record, before the model loads (`load_weights` checks it
+    again for weights whose record this did not read)."""
+    recorded = read_record(path).get("method")
+    if recorded in SCRIPTS and recorded != method:
+        raise UsageError(f"{path} holds weights of method '{recorded}', not '{method}': evaluate them with "
+                         f"python3 {SCRIPTS[recorded]}, or pass other --weights")
 
 
 def precision_note(path: Path, cfg: Config, dtype: torch.dtype) -> None:
@@ -152,8 +181,8 @@ def preflight(job: Job) -> None:
         raise UsageError("this soft prompt was trained in the instruction's place inside the chat template, where a "
                          "peft adapter cannot put it (peft puts its virtual tokens before everything): evaluate it "
                          "with these scripts")
-    if mode == "article" and cfg.article != "-" and not Path(cfg.article).is_file():
-        raise UsageError(f"cannot read the article at {cfg.article}: no such file")
+    if mode == "article" and cfg.article != "-":
+        read_article(cfg.article)  # a missing, empty or undecodable file: said now, not after loading the model
     splits = splits_read(cfg, mode)
     folder = data_folder(cfg.data) if splits else None
     if folder:

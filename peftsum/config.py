@@ -237,6 +237,10 @@ def check_config(cfg: Config, hp) -> str:
     if cfg.learned_separator and (cfg.chat or cfg.baseline):
         raise UsageError(f"--learned-separator is a trained token between article and summary: not with "
                          f"{'--chat, which has no separator' if cfg.chat else '--baseline, which trains nothing'}")
+    if cfg.learned_separator and not cfg.separator:
+        raise UsageError("--separator is empty, and the learned separator token (--learned-separator, given or "
+                         "recorded in --weights) starts from the embeddings of its tokens: give a --separator, or "
+                         "drop --separator ''")
     if cfg.learned_separator and (cfg.export_peft or cfg.export_merged or cfg.export_gguf):
         raise UsageError("weights trained with --learned-separator hold a token embedding that peft adapters, "
                          "transformers checkpoints and GGUF files have no place for: evaluate them with these scripts, "
@@ -275,6 +279,9 @@ def check_context(cfg: Config, hp, n_ctx: int) -> None:
 
 
 def check_sampling(temperature: float, top_p: float, top_k: int) -> None:
+    if temperature == math.inf:
+        raise UsageError("temperature must be finite, got inf: that samples every token alike, whatever the model "
+                         "says")
     if not temperature >= MIN_TEMPERATURE:  # also refuses NaN
         hint = " (a lower one is greedy decoding in all but name, and below ~1e-37 the logits overflow): for the " \
             "most likely token at each step use --greedy" if temperature > 0 else ""

@@ -228,6 +228,7 @@ def test_empty_rows_are_skipped_and_counted_and_unicode_is_fine(base, tmp_path):
     ("main2", ["--temperature", "0"], "temperature must be >= 0.001"),
     ("main2", ["--temperature", "-1"], "temperature must be >= 0.001"),
     ("main2", ["--temperature", "nan"], "temperature must be >= 0.001"),
+    ("main2", ["--temperature", "inf"], "temperature must be finite"),
     ("main2", ["--train-size", "-5"], "--train-size must be >= 0"),
     ("main2", ["--max-steps", "-1"], "--max-steps must be >= 0"),
     ("main2", ["--batch-size", "0"], "--batch-size must be >= 1"),
@@ -247,6 +248,49 @@ def test_flags_out_of_range(capsys, script, flags, needle):
     assert exit.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and needle in err, err
+
+
+def record_with(source, tmp, **config):
+    """A copy of LoRA weights whose record's config has these values (None: the key removed, as in a record
+    written before the setting existed)."""
+    from safetensors import safe_open
+    with safe_open(str(source), framework="pt") as f:
+        record = json.loads(f.metadata()["record"])
+    record["config"] = {k: v for k, v in (record["config"] | config).items() if v is not None}
+    return weights_with(tmp, source, metadata={"record": json.dumps(record)})
+
+
+EARLY = [  # (id, script, prepare(tmp folder, LoRA weights, interrupted folder) -> flags, what the line must say)
+    ("another-method", "main.py", lambda t, w, i: ["--weights", w], "holds weights of method 'lora', not "
+     "'prompt_tuning': evaluate them with python3 main2.py"),
+    ("article-empty", "main2.py", lambda t, w, i: ["--baseline", "--article", write(t / "a.txt", " \n")], "is empty"),
+    ("article-a-folder", "main2.py", lambda t, w, i: ["--baseline", "--article", t], "Is a directory"),
+    ("shape-flag-missing-from-record", "main2.py",
+     lambda t, w, i: [*record_with(w, t, learned_separator=None), "--learned-separator"],
+     "--learned-separator True, but w.safetensors was trained with False"),
+    ("learned-separator-from-nothing", "main2.py",
+     lambda t, w, i: [*record_with(w, t, learned_separator=True), "--separator", ""], "--separator is empty"),
+    ("chat-baseline-with-hard-prompt", "main2.py",
+     lambda t, w, i: ["--baseline", "--chat", "--baseline-prompt-tokens", "3"], "the chat baseline has neither"),
+    ("weights-unfinished", "main2.py", lambda t, w, i: ["--weights", i / "w.safetensors"],
+     "their training is unfinished (its checkpoint is w.ckpt.safetensors); continue it with --train --resume"),
+]
+
+
+@pytest.mark.parametrize("case,script,prepare,needle", [pytest.param(*c, id=c[0]) for c in EARLY])
+def test_mistakes_are_said_before_the_model_loads(case, script, prepare, needle, base, tmp_path, lora_weights,
+                                                  interrupted, monkeypatch):
+    """What the flags, the weights' record and the files say is checked before the base model loads (seconds,
+    where loading SmolLM2 takes ~35 s): here loading fails the test."""
+    monkeypatch.setattr(interop, "load_model", lambda *a, **k: pytest.fail("the model loaded before the error"))
+    assert_usage_error(cli(script, *base, *prepare(tmp_path, lora_weights, interrupted)), needle)
+
+
+def test_a_folder_that_is_no_adapter_is_said_before_the_data_and_model_are_looked_for(tmp_path):
+    """Without --model and --data (the recorded ones are looked for, else gpt2 and the hub's CNN/DM): the line
+    names the folder, not an offline dataset or model."""
+    (tmp_path / "folder").mkdir()
+    assert_usage_error(cli("main2.py", "--weights", tmp_path / "folder"), "not a peft adapter")
 
 
 def test_nan_loss_stops_and_names_the_step(base, tmp_path):

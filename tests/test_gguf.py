@@ -249,16 +249,29 @@ def no_load(*args, **kwargs):
     raise AssertionError("the base model was loaded before the bad flags were refused")
 
 
+def recorded_as(weights, folder, method):
+    """A copy of `weights` whose run record names another method (its tensors do not matter here)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    with safe_open(str(weights), framework="pt") as f:
+        record = json.loads(f.metadata()["record"])
+    copy = folder / "copy" / f"{method}.safetensors"
+    copy.parent.mkdir()
+    save_file(load_file(weights), str(copy), metadata={"record": json.dumps(record | {"method": method})})
+    return copy
+
+
 @pytest.mark.parametrize("script,flags,needle", [
-    ("main.py", lambda t: ["--export-gguf", t / "p.gguf"], "--export-peft"),
-    ("main2.py", lambda t: ["--export-gguf", (t / "x.gguf").write_bytes(b"") or t / "x.gguf"], "exists"),
-    ("main2.py", lambda t: ["--export-gguf", (t / "f").write_bytes(b"") or t / "f" / "x.gguf"], "is a file"),
-    ("main2.py", lambda t: ["--export-gguf", t / "x.gguf", "--gguf-type", "q4_0"], "--gguf-type must be one of"),
-    ("main2.py", lambda t: ["--gguf-merge"], "add --export-gguf"),
-    ("main2.py", lambda t: ["--export-gguf", t / "x.gguf", "--train"], "ask for different runs"),
+    ("main.py", lambda t, w: ["--weights", recorded_as(w, t, "prompt_tuning"), "--export-gguf", t / "p.gguf"],
+     "--export-peft"),
+    ("main2.py", lambda t, w: ["--export-gguf", (t / "x.gguf").write_bytes(b"") or t / "x.gguf"], "exists"),
+    ("main2.py", lambda t, w: ["--export-gguf", (t / "f").write_bytes(b"") or t / "f" / "x.gguf"], "is a file"),
+    ("main2.py", lambda t, w: ["--export-gguf", t / "x.gguf", "--gguf-type", "q4_0"], "--gguf-type must be one of"),
+    ("main2.py", lambda t, w: ["--gguf-merge"], "add --export-gguf"),
+    ("main2.py", lambda t, w: ["--export-gguf", t / "x.gguf", "--train"], "ask for different runs"),
 ], ids=["prompt-tuning", "existing-output", "folder-is-a-file", "bad-type", "merge-alone", "with-train"])
 def test_cli_bad_export_is_one_line_before_loading_the_model(export_args, tmp_path, script, flags, needle):
-    flags = flags(tmp_path)
+    flags = flags(tmp_path, export_args[3])
     before = files(tmp_path)
     with mock.patch.object(interop, "load_model", no_load):
         assert_usage_error(cli(script, *export_args, *flags), needle)
