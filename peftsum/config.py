@@ -215,6 +215,10 @@ def check_config(cfg: Config, hp) -> str:
         raise UsageError("--save-dtype must be fp32 or bf16")
     if cfg.run_name and not re.fullmatch(r"[\w+=,-][\w.+=,-]*", cfg.run_name):
         raise UsageError(f"--run-name must be a plain file name (letters, digits, . _ - + = ,), got '{cfg.run_name}'")
+    if cfg.run_name.endswith((".validation", ".next_tokens")):  # records.VALIDATION, records.NEXT_TOKENS
+        raise UsageError(f"--run-name '{cfg.run_name}' ends as the files of a validation scoring and of --inspect's "
+                         "table are named (<name>.validation.json, <name>.next_tokens.json): report.py would take "
+                         "its record for one of those; pick another name")
     for name, value in vars(hp).items():
         if isinstance(value, bool):  # a switch (main1.py --full)
             continue

@@ -28,6 +28,15 @@ def copy_file(source: Path, target: Path) -> None:
 
 
 
+def usual_permissions(path: Path) -> None:
+    """Give a file the permissions open() gives a new one, 0666 less the umask: safetensors' save_file writes
+    through a temporary file of mkstemp's, readable by its owner alone (another user of a shared machine, or of a
+    container's volume, could not read the weights)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def write_text(path: Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

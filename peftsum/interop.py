@@ -19,7 +19,7 @@ from peftsum.errors import UsageError, first_line
 from peftsum.runtime import hub_access
 from peftsum.model import GPT, GPTConfig
 from peftsum.methods import LoRALinear, PromptEmbedding, lora_layers, merge_lora, trainable_state
-from peftsum.files import atomic_path
+from peftsum.files import atomic_path, usual_permissions
 from peftsum.weights import check_finite_weights
 
 
@@ -267,6 +267,7 @@ def export_peft(model: GPT, folder: Path) -> None:
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                   str(tmp / "adapter_model.safetensors"))
+        usual_permissions(tmp / "adapter_model.safetensors")
 
 
 def load_peft_lora(folder: Path, model: GPT) -> None:
@@ -346,3 +347,5 @@ def export_merged(model: GPT, tokenizer, folder: Path) -> None:
     with atomic_path(folder) as tmp:  # the folder appears whole, or not at all
         hf.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        for f in tmp.glob("*.safetensors"):  # written through safetensors' mkstemp, as ours are
+            usual_permissions(f)

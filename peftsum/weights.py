@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from peftsum.errors import UsageError
 from peftsum.model import GPT
 from peftsum.methods import trainable_state
-from peftsum.files import atomic_path
+from peftsum.files import atomic_path, usual_permissions
 
 
 def save_weights(path: Path, tensors: dict[str, torch.Tensor], record: dict) -> None:
@@ -79,6 +79,7 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     a write killed at any moment leaves only that folder, which `remove_orphans` knows."""
     with atomic_path(path, private_folder=True) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        usual_permissions(tmp)
 
 
 

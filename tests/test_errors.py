@@ -229,6 +229,7 @@ def test_empty_rows_are_skipped_and_counted_and_unicode_is_fine(base, tmp_path):
     ("main2", ["--temperature", "-1"], "temperature must be >= 0.001"),
     ("main2", ["--temperature", "nan"], "temperature must be >= 0.001"),
     ("main2", ["--temperature", "inf"], "temperature must be finite"),
+    ("main2", ["--run-name", "mine.validation"], "report.py would take its record for one of those"),
     ("main2", ["--train-size", "-5"], "--train-size must be >= 0"),
     ("main2", ["--max-steps", "-1"], "--max-steps must be >= 0"),
     ("main2", ["--batch-size", "0"], "--batch-size must be >= 1"),

@@ -159,3 +159,24 @@ def test_a_trainings_peak_memory_counts_from_its_start():
     before = peak_memory_mb(cpu)
     runtime.reset_peak_memory(cpu)
     assert peak_memory_mb(cpu) < before - 200
+
+
+def test_written_weights_have_the_permissions_of_any_new_file(tmp_path, tiny):
+    """safetensors writes through mkstemp (0600): our weights, checkpoints and exports get what open() gives a new
+    file (0666 less the umask), so another user of the machine can read them as they read the rest."""
+    import copy
+    import os
+    import torch
+    from peftsum.interop import export_merged, export_peft
+    from peftsum.methods import apply_lora
+    from peftsum.weights import write_safetensors
+    umask = os.umask(0o022)
+    os.umask(umask)
+    expected = 0o666 & ~umask
+    write_safetensors(tmp_path / "w.safetensors", {"x": torch.zeros(2)}, {})
+    model, tokenizer = tiny
+    model = apply_lora(copy.deepcopy(model), 2, 4)
+    export_peft(model, tmp_path / "adapter")
+    export_merged(model, tokenizer, tmp_path / "merged")
+    written = [tmp_path / "w.safetensors", *(tmp_path / "adapter").iterdir(), *(tmp_path / "merged").iterdir()]
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in written} == {p.name: oct(expected) for p in written}
