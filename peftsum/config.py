@@ -239,7 +239,8 @@ def check_config(cfg: Config, hp) -> str:
             raise UsageError(f"{needs[split][0]} must be >= 1: {'--train' if mode == 'train' else 'this run'} "
                              f"reads the {split} split")
     if cfg.learned_separator and (cfg.chat or cfg.baseline):
-        raise UsageError(f"--learned-separator is a trained token between article and summary: not with "
+        raise UsageError(f"--learned-separator (given, or recorded in --weights) is a trained token between article "
+                         f"and summary: not with "
                          f"{'--chat, which has no separator' if cfg.chat else '--baseline, which trains nothing'}")
     if cfg.learned_separator and not cfg.separator:
         raise UsageError("--separator is empty, and the learned separator token (--learned-separator, given or "

@@ -271,6 +271,8 @@ EARLY = [  # (id, script, prepare(tmp folder, LoRA weights, interrupted folder) 
      "--learned-separator True, but w.safetensors was trained with False"),
     ("learned-separator-from-nothing", "main2.py",
      lambda t, w, i: [*record_with(w, t, learned_separator=True), "--separator", ""], "--separator is empty"),
+    ("chat-against-a-learned-separator", "main2.py", lambda t, w, i: [*record_with(w, t, learned_separator=True),
+     "--chat"], "--learned-separator (given, or recorded in --weights) is a trained token"),
     ("chat-baseline-with-hard-prompt", "main2.py",
      lambda t, w, i: ["--baseline", "--chat", "--baseline-prompt-tokens", "3"], "the chat baseline has neither"),
     ("weights-unfinished", "main2.py", lambda t, w, i: ["--weights", i / "w.safetensors"],
