@@ -132,7 +132,7 @@ def follow_record(path: Path, cfg: Config, hp, given: frozenset[str]) -> tuple[C
             value = local_path(value) if name == "data" else value
             if name not in given:
                 taken[id(obj), name] = value
-            elif value != default and name in fields_where(type(obj), "shapes"):
+            elif value != default and name in shapes:
                 raise UsageError(f"{flag(name)} {default!r}, but {path.name} was trained with {value!r}: drop the "
                                  "flag, or pass other --weights")
             elif value != default and name not in DATA_FIELDS and not cfg.baseline:  # a baseline trained nothing
