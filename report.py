@@ -27,7 +27,7 @@ from peftsum.results import Results, load_next_tokens  # noqa: E402
 
 
 def readme_text(readme: Path, section: str) -> str:
-    """The README that will take the section, checked before any figure is drawn: a file, with both markers."""
+    """The text of the README that will take the section: a file, with both markers."""
     start, end = f"<!-- results:{section}:start -->", f"<!-- results:{section}:end -->"
     if not readme.is_file():
         raise UsageError(f"--readme {readme}: {'a folder' if readme.is_dir() else 'no such file'}; give the README "
@@ -38,10 +38,12 @@ def readme_text(readme: Path, section: str) -> str:
     return content
 
 
-def write_section(readme: Path, content: str, section: str, text: str) -> None:
+def write_section(readme: Path, section: str, text: str) -> None:
+    """The section between its markers, in the README as it is now (read again: it may have been edited while the
+    figures were drawn)."""
     start, end = f"<!-- results:{section}:start -->", f"<!-- results:{section}:end -->"
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
-    write_text(readme, pattern.sub(lambda _: f"{start}\n{text}{end}", content))
+    write_text(readme, pattern.sub(lambda _: f"{start}\n{text}{end}", readme_text(readme, section)))
 
 
 def shown(path: Path) -> str:
@@ -59,7 +61,8 @@ def report(runs_dir: Path, out: Path, readme: Path | None, section: str, note: s
     if not runs:
         print(f"error: no run records in {runs_dir}: run main*.py or sweep.py first", file=sys.stderr)
         sys.exit(2)
-    content = readme_text(readme, section) if readme is not None else None
+    if readme is not None:
+        readme_text(readme, section)  # before any figure is drawn
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file: give a folder for the figures")
     if not note and (runs_dir / "NOTE").is_file():
@@ -80,7 +83,7 @@ def report(runs_dir: Path, out: Path, readme: Path | None, section: str, note: s
         figure_dir = out.resolve().relative_to(readme.resolve().parent).as_posix()
     except ValueError:
         figure_dir = str(out)
-    write_section(readme, content, section, results.section({f: CAPTIONS[f] for f in written}, figure_dir))
+    write_section(readme, section, results.section({f: CAPTIONS[f] for f in written}, figure_dir))
     print(f"wrote {', '.join(written) or 'no figures'} to {out}; the '{section}' results into {readme}")
 
 

@@ -30,7 +30,7 @@ Options of the sweep itself:
   --to DIR                        ship: where the chosen weights go (default: models/, where the scripts read)
 
 Every other flag goes to every run, e.g. `--model DIR --data DIR --out runs/mine --max-steps 20`; one that the
-sweep sets for its runs (what it varies, --weights, --run-name) is refused.
+sweep sets for its runs (what it varies, the mode, --weights, --run-name) is refused.
 
 A run whose record is in --out already (<name>.json; with --eval-split validation, <name>.validation.json) is
 skipped (--overwrite runs it again). Ctrl-C or SIGTERM reaches the run under way once: it finishes its step and
@@ -135,7 +135,7 @@ def main(argv: list[str]) -> None:
     runs = [r for r in family_runs(family, own.weights_dir) if any(fnmatch.fnmatch(r[0], o) for o in own.only)]
     if not runs and not (family == "methods" and any(fnmatch.fnmatch("lead_3", o) for o in own.only)):
         raise common.UsageError(f"no run of '{family}' matches --only {' '.join(own.only)}")
-    refuse_swept_flags(family, runs, flags)
+    refuse_swept_flags(family, flags)
     shared, _ = SHARED_FLAGS.parse_known_args(flags)
     out = out_folder(shared.out)
     with_lead_3 = family == "methods" and any(fnmatch.fnmatch("lead_3", o) for o in own.only)
@@ -163,16 +163,18 @@ def main(argv: list[str]) -> None:
         lead_3(flags)
 
 
-def refuse_swept_flags(family: str, runs: list[tuple[str, str, list[str]]], flags: list[str]) -> None:
-    """Refuse a flag of the user's that the sweep sets for its runs (what it varies, the weights, the run's name):
-    the user's flags come last, so the script would take it instead, and every record would carry a name that says
-    otherwise (argparse also takes an abbreviation, --temp for --temperature)."""
-    sets = {f for _, _, extra in runs for f in extra if f.startswith("--")} | {"--run-name"}
-    for flag in (f.split("=")[0] for f in flags if f.startswith("--")):
+def refuse_swept_flags(family: str, flags: list[str]) -> None:
+    """Refuse a flag of the user's that the sweep sets for its runs (what it varies, the mode, the weights, the
+    run's name), in any of its runs, --only or not: the user's flags come last, so the script would take theirs,
+    and a record would carry a name that says otherwise (argparse also takes an abbreviation: --temp for
+    --temperature). Flags after `--` are values, not options."""
+    sets = {f for _, _, extra in family_runs(family) for f in extra if f.startswith("--")} | {"--run-name"}
+    options = flags[:flags.index("--")] if "--" in flags else flags
+    for flag in (f.split("=")[0] for f in options if f.startswith("--")):
         taken = sorted(s for s in sets if s.startswith(flag))
         if taken:
-            raise common.UsageError(f"{flag}: `sweep.py {family}` sets {taken[0]} for each of its runs (a run's name "
-                                    f"says its value); drop it, or run the script itself with it")
+            raise common.UsageError(f"{flag}: `sweep.py {family}` sets {taken[0]} itself for its runs (their "
+                                    "records are named after what it sets); drop it, or run the script with it")
 
 
 def ship(out: Path, weights_dir: Path, to: Path, only: list[str], flags: list[str]) -> None:

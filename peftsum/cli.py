@@ -89,15 +89,17 @@ def setup(args: Args, method: str | Callable[[object], str]) -> Job:
         raise UsageError(f"--weights {path} is a folder without adapter_config.json, so not a peft adapter: pass a "
                          "weights file these scripts wrote, or a peft LoRA adapter folder")
     if mode != "train" and path.exists():  # a baseline is measured on the same model, data and prompt format
-        cfg, hp = follow_record(path, cfg, hp, args.given)
         if not cfg.baseline:  # a baseline loads none of these weights
+            check_method(path, name, hp)
+        cfg, hp = follow_record(path, cfg, hp, args.given)
+        if not cfg.baseline:
             precision_note(path, cfg, dtype)
-            check_method(path, name(hp))
     if cfg.baseline and cfg.chat and "baseline_prompt_tokens" in args.given:
         why = "--chat" if "chat" in args.given else f"{path.name} was trained in the chat format, which a baseline " \
             "of it follows"
         raise UsageError(f"--baseline-prompt-tokens is the length of a hard prompt before article + separator, and "
-                         f"the chat baseline has neither ({why}): drop one of them")
+                         f"the chat baseline has neither ({why}): for that baseline pass --weights of weights trained "
+                         f"without --chat (python3 main2.py --baseline --baseline-prompt-tokens N follows LoRA's)")
     cfg = dataclasses.replace(cfg, compile=device.type == "cuda" if cfg.compile is None else cfg.compile)
     cfg = dataclasses.replace(cfg, model=cfg.model or default_base_model(cfg, mode, path))
     job = Job(name(hp), mode, cfg, hp, device, dtype, None, None)
@@ -149,10 +151,15 @@ def follow_record(path: Path, cfg: Config, hp, given: frozenset[str]) -> tuple[C
 SCRIPTS = {"prompt_tuning": "main.py", "last_layer": "main1.py", "lora": "main2.py", "full": "main1.py --full"}
 
 
-def check_method(path: Path, method: str) -> None:
-    """Weights of another method are refused from their record, before the model loads (`load_weights` checks it
-    again for weights whose record this did not read)."""
-    recorded = read_record(path).get("method")
+def check_method(path: Path, name: Callable[[object], str], hp) -> None:
+    """Weights of another method are refused from their record before anything else is read from it (a setting of
+    another method's record would be a misleading complaint), and before the model loads (`load_weights` checks
+    again, for weights whose record this did not read). The method expected is the one this script runs with the
+    record's own hyperparameters (main1.py: the head, or with --full every parameter)."""
+    record = read_record(path)
+    recorded, hparams = record.get("method"), record.get("hparams")
+    own = {f.name for f in dataclasses.fields(hp)}
+    method = name(dataclasses.replace(hp, **{k: v for k, v in (hparams or {}).items() if k in own}))
     if recorded in SCRIPTS and recorded != method:
         raise UsageError(f"{path} holds weights of method '{recorded}', not '{method}': evaluate them with "
                          f"python3 {SCRIPTS[recorded]}, or pass other --weights")

@@ -31,10 +31,24 @@ def copy_file(source: Path, target: Path) -> None:
 def usual_permissions(path: Path) -> None:
     """Give a file the permissions open() gives a new one, 0666 less the umask: safetensors' save_file writes
     through a temporary file of mkstemp's, readable by its owner alone (another user of a shared machine, or of a
-    container's volume, could not read the weights)."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    container's volume, could not read the weights). Best effort: a file system without Unix permissions (FAT, some
+    network mounts) refuses chmod, and the file written is kept as it is."""
+    try:
+        os.chmod(path, 0o666 & ~umask())
+    except OSError:
+        pass
+
+
+def umask() -> int:
+    """The process's umask, read where Linux shows it (os.umask can only read it by setting it, which would change
+    it for a moment for every thread: a checkpoint written by the signal watcher meanwhile)."""
+    try:
+        line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("Umask:"))
+        return int(line.split()[1], 8)
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
 
 
 def write_text(path: Path, text: str) -> None:

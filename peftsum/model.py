@@ -213,8 +213,8 @@ class SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         gate, up = ctx.saved_tensors
-        d_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
-        return d_gate, grad * F.silu(gate) if ctx.needs_input_grad[1] else None
+        d_gate = torch.ops.aten.silu_backward((grad * up).to(gate.dtype), gate) if ctx.needs_input_grad[0] else None
+        return d_gate, (grad * F.silu(gate)).to(up.dtype) if ctx.needs_input_grad[1] else None
 
 
 class Block(nn.Module):

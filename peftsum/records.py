@@ -162,9 +162,10 @@ def load_runs(folder: Path, split: str = "test") -> dict[str, dict]:
             continue
         preds = f.with_suffix(".predictions.jsonl")
         try:
-            record["examples"] = [json.loads(line) for line in open(preds)] if preds.exists() else []
-        except ValueError:
-            print(f"skipped {f}: its predictions {preds.name} are not JSON lines")
+            record["examples"] = [json.loads(line) for line in open(preds, encoding="utf-8") if line.strip()] \
+                if preds.exists() else []
+        except (ValueError, OSError):  # not JSON (cut short, edited), not UTF-8, or not a file
+            print(f"skipped {f}: its predictions {preds.name} are not readable JSON lines")
             continue
         runs[f.name[:-len(suffix)]] = record
     return runs

@@ -254,12 +254,14 @@ def test_eval_split_is_refused_where_it_means_nothing(common_args, flags, says):
     (["lr", "--only", "lr-lora-*", "--lr=1e-3"], "--lr", "--lr"),
     (["lora_rank", "--lora-a", "8"], "--lora-a", "--lora-alpha"),  # argparse's abbreviation of --lora-alpha
     (["methods", "--weights", "w.safetensors"], "--weights", "--weights"),  # not the sweep's --weights-dir
-    (["decoding", "--run-name", "mine"], "--run-name", "--run-name")])
+    (["decoding", "--run-name", "mine"], "--run-name", "--run-name"),
+    (["temperature", "--only", "temperature-chat-*", "--weights", "w"], "--weights", "--weights")])  # not only --only's
 def test_a_sweep_refuses_a_flag_it_sets_for_its_runs(tmp_path, args, flag, sets):
     """The user's flags reach each run after the sweep's own, so the run would take theirs: every record of a
     temperature sweep at --temperature 1.5 would be named after another temperature. Refused before any run."""
     p = run("sweep.py", *args, "--out", tmp_path, check=False)
-    assert p.returncode == 2 and p.stderr.startswith(f"error: {flag}: `sweep.py {args[0]}` sets {sets} "), p.stderr
+    assert p.returncode == 2 and p.stderr.startswith(f"error: {flag}: `sweep.py {args[0]}` sets {sets} itself"), \
+        p.stderr
     assert "===" not in p.stdout and not any(tmp_path.iterdir())
 
 

@@ -264,6 +264,8 @@ def record_with(source, tmp, **config):
 EARLY = [  # (id, script, prepare(tmp folder, LoRA weights, interrupted folder) -> flags, what the line must say)
     ("another-method", "main.py", lambda t, w, i: ["--weights", w], "holds weights of method 'lora', not "
      "'prompt_tuning': evaluate them with python3 main2.py"),
+    ("another-method-with-a-shape-flag", "main.py", lambda t, w, i: ["--weights", w, "--prompt-tokens", "8"],
+     "holds weights of method 'lora', not 'prompt_tuning'"),
     ("article-empty", "main2.py", lambda t, w, i: ["--baseline", "--article", write(t / "a.txt", " \n")], "is empty"),
     ("article-a-folder", "main2.py", lambda t, w, i: ["--baseline", "--article", t], "Is a directory"),
     ("shape-flag-missing-from-record", "main2.py",

@@ -119,12 +119,17 @@ def test_a_readme_or_out_that_cannot_take_the_report_is_one_line_before_any_figu
 
 
 def test_a_run_whose_predictions_are_broken_is_skipped_with_a_line(tmp_path, capsys):
-    write(tmp_path, "lora", record("lora"))
-    write(tmp_path, "zero_shot", record("zero_shot"))
+    """Cut mid-line (as an edit or a copy cut short leaves it) or a folder: skipped; a blank line is no reason."""
+    for name in ("lora", "zero_shot", "last_layer", "lead_3"):
+        write(tmp_path, name, record(name))
     preds = tmp_path / "lora.predictions.jsonl"
-    preds.write_text(preds.read_text()[:50])  # cut mid-line, as a full disk or a kill would leave it
-    assert list(load_runs(tmp_path)) == ["zero_shot"]
-    assert "skipped" in capsys.readouterr().out
+    preds.write_text(preds.read_text()[:50])
+    (tmp_path / "last_layer.predictions.jsonl").unlink()
+    (tmp_path / "last_layer.predictions.jsonl").mkdir()
+    with open(tmp_path / "lead_3.predictions.jsonl", "a") as f:
+        f.write("\n")
+    assert sorted(load_runs(tmp_path)) == ["lead_3", "zero_shot"]
+    assert capsys.readouterr().out.count("skipped") == 2
 
 
 def test_the_next_token_tables_stand_side_by_side_and_are_not_taken_for_run_records(tmp_path, capsys):
