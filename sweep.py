@@ -48,12 +48,11 @@ from pathlib import Path
 
 import common
 from peftsum.files import copy_file, weights_lock
-from peftsum.records import (METHODS, NEXT_TOKENS, SHIPPED, VALIDATION, RunRecord, checkpoint_path, chosen_runs,
-                             is_run, load_runs, out_folder, portable_path, read_record, record_suffix, run_name_of,
-                             variant_name)
+from peftsum.records import (METHODS, NEXT_TOKENS, SCRIPTS, SHIPPED, VALIDATION, RunRecord, checkpoint_path,
+                             chosen_runs, is_run, load_runs, out_folder, portable_path, read_record, record_suffix,
+                             run_name_of, variant_name)
 
 ROOT = Path(__file__).resolve().parent
-SCRIPTS = {"prompt_tuning": "main.py", "last_layer": "main1.py", "lora": "main2.py"}
 FAMILIES = ("methods", "chat", "chat_train", "separator", "full", "lr", "prompt_tokens", "lora_rank", "temperature",
             "decoding", "next_tokens")
 SWEPT = ROOT / "runs"  # where the hyperparameter sweeps train into by default (gitignored)

@@ -29,8 +29,8 @@ from peftsum.generation import prepare_inference
 from peftsum.interop import export_merged, export_peft, load_adapter
 from peftsum.methods import apply_learned_separator, count_parameters, hard_prompt_ids, trainable_state
 from peftsum.model import GPT
-from peftsum.records import (NEXT_TOKENS, RunRecord, checkpoint_path, local_path, out_folder, portable_path,
-                             read_record, record_suffix, run_name)
+from peftsum.records import (METHODS, NEXT_TOKENS, SCRIPTS, RunRecord, checkpoint_path, local_path, out_folder,
+                             portable_path, read_record, record_suffix, run_name)
 from peftsum.runtime import init_distributed, resolve_device, resume_command, world
 from peftsum.checkpoints import run_identity
 from peftsum.training import run_length
@@ -148,9 +148,6 @@ def follow_record(path: Path, cfg: Config, hp, given: frozenset[str]) -> tuple[C
     return cfg, hp
 
 
-SCRIPTS = {"prompt_tuning": "main.py", "last_layer": "main1.py", "lora": "main2.py", "full": "main1.py --full"}
-
-
 def check_method(path: Path, name: Callable[[object], str], hp) -> None:
     """Weights of another method are refused from their record before anything else is read from it (a setting of
     another method's record would be a misleading complaint), and before the model loads (`load_weights` checks
@@ -160,9 +157,9 @@ def check_method(path: Path, name: Callable[[object], str], hp) -> None:
     recorded, hparams = record.get("method"), record.get("hparams")
     own = {f.name for f in dataclasses.fields(hp)}
     method = name(dataclasses.replace(hp, **{k: v for k, v in (hparams or {}).items() if k in own}))
-    if recorded in SCRIPTS and recorded != method:
+    if recorded in METHODS and recorded != method:
         raise UsageError(f"{path} holds weights of method '{recorded}', not '{method}': evaluate them with "
-                         f"python3 {SCRIPTS[recorded]}, or pass other --weights")
+                         f"python3 {SCRIPTS.get(recorded, 'main1.py --full')}, or pass other --weights")
 
 
 def precision_note(path: Path, cfg: Config, dtype: torch.dtype) -> None:

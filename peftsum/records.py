@@ -18,6 +18,7 @@ METHODS = {"prompt_tuning": "prompt tuning", "last_layer": "last layer", "lora":
 BASELINES = {"lead_3": "lead-3", "zero_shot": "zero-shot TL;DR", "hard_prompt-24": "hard prompt",
              "chat": "chat template"}
 SHIPPED = ROOT / "models"  # where each script reads its method's weights by default
+SCRIPTS = {"prompt_tuning": "main.py", "last_layer": "main1.py", "lora": "main2.py"}  # full: main1.py --full
 VARIANTS = ("lr", "prompt_tokens", "lora_rank", "temperature", "greedy")  # families of runs that vary one setting
 
 
